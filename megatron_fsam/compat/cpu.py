@@ -1,0 +1,142 @@
+"""Run megatron-core 0.16.1 on CPU-only machines (tests and demos).
+
+Megatron-core assumes CUDA in a handful of places: it uses
+``torch.cuda.current_device()`` as a device, creates tensors with ``device="cuda"``,
+``.cuda()`` or ``.to("cuda")``, synchronises streams and events, keeps its dropout
+RNG states in the CUDA generator, and its optimizers check
+``param.type() == "torch.cuda.FloatTensor"``. ``enable_cpu_emulation`` redirects
+exactly those spots to the CPU, once per process. It is never switched on implicitly
+and refuses to run where a GPU is present, so no emulation reaches real runs.
+"""
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_mode: TorchFunctionMode | None = None
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``: CPU work is synchronous, so every call is a no-op."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_NullEvent":
+        return event if event is not None else _NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _NullEvent:
+    """Stands in for ``torch.cuda.Event``; reports zero elapsed time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end_event: Any) -> float:
+        return 0.0
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+def _to_cpu(device: Any) -> Any:
+    return "cpu" if _is_cuda(device) else device
+
+
+class _CudaAsCpuMode(TorchFunctionMode):
+    """Rewrites CUDA devices to CPU and reports CPU tensors under their CUDA type names."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            if args[0].device.type == "cpu":
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to:
+            args = tuple(_to_cpu(a) for a in args)
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(device: Any = "cuda", **kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, **kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def enable_cpu_emulation() -> None:
+    """Redirect megatron-core's CUDA-only calls to the CPU in this process (idempotent).
+
+    The emulated CUDA generator IS the CPU generator, so Megatron's RNG tracker
+    (dropout masks, activation recomputation) forks and restores the CPU state.
+    """
+    global _mode
+    if torch.cuda.is_available():
+        raise RuntimeError("enable_cpu_emulation() is for CPU-only machines; a GPU is available")
+    if _mode is not None:
+        return
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda device=None: None
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.current_stream = lambda device=None: _NullStream()
+    cuda.default_stream = lambda device=None: _NullStream()
+    cuda.get_rng_state = _cpu_get_rng_state
+    cuda.set_rng_state = _cpu_set_rng_state
+    cuda.manual_seed = _cpu_manual_seed
+    cuda.manual_seed_all = _cpu_manual_seed
+    mp_random._get_cuda_rng_state = _cpu_get_rng_state
+    mp_random._set_cuda_rng_state = _cpu_set_rng_state
+    # The tracker warns when the CPU state changes inside a CUDA-RNG fork; here both
+    # generators are one, so every dropout call would trigger it.
+    logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
+
+    _mode = _CudaAsCpuMode()
+    _mode.__enter__()
