@@ -1,14 +1,23 @@
-"""Functional-SAM for Megatron-core pretraining."""
+"""megatron_fsam: Functional-SAM and preconditioned SAM for Megatron-core pretraining."""
+
+from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["enable_cpu_emulation"]
+from megatron_fsam.config import SAMConfig
+
+__all__ = ["SAMConfig", "FuncSAM", "enable_cpu_emulation"]
+__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so importing the package never imports (or switches on) the CPU emulation.
+    # Lazy: importing the config must not pull in megatron-core or the CPU emulation.
+    if name == "FuncSAM":
+        from megatron_fsam.step import FuncSAM
+
+        return FuncSAM
     if name == "enable_cpu_emulation":
-        from megatron_fsam.compat import enable_cpu_emulation
+        from megatron_fsam.compat.cpu import enable_cpu_emulation
 
         return enable_cpu_emulation
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module 'megatron_fsam' has no attribute {name!r}")

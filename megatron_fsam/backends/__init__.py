@@ -1,0 +1,1 @@
+"""Adapters from a training framework's optimizer layout to SAM shards."""

@@ -1,0 +1,299 @@
+"""Megatron-core adapter: finds this rank's shards of theta, g and Adam state.
+
+Megatron keeps theta in one of three layouts, and SAM must read theta and write
+theta + eps without disturbing any of them:
+
+- DistributedOptimizer: fp32 main-param shards (bf16 params) or views of the
+  model param buffer (fp32 params); the model reads the param buffer, which is
+  all-gathered after a write.
+- Float16OptimizerWithFloat16Params: whole fp32 main copies of bf16 params.
+- FP32Optimizer: the optimizer's params are the model params.
+
+Where the optimizer's params alias what the model reads (fp32 params), theta is
+copied before perturbing so that the restore is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import (
+    Float16OptimizerWithFloat16Params,
+    FP32Optimizer,
+)
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
+from megatron.core.utils import get_model_config
+
+from megatron_fsam.kernels import Shards
+
+logger = logging.getLogger("megatron_fsam")
+
+
+@dataclass
+class _Entry:
+    """One shard: the optimizer's main param, its gradient, and what the model reads.
+
+    `main` is the optimizer's own tensor object (the key of its state, the holder
+    of Megatron's `shared` / `tensor_model_parallel` attributes); the others are 1-D.
+    """
+
+    main: torch.Tensor
+    grad: torch.Tensor
+    target: torch.Tensor
+    inner: torch.optim.Optimizer
+
+    @property
+    def aliased(self) -> bool:
+        """True when the model reads the optimizer's param itself (fp32 params)."""
+        return (
+            self.main.data_ptr() == self.target.data_ptr() and self.main.dtype == self.target.dtype
+        )
+
+
+@dataclass
+class RankShards:
+    """All of this rank's shards, and the subset whose theta lives in a copy."""
+
+    all: Shards
+    aliased: Shards
+
+
+class MegatronBackend:
+    """SAM's view of a Megatron model and optimizer on this rank."""
+
+    def __init__(self, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer) -> None:
+        self.model_chunks = model_chunks
+        self.optimizers = _leaf_optimizers(optimizer)
+        for opt in self.optimizers:
+            _check_supported(opt)
+        self.distributed = any(isinstance(o, DistributedOptimizer) for o in self.optimizers)
+        groups = {id(o.get_grad_stats_parallel_group()) for o in self.optimizers}
+        if len(groups) > 1:
+            raise ValueError(
+                "megatron_fsam: sub-optimizers reduce gradient statistics over different "
+                "process groups (e.g. expert parallelism), which SAM does not support yet"
+            )
+        self.stats_group = self.optimizers[0].get_grad_stats_parallel_group()
+        self.model_config = get_model_config(model_chunks[0])
+
+    # ----- checks that must hold before any work -------------------------------------
+
+    def check_grad_reduction(self) -> None:
+        """Refuse a config whose schedule would silently skip the gradient reduction."""
+        if self.model_config.finalize_model_grads_func is not None:
+            return
+        reasons = []
+        if parallel_state.get_data_parallel_world_size() > 1:
+            reasons.append("data parallel size > 1")
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            reasons.append("pipeline parallel size > 1")
+        if self.model_config.sequence_parallel:
+            reasons.append("sequence parallelism")
+        if reasons:
+            raise ValueError(
+                "megatron_fsam: the model config's finalize_model_grads_func is unset with "
+                + ", ".join(reasons)
+                + ", so forward_backward_func would not reduce gradients; set "
+                "config.finalize_model_grads_func = megatron.core.distributed.finalize_model_grads"
+            )
+
+    def check_second_moments(self) -> None:
+        """Preconditioning needs Adam's second moment in every sub-optimizer."""
+        for opt in self.optimizers:
+            inner = opt.optimizer
+            is_adam = "adam" in type(inner).__name__.lower()
+            if not is_adam or not all("betas" in g for g in inner.param_groups):
+                raise ValueError(
+                    "megatron_fsam: precond=True needs an Adam-type optimizer with second "
+                    f"moments (exp_avg_sq); got {type(inner).__name__}"
+                )
+
+    # ----- shards ---------------------------------------------------------------------
+
+    def shards(self, precondition: bool) -> RankShards:
+        """This rank's shards after pass 1; theta is copied where the model aliases it."""
+        entries = list(self._entries())
+        shards = Shards(
+            thetas=[
+                e.main.detach().view(-1).clone() if e.aliased else e.main.view(-1) for e in entries
+            ],
+            grads=[e.grad for e in entries],
+            targets=[e.target for e in entries],
+            counted=[param_is_not_shared(e.main) and _not_tp_duplicate(e.main) for e in entries],
+        )
+        if precondition:
+            self._attach_second_moments(shards, entries)
+        keep = [i for i, e in enumerate(entries) if e.aliased]
+        aliased = Shards(
+            thetas=[shards.thetas[i] for i in keep],
+            grads=[shards.grads[i] for i in keep],
+            targets=[shards.targets[i] for i in keep],
+            counted=[shards.counted[i] for i in keep],
+        )
+        return RankShards(all=shards, aliased=aliased)
+
+    def sync_params(self) -> None:
+        """Make every rank's model read the values just written into its own shards."""
+        if self.distributed:
+            for chunk in self.model_chunks:
+                chunk.start_param_sync(force_sync=True)
+
+    def all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """Sum the norm partials over the ranks that hold distinct shards."""
+        torch.distributed.all_reduce(sums, group=self.stats_group)
+        return sums
+
+    def all_finite(self, grads: list[torch.Tensor]) -> bool:
+        """Whether every rank's gradient shards are finite (one MAX all-reduce)."""
+        device = grads[0].device if grads else torch.device("cpu")
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        if any(g.numel() and not torch.isfinite(g).all() for g in grads):
+            found.fill_(1.0)
+        torch.distributed.all_reduce(
+            found, op=torch.distributed.ReduceOp.MAX, group=self.stats_group
+        )
+        return found.item() == 0.0
+
+    # ----- internals ------------------------------------------------------------------
+
+    def _entries(self) -> Iterator[_Entry]:
+        for opt in self.optimizers:
+            if isinstance(opt, DistributedOptimizer):
+                yield from _distributed_entries(opt)
+            elif isinstance(opt, Float16OptimizerWithFloat16Params):
+                yield from _float16_entries(opt)
+            else:
+                yield from _fp32_entries(opt)
+
+    def _attach_second_moments(self, shards: Shards, entries: list[_Entry]) -> None:
+        moments, v_scales, eps = [], [], []
+        missing = 0
+        group_of = {
+            id(p): g for o in self.optimizers for g in o.optimizer.param_groups for p in g["params"]
+        }
+        for entry in entries:
+            group = group_of[id(entry.main)]
+            state = entry.inner.state.get(entry.main, {})
+            step = _adam_step(state, group)
+            if step == 0 or "exp_avg_sq" not in state:
+                missing += 1  # P = 1 / (sqrt(1 * 1) + 0) = 1
+                moments.append(torch.ones_like(entry.grad, dtype=torch.float32))
+                v_scales.append(1.0)
+                eps.append(0.0)
+                continue
+            moments.append(_second_moment(entry.inner, entry.main, state).view(-1))
+            v_scales.append(1.0 / (1.0 - group["betas"][1] ** step))
+            eps.append(float(group["eps"]))
+        if missing:
+            _log_once(
+                "precond: no Adam second moments yet (before the first optimizer step); "
+                "using P = 1 for the shards without them"
+            )
+        shards.second_moments, shards.v_scales, shards.adam_eps = moments, v_scales, eps
+
+
+def _distributed_entries(opt: DistributedOptimizer) -> Iterator[_Entry]:
+    for model_groups, main_groups in (
+        (opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
+        (opt.model_fp32_groups, opt.shard_fp32_groups),
+    ):
+        for model_group, main_group in zip(model_groups, main_groups, strict=True):
+            for model_param, main in zip(model_group, main_group, strict=True):
+                ranges = opt._get_model_param_range_map(model_param)
+                local, world = ranges["param"], ranges["gbuf_world_in_bucket"]
+                gbuf_index, _, bucket_index = opt.model_param_gbuf_map[model_param]
+                param_buffer = opt.buffers[gbuf_index].buckets[bucket_index].param_data
+                yield _Entry(
+                    main=main,
+                    grad=model_param.main_grad.view(-1)[local.start : local.end],
+                    target=param_buffer.view(-1)[world.start : world.end],
+                    inner=opt.optimizer,
+                )
+
+
+def _float16_entries(opt: Float16OptimizerWithFloat16Params) -> Iterator[_Entry]:
+    pairs = (
+        (opt.float16_groups, opt.fp32_from_float16_groups),
+        (opt.fp32_from_fp32_groups, opt.fp32_from_fp32_groups),
+    )
+    for model_groups, main_groups in pairs:
+        for model_group, main_group in zip(model_groups, main_groups, strict=True):
+            for model_param, main in zip(model_group, main_group, strict=True):
+                yield _Entry(
+                    main, _model_grad(model_param), model_param.data.view(-1), opt.optimizer
+                )
+
+
+def _fp32_entries(opt: FP32Optimizer) -> Iterator[_Entry]:
+    for group in opt.optimizer.param_groups:
+        for param in group["params"]:
+            yield _Entry(param, _model_grad(param), param.data.view(-1), opt.optimizer)
+
+
+def _model_grad(param: torch.nn.Parameter) -> torch.Tensor:
+    """The reduced gradient Megatron's DDP accumulates into `main_grad`."""
+    grad = getattr(param, "main_grad", None)
+    if grad is None:
+        raise ValueError(
+            "megatron_fsam: model parameters have no main_grad; wrap the model chunks in "
+            "megatron.core.distributed.DistributedDataParallel"
+        )
+    return grad.view(-1)
+
+
+def _leaf_optimizers(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:
+    if isinstance(optimizer, ChainedOptimizer):
+        return [
+            o for o in optimizer.chained_optimizers if not getattr(o, "is_stub_optimizer", False)
+        ]
+    return [optimizer]
+
+
+def _check_supported(opt: MegatronOptimizer) -> None:
+    if not isinstance(
+        opt, (DistributedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer)
+    ):
+        raise ValueError(f"megatron_fsam: unsupported Megatron optimizer {type(opt).__name__}")
+    if opt.config.fp16:
+        raise ValueError(
+            "megatron_fsam: fp16 with dynamic loss scaling is not supported; use bf16 or fp32"
+        )
+    if opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        raise ValueError(
+            "megatron_fsam: the precision-aware optimizer keeps main params inside "
+            "Transformer Engine's FusedAdam, where SAM cannot read theta; disable "
+            "use_precision_aware_optimizer"
+        )
+
+
+def _not_tp_duplicate(param: torch.Tensor) -> bool:
+    return param_is_not_tensor_parallel_duplicate(param)
+
+
+def _adam_step(state: dict, group: dict) -> int:
+    """Adam steps taken: torch keeps them per param, apex/TE FusedAdam per group."""
+    step = state.get("step", group.get("step", 0))
+    return int(step.item()) if torch.is_tensor(step) else int(step)
+
+
+def _second_moment(inner: torch.optim.Optimizer, main: torch.Tensor, state: dict) -> torch.Tensor:
+    """exp_avg_sq in fp32; TE's FusedAdam may store it scaled in low precision."""
+    if hasattr(inner, "get_unscaled_state"):
+        return inner.get_unscaled_state(main, "exp_avg_sq")
+    return state["exp_avg_sq"]
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning("megatron_fsam: %s", message)

@@ -1,0 +1,58 @@
+"""The flat per-rank view of the model that the SAM kernels work on.
+
+Every optimizer layout (distributed or not, fp32 or bf16 params) is reduced to
+one list of 1-D shards: the fp32 parameter value theta, the reduced gradient,
+the Adam second moment when preconditioning, and the target that the model
+reads (a slice of the model parameter buffer). Kernels never see Megatron.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Shards:
+    """Aligned lists of 1-D tensors, one entry per (parameter, rank) shard.
+
+    thetas: fp32 values of theta (the optimizer's main params, or a copy).
+    grads: reduced pass-1 gradients (fp32 or bf16), same numel as thetas.
+    targets: where the model reads its weights (fp32 or bf16); may alias thetas.
+    counted: whether the shard enters the norm sums (False for TP duplicates and
+        the second copy of a tied embedding, as Megatron's grad norm does).
+    second_moments: Adam exp_avg_sq per shard, or None for P = 1.
+    v_scales: 1 / (1 - beta2^t) per shard (bias correction of the second moment).
+    adam_eps: Adam's eps per shard.
+    """
+
+    thetas: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    counted: list[bool]
+    second_moments: list[torch.Tensor] | None = None
+    v_scales: list[float] | None = None
+    adam_eps: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.thetas)
+        if not (len(self.grads) == len(self.targets) == len(self.counted) == n):
+            raise ValueError("Shards: thetas, grads, targets and counted must align")
+        if self.second_moments is not None:
+            if self.v_scales is None or self.adam_eps is None:
+                raise ValueError("Shards: second_moments need v_scales and adam_eps")
+            if not (len(self.second_moments) == len(self.v_scales) == len(self.adam_eps) == n):
+                raise ValueError("Shards: preconditioner lists must align with thetas")
+        for theta, grad, target in zip(self.thetas, self.grads, self.targets, strict=True):
+            if not (theta.dim() == grad.dim() == target.dim() == 1):
+                raise ValueError("Shards: every tensor must be 1-D")
+            if not (theta.numel() == grad.numel() == target.numel()):
+                raise ValueError("Shards: theta, grad and target of a shard differ in size")
+
+    @property
+    def preconditioned(self) -> bool:
+        return self.second_moments is not None
+
+    def __len__(self) -> int:
+        return len(self.thetas)

@@ -1,0 +1,65 @@
+"""Replaying a step's data and randomness so pass 2 sees exactly what pass 1 saw."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core import tensor_parallel
+
+
+class RecordingIterator:
+    """Passes batches through from `source` and keeps them for `replay()`."""
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self.source = source
+        self.batches: list[Any] = []
+
+    def __iter__(self) -> RecordingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.source)
+        self.batches.append(batch)
+        return batch
+
+    def replay(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+
+class MicrobatchReplay:
+    """Wraps a Megatron data iterator (None, one iterator, or one per virtual stage)."""
+
+    def __init__(self, data_iterator: Any) -> None:
+        self.is_list = isinstance(data_iterator, list)
+        sources = data_iterator if self.is_list else [data_iterator]
+        self.recorders = [None if it is None else RecordingIterator(it) for it in sources]
+
+    def recording(self) -> Any:
+        return self.recorders if self.is_list else self.recorders[0]
+
+    def replaying(self) -> Any:
+        replays = [None if r is None else r.replay() for r in self.recorders]
+        return replays if self.is_list else replays[0]
+
+
+@dataclass
+class RNGState:
+    """CPU, CUDA and Megatron tensor-parallel tracker states (dropout masks)."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+    tracker: dict[str, Any]
+
+    @classmethod
+    def capture(cls) -> RNGState:
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda, tensor_parallel.get_cuda_rng_tracker().get_states())
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+        tensor_parallel.get_cuda_rng_tracker().set_states(self.tracker)

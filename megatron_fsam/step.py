@@ -1,0 +1,271 @@
+"""FuncSAM: the two-pass SAM / Func-SAM step around Megatron's forward_backward_func.
+
+One step, as in the paper (Singh et al. 2025, Eq. 2 and Eq. 11):
+
+    pass 1   g = J(theta)^T c(theta)          record micro-batches, RNG, c(theta)
+    ascent   eps = rho * P g / N              three sums, one all-reduce
+    perturb  model <- theta + eps             written from fp32 theta, all-gathered
+    pass 2   sam:  J(theta+eps)^T c(theta+eps)
+             fsam: J(theta+eps)^T c(theta)    the recorded cotangent replayed
+    update   optimizer.step() on theta        copying main -> model restores theta
+
+A non-finite gradient in either pass skips the step and leaves the model at theta.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_fsam.backends.megatron import MegatronBackend, RankShards
+from megatron_fsam.config import SAMConfig
+from megatron_fsam.gate import LogitGate, find_logits_module
+from megatron_fsam.kernels import get_kernels
+from megatron_fsam.perturbation import Ascent, NormSums, ascent
+from megatron_fsam.replay import MicrobatchReplay, RNGState
+from megatron_fsam.schedules import rho_at
+
+logger = logging.getLogger("megatron_fsam")
+
+StepResult = tuple[bool, float | None, list[Any], dict[str, float | None]]
+
+
+class FuncSAM:
+    """Drop-in replacement for a Megatron training step that adds SAM / Func-SAM.
+
+    `model` is the list of DDP-wrapped model chunks and `optimizer` what
+    `get_megatron_optimizer` returns; `train_step` takes what
+    `get_forward_backward_func()` takes.
+    """
+
+    def __init__(
+        self,
+        config: SAMConfig,
+        model: list[torch.nn.Module],
+        optimizer: MegatronOptimizer,
+        forward_backward_func: Callable | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.model = list(model)
+        self.optimizer = optimizer
+        self.backend = MegatronBackend(self.model, optimizer)
+        self.backend.check_grad_reduction()
+        if config.precond and config.two_pass:
+            self.backend.check_second_moments()
+        self.kernels = get_kernels(config.kernels)
+        self.gate = self._attach_gate() if config.mode == "fsam" else None
+        self.forward_backward_func = forward_backward_func or get_forward_backward_func()
+        self.iteration = 0
+
+    # ----- the step -------------------------------------------------------------------
+
+    def train_step(
+        self,
+        forward_step_func: Callable,
+        data_iterator: Any,
+        *,
+        num_microbatches: int,
+        seq_length: int,
+        micro_batch_size: int,
+        decoder_seq_length: int | None = None,
+    ) -> StepResult:
+        """One optimizer step; returns (update_successful, grad_norm, losses_reduced, metrics)."""
+        rho = rho_at(self.config, self.iteration)
+        clock = _PhaseClock()
+        pass1_losses, pass2_losses = _LossCapture(), _LossCapture()
+
+        def run_pass(losses: _LossCapture, batches: Any) -> list[Any]:
+            return self.forward_backward_func(
+                forward_step_func=losses.wrap(forward_step_func),
+                data_iterator=batches,
+                model=self.model,
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                decoder_seq_length=decoder_seq_length,
+                forward_only=False,
+            )
+
+        self._zero_grads()
+        if not self.config.two_pass or rho == 0.0:
+            losses_reduced = run_pass(pass1_losses, data_iterator)
+            clock.lap("pass1")
+            ok, grad_norm, _ = self.optimizer.step()
+            clock.lap("optimizer")
+            self.iteration += 1
+            metrics = self._metrics(rho, None, pass1_losses, None, clock, ok)
+            return ok, grad_norm, losses_reduced, metrics
+
+        # Pass 1 at theta: g, and (fsam) the clean logit cotangent c(theta).
+        replay = MicrobatchReplay(data_iterator)
+        rng_before = RNGState.capture()
+        with self.gate.recording() if self.gate else nullcontext():
+            losses_reduced = run_pass(pass1_losses, replay.recording())
+        rng_after = RNGState.capture()
+        clock.lap("pass1")
+
+        # Ascent direction from the reduced sums; a non-finite g skips the step.
+        shards = self.backend.shards(precondition=self.config.precond)
+        sums = NormSums.from_tensor(
+            self.backend.all_reduce_sums(self.kernels.norm_sums(shards.all))
+        )
+        if not sums.finite:
+            return self._skip(rho, None, pass1_losses, clock, "pass-1 gradient is not finite")
+        step = ascent(sums, rho, self.config.precond_norm)
+        self.kernels.perturb(shards.all, step.scale)
+        self.backend.sync_params()
+        clock.lap("perturb")
+
+        # Pass 2 at theta + eps on the same micro-batches and dropout masks.
+        self._zero_grads()
+        rng_before.restore()
+        rewrite = self.gate.rewriting(self.gate.replay_recorded) if self.gate else nullcontext()
+        with rewrite:
+            run_pass(pass2_losses, replay.replaying())
+        rng_after.restore()
+        if self.gate:
+            self.gate.clear()
+        self.kernels.restore(shards.aliased)  # theta back where the optimizer reads it
+        clock.lap("pass2")
+        if not self.backend.all_finite(shards.all.grads):
+            self._restore(shards)
+            return self._skip(rho, step, pass1_losses, clock, "pass-2 gradient is not finite")
+
+        # The optimizer updates theta (never theta + eps) and copies it back to the model.
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            self._restore(shards)
+        clock.lap("optimizer")
+        self.iteration += 1
+        metrics = self._metrics(rho, step, pass1_losses, pass2_losses, clock, ok)
+        return ok, grad_norm, losses_reduced, metrics
+
+    # ----- checkpointing --------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.iteration = int(state["iteration"])
+
+    # ----- internals ------------------------------------------------------------------
+
+    def _attach_gate(self) -> LogitGate | None:
+        """The logit gate on the last stage; refuses on every rank if it is missing."""
+        module = find_logits_module(self.model, self.config.logits_module)
+        missing = module is None and parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        flag = torch.tensor([float(missing)], device=_device(self.model))
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            name = self.config.logits_module or "output_layer"
+            raise ValueError(
+                f"megatron_fsam: mode='fsam' needs the module producing the logits, but no "
+                f"module named {name!r} was found on the last pipeline stage; set "
+                "SAMConfig.logits_module"
+            )
+        return LogitGate(module) if module is not None else None
+
+    def _zero_grads(self) -> None:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _restore(self, shards: RankShards) -> None:
+        self.kernels.restore(shards.all)
+        self.backend.sync_params()
+
+    def _skip(
+        self,
+        rho: float,
+        step: Ascent | None,
+        losses: _LossCapture,
+        clock: _PhaseClock,
+        reason: str,
+    ) -> StepResult:
+        if self.gate:
+            self.gate.clear()
+        logger.warning("megatron_fsam: skipping step %d: %s", self.iteration, reason)
+        self.iteration += 1
+        return False, None, [], self._metrics(rho, step, losses, None, clock, False)
+
+    def _metrics(
+        self,
+        rho: float,
+        step: Ascent | None,
+        clean: _LossCapture,
+        perturbed: _LossCapture | None,
+        clock: _PhaseClock,
+        ok: bool,
+    ) -> dict[str, float | None]:
+        return {
+            "rho": rho,
+            "grad_norm": step.grad_norm if step else None,
+            "eps_norm": step.eps_norm if step else 0.0,
+            "loss_clean": clean.mean(),
+            "loss_perturbed": perturbed.mean() if perturbed else None,
+            "skipped": float(not ok),
+            **clock.seconds,
+        }
+
+
+class _LossCapture:
+    """Keeps each micro-batch's loss (before the schedule rescales it) for logging."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.num_tokens: list[torch.Tensor] = []
+
+    def wrap(self, forward_step_func: Callable) -> Callable:
+        @functools.wraps(forward_step_func)
+        def forward_step(data_iterator, model, *args):
+            output, loss_func = forward_step_func(data_iterator, model, *args)
+            return output, functools.partial(self._loss, loss_func)
+
+        return forward_step
+
+    def _loss(self, loss_func: Callable, output_tensor: torch.Tensor, **kwargs):
+        outputs = loss_func(output_tensor, **kwargs)
+        if not kwargs:  # non_loss_data calls carry no loss
+            self.losses.append(outputs[0].detach().float().clone())
+            if len(outputs) == 3:
+                self.num_tokens.append(torch.as_tensor(outputs[1]).detach().float().clone())
+        return outputs
+
+    def mean(self) -> float | None:
+        """Mean loss of this rank's micro-batches (None off the last pipeline stage)."""
+        if not self.losses:
+            return None
+        total = torch.stack([loss.sum() for loss in self.losses]).sum()
+        if self.num_tokens:
+            return (total / torch.stack(self.num_tokens).sum().clamp(min=1)).item()
+        return (total / len(self.losses)).item()
+
+
+class _PhaseClock:
+    """Wall time of each phase of the step (synchronising the GPU at phase ends)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[f"time_{phase}"] = now - self._last
+        self._last = now
+
+
+def _device(model: list[torch.nn.Module]) -> torch.device:
+    return next(model[0].parameters()).device
