@@ -43,7 +43,7 @@ class Ascent:
 
 
 def ascent(sums: NormSums, rho: float, precond_norm: str) -> Ascent:
-    """eps = rho * P g / N with N = ||g|| ("grad"), ||P g|| ("perturbation"), sqrt(g.P g) ("dual")."""
+    """eps = rho * P g / N, N = ||g|| ("grad"), ||P g|| ("perturbation") or sqrt(g.P g) ("dual")."""
     denominators = {
         "grad": sums.grad_sq,
         "perturbation": sums.precond_grad_sq,
