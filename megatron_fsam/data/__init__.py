@@ -1,0 +1,1 @@
+"""Pretraining data: built-in corpus, BPE tokenizer, Megatron indexed datasets, batches."""

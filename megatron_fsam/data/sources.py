@@ -1,0 +1,84 @@
+"""Local text inputs: format detection, content hashing and loading through HF `datasets`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import datasets
+
+# Suffix -> HF `datasets` builder. A .txt file is one document: per-line documents would put an
+# end-of-document token after every line.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+SUPPORTED_SUFFIXES = tuple(_BUILDERS)
+
+
+def builder_for(path: str | os.PathLike[str]) -> str:
+    """The `datasets` builder name for a local input file, or a ValueError for other suffixes."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in _BUILDERS:
+        raise ValueError(f"unsupported input file {path}: expected one of {SUPPORTED_SUFFIXES}")
+    return _BUILDERS[suffix]
+
+
+def require_file(path: str | os.PathLike[str]) -> Path:
+    """The path as a Path; a FileNotFoundError naming it if it is not an existing file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data input not found: {p}")
+    return p
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str:
+    """Content hash used in cache keys, so a changed file never hits a stale cache."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_documents(
+    path: str | os.PathLike[str], *, text_key: str, cache_dir: str | os.PathLike[str]
+) -> datasets.Dataset:
+    """One local file as a `datasets.Dataset` with a string column `text_key`.
+
+    HF_DATASETS_OFFLINE is set so that `datasets` never tries the hub; its Arrow cache lives
+    under our cache directory rather than the user's home.
+    """
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    p = require_file(path)
+    builder = builder_for(p)
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    ds = datasets.load_dataset(
+        builder,
+        data_files=[str(p)],
+        split="train",
+        cache_dir=str(Path(cache_dir) / "hf_datasets"),
+        **kwargs,
+    )
+    if builder == "text" and text_key != "text":
+        ds = ds.rename_column("text", text_key)
+    if text_key not in ds.column_names:
+        raise KeyError(f"{p} has no column {text_key!r} (columns: {ds.column_names}); set text_key")
+    return ds
+
+
+def iter_texts(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    text_key: str,
+    cache_dir: str | os.PathLike[str],
+    batch_size: int = 1000,
+) -> Iterator[list[str]]:
+    """Batches of document texts from the files in order (for tokenizer training)."""
+    for path in paths:
+        ds = load_documents(path, text_key=text_key, cache_dir=cache_dir)
+        for batch in ds.iter(batch_size=batch_size):
+            yield [t for t in batch[text_key] if t]
