@@ -1,56 +1,124 @@
 """Vectorised torch implementations of the SAM shard kernels (CPU and fallback).
 
-Each shard is processed with a handful of whole-tensor ops; no per-element Python.
+Shards are processed in batches of at most CHUNK_NUMEL elements with torch._foreach_* ops: a
+model of thousands of shards costs a few multi-tensor ops per batch (fused launches on CUDA)
+instead of a few ops per shard, and the only temporary is one fp32 buffer of a batch's size,
+never one the size of the model. Arithmetic is fp32 in the reference order:
+P = 1 / (sqrt(v * v_scale) + eps), target = cast(theta + scale * (P * g)).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
 from megatron_fsam.kernels.shards import Shards
 
+__all__ = ["CHUNK_NUMEL", "norm_sums", "perturb", "restore"]
 
-def _precond(shards: Shards, i: int) -> torch.Tensor | None:
-    """P = 1 / (sqrt(v_hat) + eps) for shard i, or None when unpreconditioned."""
-    if shards.second_moments is None:
-        return None
-    v_hat = shards.second_moments[i].float() * shards.v_scales[i]
-    return 1.0 / (v_hat.sqrt_() + shards.adam_eps[i])
+CHUNK_NUMEL = 1 << 24
 
-
-def norm_sums(shards: Shards) -> torch.Tensor:
-    """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32."""
-    sums = torch.zeros(3, dtype=torch.float32, device=_device(shards))
-    for i, (grad, counted) in enumerate(zip(shards.grads, shards.counted, strict=True)):
-        if not counted or grad.numel() == 0:
-            continue
-        g = grad.float()
-        p = _precond(shards, i)
-        gg = torch.dot(g, g)
-        if p is None:
-            sums += torch.stack((gg, gg, gg))
-        else:
-            pg = p.mul_(g)
-            sums += torch.stack((gg, torch.dot(pg, pg), torch.dot(g, pg)))
-    return sums
+# (shard index, start, stop): a slice of one shard; a batch is a list of them.
+_Piece = tuple[int, int, int]
 
 
 @torch.no_grad()
-def perturb(shards: Shards, scale: float) -> None:
+def norm_sums(shards: Shards, chunk: int = CHUNK_NUMEL) -> torch.Tensor:
+    """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32."""
+    counted = [i for i in _nonempty(shards) if shards.counted[i]]
+    sums = torch.zeros(3, dtype=torch.float64, device=_device(shards))
+    g_buffer = _buffer(shards, counted, chunk)
+    pg_buffer = _buffer(shards, counted, chunk) if shards.preconditioned else g_buffer
+    for batch in _batches(shards, counted, chunk):
+        g = _flat(g_buffer, batch)
+        torch._foreach_copy_(g.split(_sizes(batch)), _views(shards.grads, batch))
+        grad_sq = torch.dot(g, g)
+        if shards.preconditioned:
+            pg = _flat(pg_buffer, batch)
+            _direction(shards, batch, pg)
+            sums += torch.stack((grad_sq, torch.dot(pg, pg), torch.dot(g, pg)))
+        else:
+            sums += grad_sq
+    return sums.float()
+
+
+@torch.no_grad()
+def perturb(shards: Shards, scale: float, chunk: int = CHUNK_NUMEL) -> None:
     """targets <- cast(theta + scale * P g)."""
-    for i, (theta, grad, target) in enumerate(
-        zip(shards.thetas, shards.grads, shards.targets, strict=True)
-    ):
-        p = _precond(shards, i)
-        direction = grad.float() if p is None else p.mul_(grad.float())
-        target.copy_(theta.float() + scale * direction)
+    indices = _nonempty(shards)
+    buffer = _buffer(shards, indices, chunk)
+    for batch in _batches(shards, indices, chunk):
+        direction = _direction(shards, batch, _flat(buffer, batch))
+        torch._foreach_mul_(direction, scale)
+        torch._foreach_add_(direction, _views(shards.thetas, batch))
+        torch._foreach_copy_(_views(shards.targets, batch), direction)
 
 
 @torch.no_grad()
 def restore(shards: Shards) -> None:
     """targets <- cast(theta)."""
-    for theta, target in zip(shards.thetas, shards.targets, strict=True):
-        target.copy_(theta)
+    indices = _nonempty(shards)
+    if indices:
+        torch._foreach_copy_(
+            [shards.targets[i] for i in indices], [shards.thetas[i] for i in indices]
+        )
+
+
+def _direction(shards: Shards, batch: list[_Piece], out: torch.Tensor) -> list[torch.Tensor]:
+    """P g (or g) of a batch in fp32, written into out and returned as one view per piece."""
+    direction = list(out.split(_sizes(batch)))
+    grads = _views(shards.grads, batch)
+    if not shards.preconditioned:
+        torch._foreach_copy_(direction, grads)
+        return direction
+    torch._foreach_copy_(direction, _views(shards.second_moments, batch))
+    torch._foreach_mul_(direction, [shards.v_scales[i] for i, _, _ in batch])
+    torch._foreach_sqrt_(direction)
+    torch._foreach_add_(direction, [shards.adam_eps[i] for i, _, _ in batch])
+    torch._foreach_reciprocal_(direction)
+    torch._foreach_mul_(direction, grads)
+    return direction
+
+
+def _batches(shards: Shards, indices: list[int], chunk: int) -> Iterator[list[_Piece]]:
+    """Consecutive slices of the shards, at most chunk elements per batch."""
+    batch: list[_Piece] = []
+    room = chunk
+    for i in indices:
+        numel = shards.grads[i].numel()
+        start = 0
+        while start < numel:
+            take = min(numel - start, room)
+            batch.append((i, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                yield batch
+                batch, room = [], chunk
+    if batch:
+        yield batch
+
+
+def _sizes(batch: list[_Piece]) -> list[int]:
+    return [stop - start for _, start, stop in batch]
+
+
+def _flat(buffer: torch.Tensor, batch: list[_Piece]) -> torch.Tensor:
+    return buffer[: sum(_sizes(batch))]
+
+
+def _views(tensors: list[torch.Tensor], batch: list[_Piece]) -> list[torch.Tensor]:
+    return [tensors[i][start:stop] for i, start, stop in batch]
+
+
+def _buffer(shards: Shards, indices: list[int], chunk: int) -> torch.Tensor:
+    numel = min(chunk, sum(shards.grads[i].numel() for i in indices))
+    return torch.empty(numel, dtype=torch.float32, device=_device(shards))
+
+
+def _nonempty(shards: Shards) -> list[int]:
+    return [i for i, g in enumerate(shards.grads) if g.numel()]
 
 
 def _device(shards: Shards) -> torch.device:

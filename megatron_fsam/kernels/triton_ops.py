@@ -1,0 +1,305 @@
+"""Triton implementations of the SAM shard kernels: one launch per dtype group of shards.
+
+A model has hundreds to thousands of shards, many of them small (biases, norms), so a launch per
+shard would be dominated by launch latency. Instead all shards whose tensors share dtypes are
+processed by one launch: a per-shard table holds each shard's size, first tile and the element
+offset of each of its tensors from the group's first tensor, and a per-tile table maps every
+program to its shard. Each program reads one tile of BLOCK elements once.
+
+Arithmetic is fp32 in the order of the torch kernels, with IEEE sqrt and division and no FMA
+contraction, so both produce the same bits. bf16 stores are rounded to nearest even by hand:
+the interpreter's fp32->bf16 cast truncates, and on GPU the hand rounding gives the same bits as
+the hardware cast.
+
+Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors,
+which is how the tests exercise them; each program then costs milliseconds, so BLOCK is larger.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_fsam.kernels.shards import Shards
+
+__all__ = ["BLOCK", "norm_sums", "perturb", "restore"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 1 << 16 if INTERPRET else 4096
+NUM_WARPS = 8
+# Element offsets are hinted as multiples of 8 (`_shard_offset`) when every shard allows it, which
+# lets the compiler emit 16-byte vector loads and stores.
+ALIGN_ELEMENTS = 8
+
+
+@triton.jit
+def _load_f32(ptr, offs, numel, full):
+    """Load a tile as fp32; only the last tile of a shard is masked (keeps loads vectorised)."""
+    if full:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=offs < numel, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> bf16, round to nearest even; NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _store_cast(ptr, x, offs, numel, full):
+    """Store fp32 values into ptr's dtype."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        y = _round_bf16(x)
+    else:
+        y = x.to(ptr.dtype.element_ty)
+    if full:
+        tl.store(ptr + offs, y)
+    else:
+        tl.store(ptr + offs, y, mask=offs < numel)
+
+
+@triton.jit
+def _shard_offset(table, col, ALIGNED: tl.constexpr):
+    off = tl.load(table + col)
+    if ALIGNED:
+        off = tl.multiple_of(off, 8)
+    return off
+
+
+@triton.jit
+def _tile(table, tile_shard, COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's shard row, element offsets within the shard, size, and fullness."""
+    tile = tl.program_id(0)
+    shard = tl.load(tile_shard + tile)
+    row = table + shard * COLS
+    numel = tl.load(row + 0)
+    start = (tile - tl.load(row + 1)) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    return tile, shard, row, offs, numel, start + BLOCK <= numel
+
+
+@triton.jit
+def _precond(v, shard, consts):
+    """P = 1 / (sqrt(v * v_scale) + eps)."""
+    v_scale = tl.load(consts + 2 * shard)
+    eps = tl.load(consts + 2 * shard + 1)
+    one = tl.full(v.shape, 1.0, tl.float32)
+    return tl.div_rn(one, tl.sqrt_rn(v * v_scale) + eps)
+
+
+@triton.jit
+def _norm_kernel(
+    grad,
+    moment,
+    table,
+    consts,
+    tile_shard,
+    partials,
+    n_tiles,
+    PRECOND: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per-tile partial sums of g^2, (P g)^2 and g (P g); columns: numel, first, g[, v]."""
+    COLS: tl.constexpr = 4 if PRECOND else 3
+    tile, shard, row, offs, numel, full = _tile(table, tile_shard, COLS, BLOCK)
+    g = _load_f32(grad + _shard_offset(row, 2, ALIGNED), offs, numel, full)
+    gg = tl.sum(g * g)
+    if PRECOND:
+        v = _load_f32(moment + _shard_offset(row, 3, ALIGNED), offs, numel, full)
+        pg = _precond(v, shard, consts) * g
+        pgpg = tl.sum(pg * pg)
+        gpg = tl.sum(g * pg)
+    else:
+        pgpg = gg
+        gpg = gg
+    tl.store(partials + tile, gg)
+    tl.store(partials + n_tiles + tile, pgpg)
+    tl.store(partials + 2 * n_tiles + tile, gpg)
+
+
+@triton.jit
+def _perturb_kernel(
+    theta,
+    grad,
+    target,
+    moment,
+    table,
+    consts,
+    tile_shard,
+    scale,
+    PRECOND: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """target <- cast(theta + scale * (P g)); columns: numel, first, theta, g, target[, v]."""
+    COLS: tl.constexpr = 6 if PRECOND else 5
+    tile, shard, row, offs, numel, full = _tile(table, tile_shard, COLS, BLOCK)
+    d = _load_f32(grad + _shard_offset(row, 3, ALIGNED), offs, numel, full)
+    if PRECOND:
+        v = _load_f32(moment + _shard_offset(row, 5, ALIGNED), offs, numel, full)
+        d = _precond(v, shard, consts) * d
+    t = _load_f32(theta + _shard_offset(row, 2, ALIGNED), offs, numel, full)
+    _store_cast(target + _shard_offset(row, 4, ALIGNED), t + scale * d, offs, numel, full)
+
+
+@triton.jit
+def _restore_kernel(theta, target, table, tile_shard, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """target <- cast(theta); columns: numel, first, theta, target."""
+    tile, shard, row, offs, numel, full = _tile(table, tile_shard, 4, BLOCK)
+    t = _load_f32(theta + _shard_offset(row, 2, ALIGNED), offs, numel, full)
+    _store_cast(target + _shard_offset(row, 3, ALIGNED), t, offs, numel, full)
+
+
+@dataclass
+class _Launch:
+    """Everything one launch over a dtype group of shards needs."""
+
+    bases: list[torch.Tensor]  # the group's first tensor of each field: pointer base and dtype
+    table: torch.Tensor  # int64 [n_shards, 2 + n_fields], flattened
+    consts: torch.Tensor  # fp32 [n_shards, 2]: v_scale, eps
+    tile_shard: torch.Tensor  # int32 [n_tiles]
+    n_tiles: int
+    aligned: bool
+
+
+def norm_sums(shards: Shards, block: int = BLOCK) -> torch.Tensor:
+    """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32, no host sync."""
+    fields = _fields(shards, "grads")
+    counted = [i for i in _nonempty(shards) if shards.counted[i]]
+    sums = torch.zeros(3, dtype=torch.float64, device=_device(shards))
+    for launch in _launches(shards, counted, fields, block):
+        partials = torch.empty(3, launch.n_tiles, dtype=torch.float32, device=sums.device)
+        grad, moment = launch.bases[0], launch.bases[-1]  # moment unused without P
+        _norm_kernel[(launch.n_tiles,)](
+            grad,
+            moment,
+            launch.table,
+            launch.consts,
+            launch.tile_shard,
+            partials,
+            launch.n_tiles,
+            PRECOND=shards.preconditioned,
+            ALIGNED=launch.aligned,
+            BLOCK=block,
+            num_warps=NUM_WARPS,
+        )
+        sums += partials.sum(dim=1, dtype=torch.float64)
+    return sums.float()
+
+
+@torch.no_grad()
+def perturb(shards: Shards, scale: float, block: int = BLOCK) -> None:
+    """targets <- cast(theta + scale * P g), one read of theta, g, v and one write per element."""
+    fields = _fields(shards, "thetas", "grads", "targets")
+    for launch in _launches(shards, _nonempty(shards), fields, block):
+        theta, grad, target = launch.bases[:3]
+        _perturb_kernel[(launch.n_tiles,)](
+            theta,
+            grad,
+            target,
+            launch.bases[-1],  # the second moment; unused without P
+            launch.table,
+            launch.consts,
+            launch.tile_shard,
+            float(scale),
+            PRECOND=shards.preconditioned,
+            ALIGNED=launch.aligned,
+            BLOCK=block,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+
+
+@torch.no_grad()
+def restore(shards: Shards, block: int = BLOCK) -> None:
+    """targets <- cast(theta)."""
+    for launch in _launches(shards, _nonempty(shards), ["thetas", "targets"], block):
+        theta, target = launch.bases
+        _restore_kernel[(launch.n_tiles,)](
+            theta,
+            target,
+            launch.table,
+            launch.tile_shard,
+            ALIGNED=launch.aligned,
+            BLOCK=block,
+            num_warps=NUM_WARPS,
+        )
+
+
+def _fields(shards: Shards, *names: str) -> list[str]:
+    return [*names, "second_moments"] if shards.preconditioned else list(names)
+
+
+def _nonempty(shards: Shards) -> list[int]:
+    return [i for i, g in enumerate(shards.grads) if g.numel()]
+
+
+def _launches(
+    shards: Shards, indices: list[int], fields: list[str], block: int
+) -> Iterator[_Launch]:
+    """One launch per distinct combination of the fields' dtypes (usually exactly one)."""
+    groups: dict[tuple[torch.dtype, ...], list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(getattr(shards, f)[i].dtype for f in fields), []).append(i)
+    for members in groups.values():
+        yield _plan(shards, members, fields, block)
+
+
+def _plan(shards: Shards, members: list[int], fields: list[str], block: int) -> _Launch:
+    tensors = [getattr(shards, f) for f in fields]
+    bases = [column[members[0]] for column in tensors]
+    device = bases[0].device
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    aligned = all(b.data_ptr() % 16 == 0 for b in bases)
+    rows, n_tiles = [], 0
+    for i in members:
+        numel = shards.grads[i].numel()
+        row = [numel, n_tiles]
+        for column, base in zip(tensors, bases, strict=True):
+            tensor = column[i]
+            if tensor.device != device:
+                raise ValueError("triton kernels: all shards must be on one device")
+            offset, rest = divmod(tensor.data_ptr() - base.data_ptr(), tensor.element_size())
+            if rest:
+                raise ValueError("triton kernels: a shard is not aligned to its element size")
+            aligned &= offset % ALIGN_ELEMENTS == 0
+            row.append(offset)
+        rows.append(row)
+        n_tiles += triton.cdiv(numel, block)
+    table = _upload(rows, torch.int64, device)
+    precond = shards.preconditioned
+    consts = _upload(
+        [[shards.v_scales[i], shards.adam_eps[i]] if precond else [1.0, 0.0] for i in members],
+        torch.float32,
+        device,
+    )
+    tiles = (table.view(len(members), -1)[:, 0] + (block - 1)) // block
+    tile_shard = torch.repeat_interleave(
+        torch.arange(len(members), dtype=torch.int32, device=device), tiles, output_size=n_tiles
+    )
+    return _Launch(bases, table.view(-1), consts.view(-1), tile_shard, n_tiles, aligned)
+
+
+def _upload(rows: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host table to device without blocking the host (pinned, asynchronous copy)."""
+    table = torch.tensor(rows, dtype=dtype)
+    if device.type != "cuda":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _device(shards: Shards) -> torch.device:
+    return shards.grads[0].device if len(shards) else torch.device("cpu")

@@ -1,0 +1,202 @@
+"""SAM shard kernels against a float64 reference.
+
+The torch kernels run here. The Triton kernels run here only on a GPU; on CPU they run in a
+child pytest with TRITON_INTERPRET=1, because the interpreter must be switched on before any
+kernel is defined and must not leak into the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_fsam.kernels import get_kernels, triton_kernels
+from megatron_fsam.kernels.shards import Shards
+
+SIZES = (1, 7, 0, 1000, 12345)
+COUNTED = (True, False, True, True, True)
+TRITON_BLOCK = 1024  # several tiles and a masked tail per large shard, few interpreted programs
+RHO = 0.05
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+needs_triton = pytest.mark.skipif(
+    triton_kernels() is None or not (INTERPRET or torch.cuda.is_available()),
+    reason="Triton on CPU runs in the TRITON_INTERPRET=1 subprocess test",
+)
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+CHILD = "triton and not subprocess"
+CASES = [(g, t, p) for g in DTYPES for t in DTYPES for p in (False, True)]
+
+
+def make_shards(grad: str, target: str, precond: bool, device: str, seed: int = 0) -> Shards:
+    """Odd-sized shards; grads are unaligned slices of one buffer, as a sharded optimizer has."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.randn(sum(SIZES) + 3 * len(SIZES), generator=gen).to(device, DTYPES[grad])
+    starts = [sum(SIZES[:i]) + 3 * i + 1 for i in range(len(SIZES))]
+    shards = Shards(
+        thetas=[torch.randn(n, generator=gen).to(device) for n in SIZES],
+        grads=[flat[s : s + n] for s, n in zip(starts, SIZES, strict=True)],
+        targets=[torch.zeros(n, dtype=DTYPES[target], device=device) for n in SIZES],
+        counted=list(COUNTED),
+    )
+    if precond:
+        shards.second_moments = [
+            (torch.rand(n, generator=gen) * 1e-2).square().add(1e-12).to(device) for n in SIZES
+        ]
+        shards.v_scales = [1.0 / (1.0 - 0.999**t) for t in range(1, len(SIZES) + 1)]
+        shards.adam_eps = [1e-8] * len(SIZES)
+    return shards
+
+
+def kernels_for(backend: str) -> tuple[Callable, Callable, Callable]:
+    """norm_sums, perturb, restore; Triton with small tiles so that shards span several."""
+    if backend == "torch":
+        kernels = get_kernels("torch")
+        return kernels.norm_sums, kernels.perturb, kernels.restore
+    from megatron_fsam.kernels import triton_ops
+
+    return tuple(
+        functools.partial(op, block=TRITON_BLOCK)
+        for op in (triton_ops.norm_sums, triton_ops.perturb, triton_ops.restore)
+    )
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "triton" and not INTERPRET else "cpu"
+
+
+def precond64(shards: Shards, i: int) -> torch.Tensor:
+    if not shards.preconditioned:
+        return torch.ones(SIZES[i], dtype=torch.float64)
+    v = shards.second_moments[i].cpu().double() * shards.v_scales[i]
+    return 1.0 / (v.sqrt() + shards.adam_eps[i])
+
+
+def reference_sums(shards: Shards) -> torch.Tensor:
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i, counted in enumerate(shards.counted):
+        if counted:
+            g = shards.grads[i].cpu().double()
+            pg = precond64(shards, i) * g
+            sums += torch.stack((g @ g, pg @ pg, g @ pg))
+    return sums
+
+
+def assert_close_to_reference(shards: Shards, scale: float) -> None:
+    """targets are theta + scale * P g up to fp32 arithmetic and one rounding to their dtype."""
+    for i in range(len(SIZES)):
+        theta = shards.thetas[i].cpu().double()
+        step = scale * precond64(shards, i) * shards.grads[i].cpu().double()
+        out = shards.targets[i].cpu().double()
+        exact = theta + step
+        rounding = 2.0**-8 if shards.targets[i].dtype == torch.bfloat16 else 0.0
+        bound = rounding * exact.abs() + 8 * 2.0**-24 * (theta.abs() + step.abs())
+        assert torch.all((out - exact).abs() <= bound), f"shard {i}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("grad", "target", "precond"), CASES)
+def test_kernels_match_float64_reference(backend: str, grad: str, target: str, precond: bool):
+    norm_sums, perturb, restore = kernels_for(backend)
+    shards = make_shards(grad, target, precond, device_for(backend))
+    sums = norm_sums(shards)
+    assert sums.dtype == torch.float32 and sums.device == shards.grads[0].device
+    torch.testing.assert_close(sums.cpu().double(), reference_sums(shards), rtol=1e-5, atol=0)
+
+    grad_sq, pg_sq, cross = sums.tolist()
+    normalisations = {"grad": grad_sq, "perturbation": pg_sq, "dual": cross}
+    for name, denominator in normalisations.items():
+        scale = RHO / math.sqrt(denominator)
+        perturb(shards, scale)
+        assert_close_to_reference(shards, scale)
+        # What each normalisation promises, over the counted shards (float64 from the scale).
+        eps_sq = eps_p_inv_eps = 0.0
+        for i, counted in enumerate(shards.counted):
+            if counted:
+                p = precond64(shards, i)
+                eps = scale * p * shards.grads[i].cpu().double()
+                eps_sq += float(eps @ eps)
+                eps_p_inv_eps += float(eps @ (eps / p))
+        expected = {
+            "grad": RHO * math.sqrt(pg_sq / grad_sq),  # ||eps|| = rho ||P g|| / ||g||
+            "perturbation": RHO,  # ||eps|| = rho
+            "dual": RHO * math.sqrt(pg_sq / cross),
+        }[name]
+        assert math.sqrt(eps_sq) == pytest.approx(expected, rel=1e-5)
+        if name == "dual":  # eps has norm rho in the optimizer's metric P^-1
+            assert math.sqrt(eps_p_inv_eps) == pytest.approx(RHO, rel=1e-5)
+
+    restore(shards)
+    for theta, out in zip(shards.thetas, shards.targets, strict=True):
+        assert torch.equal(out, theta.to(out.dtype))  # bit-exact: round to nearest even
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_rounding_is_nearest_even(backend: str):
+    """Ties and near-ties between bf16 neighbours, NaN and infinities round as torch does."""
+    restore = kernels_for(backend)[2]
+    device = device_for(backend)
+    base = torch.tensor([1.0, -1.0, 3.0, 1e-30, 3.0e38, 1.0], dtype=torch.float32)
+    bits = base.view(torch.int32)
+    ties = [bits + 0x8000, bits + 0x7FFF, bits + 0x8001, bits + 0x18000]
+    theta = torch.cat([base, *(t.view(torch.float32) for t in ties)])
+    theta = torch.cat([theta, torch.tensor([float("nan"), float("inf"), -float("inf")])])
+    shards = Shards(
+        thetas=[theta.to(device)],
+        grads=[torch.zeros_like(theta, device=device)],
+        targets=[torch.zeros_like(theta, dtype=torch.bfloat16, device=device)],
+        counted=[True],
+    )
+    restore(shards)
+    out, expected = shards.targets[0].cpu(), theta.to(torch.bfloat16)
+    assert torch.equal(out.isnan(), expected.isnan())  # NaN payloads differ between devices
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite].view(torch.int16), expected[finite].view(torch.int16))
+
+
+def test_auto_uses_torch_for_cpu_shards():
+    shards = make_shards("fp32", "fp32", True, "cpu")
+    auto, plain = get_kernels("auto"), get_kernels("torch")
+    assert torch.equal(auto.norm_sums(shards), plain.norm_sums(shards))
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        get_kernels("cuda")
+
+
+def test_torch_kernels_chunking_does_not_change_results():
+    """Batches split shards anywhere; the sums agree and perturb is bit-identical."""
+    from megatron_fsam.kernels import torch_ops
+
+    shards = make_shards("bf16", "bf16", True, "cpu")
+    whole = torch_ops.norm_sums(shards)
+    torch.testing.assert_close(torch_ops.norm_sums(shards, chunk=100), whole, rtol=1e-6, atol=0)
+    torch_ops.perturb(shards, 0.3)
+    expected = [t.clone() for t in shards.targets]
+    torch_ops.perturb(shards, 0.3, chunk=100)
+    assert all(torch.equal(a, b) for a, b in zip(shards.targets, expected, strict=True))
+
+
+@pytest.mark.skipif(INTERPRET, reason="this is the parent of the interpreted run")
+@pytest.mark.skipif(triton_kernels() is None, reason="triton is not installed")
+def test_triton_kernels_interpreted_in_subprocess():
+    """The Triton cases above, run by a child pytest with the interpreter on."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider"]
+        + [__file__, "-k", CHILD],
+        cwd=root,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"{len(CASES) + 1} passed" in result.stdout, result.stdout[-2000:]  # none skipped
