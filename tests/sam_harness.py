@@ -1,0 +1,167 @@
+"""Shared pieces of the SAM step tests: a tiny GPT, its data, layouts, comparisons."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import ChainedOptimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+from megatron_fsam import FuncSAM, SAMConfig
+from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
+from megatron_fsam.models.weights import global_param_names, load_full_state, tp_slice
+from megatron_fsam.parallel import (
+    ParallelConfig,
+    build_optimizer,
+    initialize_distributed,
+    wrap_model,
+)
+
+TINY = GPTConfig(
+    num_layers=4,
+    hidden_size=32,
+    num_attention_heads=4,
+    ffn_hidden_size=None,
+    vocab_size=64,
+    seq_length=16,
+)
+MICRO_BATCH = 2
+GLOBAL_MICROBATCHES = 8
+ADAM = dict(name="adam", lr=1e-3, adam_beta1=0.0, adam_beta2=0.98, adam_eps=1e-3)
+SGD = dict(name="sgd", lr=1.0)
+
+
+def make_batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random token micro-batches with next-token labels and a few masked positions."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        stream = torch.randint(
+            0, TINY.vocab_size, (MICRO_BATCH, TINY.seq_length + 1), generator=generator
+        )
+        mask = (torch.rand(MICRO_BATCH, TINY.seq_length, generator=generator) > 0.1).float()
+        batches.append(
+            {
+                "tokens": stream[:, :-1].contiguous(),
+                "labels": stream[:, 1:].contiguous(),
+                "loss_mask": mask,
+                "position_ids": torch.arange(TINY.seq_length).expand(MICRO_BATCH, -1).contiguous(),
+            }
+        )
+    return batches
+
+
+def use_layout(parallel: ParallelConfig) -> None:
+    """(Re)build Megatron's process groups for this layout on the running ranks."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    initialize_distributed(parallel)
+
+
+def build(
+    parallel: ParallelConfig, full: dict[str, torch.Tensor], optimizer: dict, *, bf16: bool = False
+):
+    """DDP chunks holding `full` and a Megatron optimizer over them."""
+    config = transformer_config(TINY, parallel, bf16=bf16)
+    chunks = build_model_chunks(TINY, config, parallel)
+    load_full_state(chunks, full)
+    model = wrap_model(chunks, config, parallel)
+    opt = build_optimizer(
+        model, bf16=bf16, distributed_optimizer=parallel.distributed_optimizer, **optimizer
+    )
+    return model, opt
+
+
+def my_batches(batches: list[dict]) -> list[dict]:
+    """This data-parallel rank's contiguous share of the global batch."""
+    size = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    share = len(batches) // size
+    return batches[rank * share : (rank + 1) * share]
+
+
+def data_iterator(model: list, batches: list[dict]):
+    """One iterator per model chunk (interleaved schedule) or a single one."""
+    if len(model) > 1:
+        return [iter(batches) for _ in model]
+    return iter(batches)
+
+
+def sam_step(sam: FuncSAM, batches: list[dict]):
+    mine = my_batches(batches)
+    return sam.train_step(
+        forward_step,
+        data_iterator(sam.model, mine),
+        num_microbatches=len(mine),
+        seq_length=TINY.seq_length,
+        micro_batch_size=MICRO_BATCH,
+    )
+
+
+def received_gradients(model: list, optimizer) -> dict[str, torch.Tensor]:
+    """The gradient each optimizer param received in its last step, under global names.
+
+    Megatron leaves it in `.grad` of the optimizer's (main) params. Returned as
+    {global name: (model param, flat range or None, gradient)}.
+    """
+    names = {id(p): n for n, p in global_param_names(model).items()}
+    leaves = (
+        optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    )
+    out = {}
+    for opt in leaves:
+        if isinstance(opt, DistributedOptimizer):
+            pairs = [
+                (mp, main)
+                for groups in (
+                    (opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
+                    (opt.model_fp32_groups, opt.shard_fp32_groups),
+                )
+                for mg, sg in zip(*groups, strict=True)
+                for mp, main in zip(mg, sg, strict=True)
+            ]
+            for mp, main in pairs:
+                r = opt._get_model_param_range_map(mp)["param"]
+                out.setdefault(names[id(mp)], []).append((mp, (r.start, r.end), main.grad))
+        elif isinstance(opt, Float16OptimizerWithFloat16Params):
+            for groups in (
+                (opt.float16_groups, opt.fp32_from_float16_groups),
+                (opt.fp32_from_fp32_groups, opt.fp32_from_fp32_groups),
+            ):
+                for mg, sg in zip(*groups, strict=True):
+                    for mp, main in zip(mg, sg, strict=True):
+                        out.setdefault(names[id(mp)], []).append((mp, None, main.grad))
+        else:
+            for group in opt.optimizer.param_groups:
+                for p in group["params"]:
+                    out.setdefault(names[id(p)], []).append((p, None, p.grad))
+    return out
+
+
+def relative_error(received: dict, reference: dict[str, torch.Tensor]) -> float:
+    """||received - reference|| / ||reference|| over this rank's shards of every tensor."""
+    diff_sq, ref_sq = 0.0, 0.0
+    for name, pieces in received.items():
+        for param, flat_range, grad in pieces:
+            want = tp_slice(reference[name], param).reshape(-1).double()
+            if flat_range is not None:
+                want = want[flat_range[0] : flat_range[1]]
+            got = grad.reshape(-1).double()
+            diff_sq += (got - want).square().sum().item()
+            ref_sq += want.square().sum().item()
+    return (diff_sq / ref_sq) ** 0.5
+
+
+def sam_config(mode: str, precond: bool, precond_norm: str = "perturbation", rho: float = 0.05):
+    """Precond runs take one plain step first (warm-up from rho 0) to create Adam state."""
+    if precond:
+        return SAMConfig(
+            mode=mode,
+            rho=rho,
+            precond=True,
+            precond_norm=precond_norm,
+            rho_schedule="linear_warmup",
+            rho_warmup_steps=1,
+        )
+    return SAMConfig(mode=mode, rho=rho)

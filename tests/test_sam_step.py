@@ -1,0 +1,387 @@
+"""The Func-SAM step inside megatron-core: equivalence, layouts, skips, precision.
+
+All checks that share a process group run in one spawn, since every spawn costs
+seconds of start-up: one single-process spawn, one of 2 ranks and one of 4.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+from megatron.core.utils import get_model_config, unwrap_model
+
+from megatron_fsam import FuncSAM, SAMConfig
+from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
+from megatron_fsam.models.weights import full_state, global_param_names
+from megatron_fsam.parallel import ParallelConfig, forward_backward_func
+from tests import reference
+from tests.sam_harness import (
+    ADAM,
+    GLOBAL_MICROBATCHES,
+    MICRO_BATCH,
+    SGD,
+    TINY,
+    build,
+    data_iterator,
+    make_batches,
+    my_batches,
+    received_gradients,
+    relative_error,
+    sam_config,
+    sam_step,
+    use_layout,
+)
+from tests.spawn import run_ranks
+
+TOLERANCE = 1e-5
+VARIANTS = [(mode, precond) for mode in ("sam", "fsam") for precond in (False, True)]
+
+
+# ----- single process: the step against the paper's formulas -------------------------------
+
+
+def _received_full(model, opt) -> dict[str, torch.Tensor]:
+    return {
+        n: pieces[0][2].detach().clone() for n, pieces in received_gradients(model, opt).items()
+    }
+
+
+def _run_variant(parallel, full, batches, mode, precond, precond_norm="perturbation"):
+    """One SAM step (after a plain warm-up step when preconditioning); the model and optimizer."""
+    model, opt = build(parallel, full, ADAM if precond else SGD)
+    sam = FuncSAM(sam_config(mode, precond, precond_norm), model, opt)
+    if precond:
+        ok, *_ = sam_step(sam, batches)
+        assert ok
+    ok, _, _, metrics = sam_step(sam, batches)
+    assert ok and metrics["rho"] == 0.05 and metrics["loss_perturbed"] > 0
+    return model, opt, metrics
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in global_param_names(model).items()}
+
+
+def _optimizer_state(opt) -> list[torch.Tensor]:
+    state = copy.deepcopy(opt.optimizer.state_dict()["state"])
+    tensors = [t for s in state.values() for t in s.values() if torch.is_tensor(t)]
+    mains = [p.detach().clone() for g in opt.optimizer.param_groups for p in g["params"]]
+    return tensors + mains
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@contextmanager
+def _poisoned(model, calls_to_poison: range):
+    """NaN hidden states on the given forward calls of the first layer (pass 1: 0..M-1).
+
+    Poisoning activations rather than the loss reaches pass 2 of fsam too, whose backward
+    starts from the recorded clean cotangent and never reads the perturbed loss.
+    """
+    count = [0]
+
+    def hook(module, args, output):
+        hit = count[0] in calls_to_poison
+        count[0] += 1
+        if hit:
+            return (output[0] * float("nan"), *output[1:])
+        return None
+
+    gpt = unwrap_model(model[0])
+    handle = gpt.decoder.layers[0].register_forward_hook(hook) if gpt.pre_process else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _check_skips(parallel, full, batches, *, bf16: bool) -> dict[str, bool]:
+    """Inject NaN in pass 1, then pass 2: each step is skipped with nothing changed."""
+    model, opt = build(parallel, full, ADAM, bf16=bf16)
+    sam = FuncSAM(SAMConfig(mode="fsam", rho=0.05, precond=True), model, opt)
+    assert sam_step(sam, batches)[0]
+    mine = len(my_batches(batches))
+    out = {}
+    for where, calls in (("pass1", range(0, 1)), ("pass2", range(mine, mine + 1))):
+        before, state = _params(model), _optimizer_state(opt)
+        with _poisoned(model, calls):
+            ok, *_ = sam_step(sam, batches)
+        out[f"skipped_{where}"] = not ok
+        out[f"params_unchanged_{where}"] = _same(before, _params(model))
+        out[f"state_unchanged_{where}"] = _same(state, _optimizer_state(opt))
+    before = _params(model)
+    ok, _, _, metrics = sam_step(sam, batches)
+    after = _params(model)
+    out["next_step_ok"] = ok and not _same(before, after)
+    out["next_step_finite"] = all(torch.isfinite(t).all() for t in after.values())
+    if bf16:
+        out["model_is_cast_main"] = _model_is_cast_of_main(model, opt)
+    return out
+
+
+def _model_is_cast_of_main(model, opt) -> bool:
+    """bf16 params equal cast(fp32 main params) exactly: nothing of eps remains."""
+    pieces = received_gradients(model, opt)  # gives each model param's flat range
+    for param_pieces in pieces.values():
+        for param, flat_range, _ in param_pieces:
+            main = param.main_param
+            model_values = param.detach().reshape(-1)
+            if flat_range is not None:
+                model_values = model_values[flat_range[0] : flat_range[1]]
+            if not torch.equal(model_values, main.detach().reshape(-1).to(param.dtype)):
+                return False
+    return True
+
+
+def _plain_megatron(model, opt, batches, steps: int) -> None:
+    for _ in range(steps):
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        opt.zero_grad()
+        mine = my_batches(batches)
+        forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data_iterator(model, mine),
+            model=model,
+            num_microbatches=len(mine),
+            seq_length=TINY.seq_length,
+            micro_batch_size=MICRO_BATCH,
+            forward_only=False,
+        )
+        opt.step()
+
+
+def _count_norm_collectives(parallel, full, batches) -> dict[str, list[int]]:
+    """Sizes of the all-reduces a step issues outside the forward-backward passes."""
+    sizes: dict[str, list[int]] = {}
+    original = torch.distributed.all_reduce
+    in_pass = [False]
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        if not in_pass[0]:
+            sizes[current].append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    def passes(**kwargs):
+        in_pass[0] = True
+        try:
+            return forward_backward_func()(**kwargs)
+        finally:
+            in_pass[0] = False
+
+    torch.distributed.all_reduce = counting_all_reduce
+    try:
+        for current in ("adamw", "fsam"):
+            model, opt = build(parallel, full, ADAM)
+            in_pass[0] = True  # construction is not part of the step
+            sam = FuncSAM(
+                SAMConfig(mode=current, rho=0.05, precond=True),
+                model,
+                opt,
+                forward_backward_func=passes,
+            )
+            in_pass[0] = False
+            sizes[current] = []
+            sam_step(sam, batches)
+    finally:
+        torch.distributed.all_reduce = original
+    return sizes
+
+
+def _single_process(rank: int, world: int, path: str) -> dict:
+    parallel = ParallelConfig()
+    use_layout(parallel)
+    batches = make_batches(GLOBAL_MICROBATCHES)
+    gpt = build_model_chunks(TINY, transformer_config(TINY, parallel), parallel)[0]
+    full = full_state([gpt])
+    report: dict = {}
+
+    # SGD, lr 1: the gradient the optimizer used against Listing 1, 1 and 4 micro-batches.
+    for mode in ("sam", "fsam"):
+        for count in (1, 4):
+            model, opt, _ = _run_variant(parallel, full, batches[:count], mode, False)
+            want = reference.sam_gradient(gpt, full, batches[:count], mode=mode, rho=0.05)
+            report[f"{mode}/microbatches={count}"] = relative_error(
+                received_gradients(model, opt), want
+            )
+
+    # Preconditioned: P from the Adam state of one plain step (v_hat = g0^2 exactly).
+    g0 = reference.gradient(gpt, full, batches)
+    precond = {n: 1.0 / (g0[n].abs() + ADAM["adam_eps"]) for n in g0}
+    for mode in ("sam", "fsam"):
+        for norm in ("grad", "perturbation", "dual"):
+            model, opt, _ = _run_variant(parallel, full, batches, mode, True, norm)
+            # theta1: rebuild the plain first step to read the weights the SAM step started from.
+            first, first_opt = build(parallel, full, ADAM)
+            sam_step(FuncSAM(sam_config(mode, True, norm), first, first_opt), batches)
+            theta1 = _params(first)
+            want = reference.sam_gradient(
+                gpt, theta1, batches, mode=mode, rho=0.05, precond=precond, precond_norm=norm
+            )
+            report[f"{mode}/precond/{norm}"] = relative_error(received_gradients(model, opt), want)
+
+    # Outcomes on all 8 micro-batches that every parallel layout must reproduce.
+    outcomes = {}
+    for mode, precond in VARIANTS:
+        model, opt, _ = _run_variant(parallel, full, batches, mode, precond)
+        outcomes[(mode, precond)] = _received_full(model, opt)
+    torch.save({"full": full, "batches": batches, "outcomes": outcomes}, path)
+
+    # Mode "adamw" and rho = 0 are plain Megatron, bit for bit.
+    plain, plain_opt = build(parallel, full, ADAM)
+    _plain_megatron(plain, plain_opt, batches, steps=2)
+    for name, cfg in (("adamw", SAMConfig(mode="adamw")), ("rho0", SAMConfig(mode="fsam", rho=0))):
+        model, opt = build(parallel, full, ADAM)
+        sam = FuncSAM(cfg, model, opt)
+        for _ in range(2):
+            sam_step(sam, batches)
+        report[f"bitwise/{name}"] = _same(_params(plain), _params(model))
+
+    report["skip/fp32"] = _check_skips(parallel, full, batches, bf16=False)
+    report["skip/bf16"] = _check_skips(parallel, full, batches, bf16=True)
+    report["collectives"] = _count_norm_collectives(parallel, full, batches)
+
+    errors = {}
+    model, opt = build(parallel, full, SGD)
+    try:
+        FuncSAM(SAMConfig(mode="fsam", precond=True), model, opt)
+    except ValueError as e:
+        errors["precond_sgd"] = str(e)
+    try:
+        FuncSAM(SAMConfig(mode="fsam", logits_module="no_such_module"), model, opt)
+    except ValueError as e:
+        errors["no_logits"] = str(e)
+    report["errors"] = errors
+    return report
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sam") / "reference.pt")
+    (report,) = run_ranks(_single_process, 1, path)
+    return path, report
+
+
+@pytest.mark.parametrize("mode", ["sam", "fsam"])
+@pytest.mark.parametrize("count", [1, 4])
+def test_step_matches_listing1(single, mode, count):
+    assert single[1][f"{mode}/microbatches={count}"] < TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["sam", "fsam"])
+@pytest.mark.parametrize("norm", ["grad", "perturbation", "dual"])
+def test_preconditioned_step_matches_reference(single, mode, norm):
+    assert single[1][f"{mode}/precond/{norm}"] < TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["adamw", "rho0"])
+def test_adamw_and_rho0_are_plain_megatron_bitwise(single, name):
+    assert single[1][f"bitwise/{name}"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_nonfinite_step_is_skipped_and_changes_nothing(single, dtype):
+    checks = single[1][f"skip/{dtype}"]
+    assert all(checks.values()), checks
+
+
+def test_one_all_reduce_for_the_norm_sums(single):
+    sizes = single[1]["collectives"]
+    extra = list(sizes["fsam"])
+    for size in sizes["adamw"]:
+        extra.remove(size)
+    # One 3-vector (the norm sums) and the pass-2 finiteness flag; nothing else.
+    assert sorted(extra) == [1, 3], sizes
+
+
+def test_bad_optimizer_or_model_raises_clear_error(single):
+    errors = single[1]["errors"]
+    assert "needs an Adam-type optimizer" in errors["precond_sgd"]
+    assert "no module named 'no_such_module'" in errors["no_logits"]
+
+
+# ----- parallel layouts: the same update as the single process -----------------------------
+
+LAYOUTS_2 = {
+    "tp2": ParallelConfig(tensor_parallel=2),
+    "tp2_sp": ParallelConfig(tensor_parallel=2, sequence_parallel=True),
+    "pp2": ParallelConfig(pipeline_parallel=2),
+    "pp2_vp2": ParallelConfig(pipeline_parallel=2, virtual_pipeline=2),
+    "dp2_distopt": ParallelConfig(distributed_optimizer=True),
+}
+LAYOUTS_4 = {
+    "tp2_pp2": ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
+    "tp2_dp2_distopt": ParallelConfig(tensor_parallel=2, distributed_optimizer=True),
+}
+
+
+def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
+    saved = torch.load(path, weights_only=False)
+    full, batches = saved["full"], saved["batches"]
+    report = {}
+    for name, parallel in layouts.items():
+        use_layout(parallel)
+        for mode, precond in VARIANTS:
+            model, opt, _ = _run_variant(parallel, full, batches, mode, precond)
+            report[(name, mode, precond)] = relative_error(
+                received_gradients(model, opt), saved["outcomes"][(mode, precond)]
+            )
+    if world == 2:
+        distopt = ParallelConfig(distributed_optimizer=True)
+        use_layout(distopt)
+        report["skip/distopt/fp32"] = _check_skips(distopt, full, batches, bf16=False)
+        report["skip/distopt/bf16"] = _check_skips(distopt, full, batches, bf16=True)
+        model, opt = build(distopt, full, SGD)
+        get_model_config(model[0]).finalize_model_grads_func = None
+        try:
+            FuncSAM(SAMConfig(), model, opt)
+        except ValueError as e:
+            report["error/no_finalize"] = str(e)
+    return report
+
+
+@pytest.fixture(scope="module")
+def layouts_2(single):
+    return run_ranks(_layouts, 2, single[0], LAYOUTS_2)
+
+
+@pytest.fixture(scope="module")
+def layouts_4(single):
+    return run_ranks(_layouts, 4, single[0], LAYOUTS_4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS_2))
+@pytest.mark.parametrize("mode, precond", VARIANTS)
+def test_two_rank_layouts_match_single_process(layouts_2, layout, mode, precond):
+    for rank_report in layouts_2:
+        assert rank_report[(layout, mode, precond)] < TOLERANCE
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS_4))
+@pytest.mark.parametrize("mode, precond", VARIANTS)
+def test_four_rank_layouts_match_single_process(layouts_4, layout, mode, precond):
+    for rank_report in layouts_4:
+        assert rank_report[(layout, mode, precond)] < TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_distributed_optimizer_skip_restores_every_rank(layouts_2, dtype):
+    for rank_report in layouts_2:
+        checks = rank_report[f"skip/distopt/{dtype}"]
+        assert all(checks.values()), checks
+
+
+def test_missing_grad_finalisation_is_refused(layouts_2):
+    for rank_report in layouts_2:
+        assert (
+            "finalize_model_grads_func is unset with data parallel size > 1"
+            in rank_report["error/no_finalize"]
+        )
