@@ -28,16 +28,16 @@ def norm_sums(shards: Shards, chunk: int = CHUNK_NUMEL) -> torch.Tensor:
     """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32."""
     counted = [i for i in _nonempty(shards) if shards.counted[i]]
     sums = torch.zeros(3, dtype=torch.float64, device=_device(shards))
-    g_buffer = _buffer(shards, counted, chunk)
+    g_buffer, product = _buffer(shards, counted, chunk), _buffer(shards, counted, chunk)
     pg_buffer = _buffer(shards, counted, chunk) if shards.preconditioned else g_buffer
     for batch in _batches(shards, counted, chunk):
         g = _flat(g_buffer, batch)
         torch._foreach_copy_(g.split(_sizes(batch)), _views(shards.grads, batch))
-        grad_sq = torch.dot(g, g)
+        grad_sq = _dot(g, g, product)
         if shards.preconditioned:
             pg = _flat(pg_buffer, batch)
             _direction(shards, batch, pg)
-            sums += torch.stack((grad_sq, torch.dot(pg, pg), torch.dot(g, pg)))
+            sums += torch.stack((grad_sq, _dot(pg, pg, product), _dot(g, pg, product)))
         else:
             sums += grad_sq
     return sums.float()
@@ -79,6 +79,12 @@ def _direction(shards: Shards, batch: list[_Piece], out: torch.Tensor) -> list[t
     torch._foreach_reciprocal_(direction)
     torch._foreach_mul_(direction, grads)
     return direction
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """a.b as sum(a * b): torch.dot accumulates sequentially on CPU (1e-4 relative error
+    measured over 16M elements), sum reduces pairwise (1e-7), as the fused kernels' tiles do."""
+    return torch.mul(a, b, out=product[: a.numel()]).sum().double()
 
 
 def _batches(shards: Shards, indices: list[int], chunk: int) -> Iterator[list[_Piece]]:
