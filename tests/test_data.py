@@ -115,7 +115,7 @@ def test_indexed_round_trip_of_token_ids(data, cache_dir: Path, tmp_path: Path) 
     mtime = os.stat(f"{prefix}.idx").st_mtime_ns
     assert build_indexed_dataset([jsonl, txt], tok, cache_dir, text_key="body") == prefix
     assert os.stat(f"{prefix}.idx").st_mtime_ns == mtime  # cache hit, not rewritten
-    with pytest.raises(KeyError, match="no column 'text'"):
+    with pytest.raises(ValueError, match="no column 'text'"):
         build_indexed_dataset([jsonl], tok, cache_dir)
 
 

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,9 @@ def clean_page(page: str) -> str:
             keep = line not in _DROPPED_SECTIONS
         if keep:
             kept.append(line)
-    text = _ADDRESS.sub("", "\n".join(kept)).replace(sys.executable, "python")
+    text = _ADDRESS.sub("", "\n".join(kept))
+    if sys.executable:  # e.g. platform.architecture's default argument
+        text = text.replace(sys.executable, "python")
     return text.strip() + "\n"
 
 
@@ -169,12 +172,12 @@ def build_stdlib_corpus(
 
 def _write_corpus(root: Path, names: list[str], valid_fraction: float) -> None:
     """Render in a child interpreter and write the split into a temp dir, then rename it."""
+    pages = _render_in_subprocess(names)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        pages = _render_in_subprocess(names, tmp)
         train, valid = split_documents({n: len(t) for n, t in pages.items()}, valid_fraction)
         for split, members in (("train", train), ("valid", valid)):
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
@@ -200,32 +203,28 @@ def _write_corpus(root: Path, names: list[str], valid_fraction: float) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _render_in_subprocess(names: list[str], workdir: Path) -> dict[str, str]:
+def _render_in_subprocess(names: list[str]) -> dict[str, str]:
     """Run `render_modules` in a fresh interpreter with a fixed hash seed.
 
     The child starts in an empty directory and without PYTHONPATH, so no local file can shadow
     a stdlib module; this file's directory goes last on its path, only to import this file.
     """
-    out = workdir / "pages.json"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env["PYTHONHASHSEED"] = "0"
     code = (
         "import json, pathlib, sys; sys.path.append(sys.argv[1]); import corpus; "
         "pathlib.Path(sys.argv[2]).write_text(json.dumps(corpus.render_modules(sys.argv[3:])))"
     )
-    run_dir = workdir / "cwd"
-    run_dir.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent), str(out), *names],
-        cwd=run_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"rendering the stdlib corpus failed: {proc.stderr.strip()[-2000:]}")
-    pages = json.loads(out.read_text())
-    out.unlink()
-    run_dir.rmdir()
-    return pages
+    with tempfile.TemporaryDirectory() as workdir:
+        out = Path(workdir) / "pages.json"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(Path(__file__).parent), str(out), *names],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"rendering the stdlib corpus failed: {proc.stderr[-2000:]}")
+        return json.loads(out.read_text())

@@ -66,19 +66,17 @@ def load_documents(
     if builder == "text" and text_key != "text":
         ds = ds.rename_column("text", text_key)
     if text_key not in ds.column_names:
-        raise KeyError(f"{p} has no column {text_key!r} (columns: {ds.column_names}); set text_key")
+        raise ValueError(
+            f"{p} has no column {text_key!r} (columns: {ds.column_names}); set text_key"
+        )
     return ds
 
 
 def iter_texts(
-    paths: Sequence[str | os.PathLike[str]],
-    *,
-    text_key: str,
-    cache_dir: str | os.PathLike[str],
-    batch_size: int = 1000,
-) -> Iterator[list[str]]:
-    """Batches of document texts from the files in order (for tokenizer training)."""
+    paths: Sequence[str | os.PathLike[str]], *, text_key: str, cache_dir: str | os.PathLike[str]
+) -> Iterator[str]:
+    """The non-empty document texts of the files, in order (for tokenizer training)."""
     for path in paths:
         ds = load_documents(path, text_key=text_key, cache_dir=cache_dir)
-        for batch in ds.iter(batch_size=batch_size):
-            yield [t for t in batch[text_key] if t]
+        for batch in ds.iter(batch_size=1000):
+            yield from (t for t in batch[text_key] if t)

@@ -118,11 +118,7 @@ def build_tokenizer(
     path = Path(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{key}.json"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        texts = (
-            t
-            for batch in iter_texts(train_files, text_key=text_key, cache_dir=cache_dir)
-            for t in batch
-        )
+        texts = iter_texts(train_files, text_key=text_key, cache_dir=cache_dir)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         train_bpe(texts, vocab_size=vocab_size, eod_token=eod_token).save(str(tmp))
         os.replace(tmp, path)
