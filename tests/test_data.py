@@ -19,6 +19,7 @@ from megatron_fsam.data.corpus import build_stdlib_corpus, split_documents
 from megatron_fsam.data.gpt_data import (
     BATCH_KEYS,
     DataConfig,
+    GPTData,
     build_datasets,
     microbatch_iterator,
 )
@@ -49,7 +50,7 @@ def cfg(cache_dir: Path) -> DataConfig:
 
 
 @pytest.fixture(scope="module")
-def data(cfg: DataConfig):
+def data(cfg: DataConfig) -> GPTData:
     return build_datasets(cfg, train_samples=200, valid_samples=20, vocab_multiple=128)
 
 
@@ -78,7 +79,7 @@ def test_split_documents_is_stable_and_within_budget() -> None:
     assert 0 < sum(sizes[n] for n in valid) <= 0.1 * sum(sizes.values())
 
 
-def test_bpe_round_trip_and_cache(cfg: DataConfig, data) -> None:
+def test_bpe_round_trip_and_cache(cfg: DataConfig, data: GPTData) -> None:
     tok = data.tokenizer
     assert tok.vocab_size == VOCAB and data.padded_vocab_size == 512
     assert tok.detokenize([tok.eod]) == cfg.eod_token
@@ -91,7 +92,7 @@ def test_bpe_round_trip_and_cache(cfg: DataConfig, data) -> None:
     assert pad_vocab_size(VOCAB + 1, 128) == 640 and pad_vocab_size(50257, 128 * 8) == 51200
 
 
-def test_user_tokenizer_file_needs_its_eod_token(data, tmp_path: Path) -> None:
+def test_user_tokenizer_file_needs_its_eod_token(data: GPTData, tmp_path: Path) -> None:
     copy = tmp_path / "tok.json"
     shutil.copy(data.tokenizer.path, copy)
     assert BPETokenizer(copy).identity == data.tokenizer.identity
@@ -99,7 +100,7 @@ def test_user_tokenizer_file_needs_its_eod_token(data, tmp_path: Path) -> None:
         BPETokenizer(copy, eod_token="<eos>")
 
 
-def test_indexed_round_trip_of_token_ids(data, cache_dir: Path, tmp_path: Path) -> None:
+def test_indexed_round_trip_of_token_ids(data: GPTData, cache_dir: Path, tmp_path: Path) -> None:
     tok = data.tokenizer
     texts = ["first document.\nwith two lines", "", "second — unicode ✓", "third"]
     jsonl = tmp_path / "docs.jsonl"
@@ -119,7 +120,7 @@ def test_indexed_round_trip_of_token_ids(data, cache_dir: Path, tmp_path: Path) 
         build_indexed_dataset([jsonl], tok, cache_dir)
 
 
-def test_corrupt_index_gives_a_clear_error(data, cfg: DataConfig, tmp_path: Path) -> None:
+def test_corrupt_index_gives_a_clear_error(data: GPTData, cfg: DataConfig, tmp_path: Path) -> None:
     source = data.train_prefixes[0]
     prefix = tmp_path / "copy"
     for suffix in (".bin", ".idx"):
@@ -149,7 +150,7 @@ def test_missing_input_gives_a_clear_error(cfg: DataConfig, tmp_path: Path) -> N
         build_datasets(bad, train_samples=10)
 
 
-def test_batches_have_megatron_layout_and_shifted_labels(data) -> None:
+def test_batches_have_megatron_layout_and_shifted_labels(data: GPTData) -> None:
     batch = next(microbatch_iterator(data.train, 3, dp_rank=0, dp_size=1))
     assert set(batch) == set(BATCH_KEYS)
     for key in BATCH_KEYS:
@@ -161,7 +162,7 @@ def test_batches_have_megatron_layout_and_shifted_labels(data) -> None:
     assert batch["tokens"].max() < data.tokenizer.vocab_size
 
 
-def test_validation_set_is_held_out_documents(cfg: DataConfig, data) -> None:
+def test_validation_set_is_held_out_documents(data: GPTData) -> None:
     assert data.valid is not None and len(data.valid) >= 20
     assert data.valid_prefixes and set(data.valid_prefixes).isdisjoint(data.train_prefixes)
     train_docs = IndexedDataset(data.train_prefixes[0])
@@ -197,7 +198,7 @@ def test_dp_ranks_take_disjoint_samples_of_each_step() -> None:
         assert together == list(range(s * mbs * dp, (s + 1) * mbs * dp))
 
 
-def test_resume_from_a_sample_position_matches_continuing(data) -> None:
+def test_resume_from_a_sample_position_matches_continuing(data: GPTData) -> None:
     mbs, dp, rank = 2, 2, 1
     straight = microbatch_iterator(data.train, mbs, dp_rank=rank, dp_size=dp)
     consumed = 0
@@ -231,22 +232,24 @@ def _two_rank_worker(rank: int, port: int, cfg: DataConfig, results: dict) -> No
         dist.destroy_process_group()
 
 
-def test_two_ranks_share_rank0_preprocessing_and_its_errors(cfg: DataConfig, data) -> None:
-    results = mp.Manager().dict()
-    # fork: the ranks inherit the imported modules instead of importing megatron again.
-    ctx = mp.start_processes(
-        _two_rank_worker,
-        args=(_free_port(), cfg, results),
-        nprocs=2,
-        join=False,
-        start_method="fork",
-    )
-    deadline = time.monotonic() + 120  # a hang means a rank waited on a failed rank 0
-    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail("ranks did not finish")
+def test_two_ranks_share_rank0_preprocessing_and_its_errors(cfg: DataConfig, data: GPTData) -> None:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        # fork: the ranks inherit the imported modules instead of importing megatron again.
+        ctx = mp.start_processes(
+            _two_rank_worker,
+            args=(_free_port(), cfg, results),
+            nprocs=2,
+            join=False,
+            start_method="fork",
+        )
+        deadline = time.monotonic() + 120  # a hang means a rank waited on a failed rank 0
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                for process in ctx.processes:
+                    process.kill()
+                pytest.fail("ranks did not finish")
+        results = dict(results)
     assert results["ran0"] == results["ran1"] == 0
     assert results[0] == results[1]
     assert results[0][0] == data.train_prefixes

@@ -85,6 +85,7 @@ def build_datasets(
     `train_samples`/`valid_samples` are sequence counts (Megatron repeats epochs to reach them;
     `valid_samples=None` is one pass over the held-out data). `vocab_multiple` is Megatron's
     make_vocab_size_divisible_by * TP; the model must use `padded_vocab_size`.
+    `is_built_on_rank` is megatron-core's: it must be True on global rank 0.
     """
     weights = parse_and_normalize_split(cfg.split)
     if weights[2] != 0.0:
@@ -135,6 +136,8 @@ def _prepare(cfg: DataConfig, *, valid_fraction: float) -> _Prepared:
         )
         train_files, train_prefixes = [corpus.train_path], []
         valid_files, valid_prefixes = [corpus.valid_path], []
+    elif not cfg.data_paths:
+        raise ValueError("data_paths is empty; leave it None for the built-in corpus")
     else:
         train_files, train_prefixes = _classify(cfg.data_paths)
         valid_files, valid_prefixes = _classify(cfg.valid_paths or [])
