@@ -103,7 +103,8 @@ def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, **kwargs: Any)
 
 
 def _cpu_manual_seed(seed: int) -> None:
-    torch.manual_seed(seed)
+    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, which is left alone.
+    torch.default_generator.manual_seed(int(seed))
 
 
 def enable_cpu_emulation() -> None:
@@ -131,7 +132,6 @@ def enable_cpu_emulation() -> None:
     cuda.get_rng_state = _cpu_get_rng_state
     cuda.set_rng_state = _cpu_set_rng_state
     cuda.manual_seed = _cpu_manual_seed
-    cuda.manual_seed_all = _cpu_manual_seed
     mp_random._get_cuda_rng_state = _cpu_get_rng_state
     mp_random._set_cuda_rng_state = _cpu_set_rng_state
     # The tracker warns when the CPU state changes inside a CUDA-RNG fork; here both

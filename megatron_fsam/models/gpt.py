@@ -1,0 +1,259 @@
+"""The paper's Nanodo decoder (google-deepmind/nanodo) as a megatron-core GPTModel.
+
+Pre-LayerNorm blocks with bias-free LayerNorms, no biases in any linear layer, a GELU
+MLP, learned absolute position embeddings, the input embedding tied to the output
+projection, and a final LayerNorm. Layers are megatron-core's local (non-TE) modules,
+so the same model runs on GPUs and, under ``enable_cpu_emulation``, on CPUs.
+"""
+
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+from megatron.core.utils import init_method_normal, unwrap_model
+from torch import Tensor
+
+from megatron_fsam.models.weights import full_shape, global_param_names, tp_slice
+from megatron_fsam.parallel import ParallelConfig
+
+
+@dataclass
+class GPTConfig:
+    """Model shape and regularisation; defaults follow Nanodo (F = 4 D, no dropout)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    seq_length: int
+    ffn_hidden_size: int | None = None
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-6
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU, tanh approximation: what Nanodo's ``flax.linen.gelu`` computes."""
+    return F.gelu(x, approximate="tanh")
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Bias-free LayerNorm built from Megatron's norm arguments.
+
+    Under sequence parallelism each tensor-parallel rank sees only its part of the
+    sequence, so the weight's gradient must be summed across those ranks; Megatron's
+    ``finalize_model_grads`` does that only for parameters marked ``sequence_parallel``
+    (as apex's FusedLayerNorm marks them). Unmarked, training is silently wrong.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, bias=False, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _layer_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=LayerNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=DotProductAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=LayerNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def _check_layout(model: GPTConfig, parallel: ParallelConfig) -> None:
+    tp = parallel.tensor_parallel
+    if model.vocab_size % tp:
+        raise ValueError(
+            f"vocab_size {model.vocab_size} must be divisible by tensor_parallel {tp} "
+            "(pad the tokenizer's vocabulary)"
+        )
+    if parallel.sequence_parallel and model.seq_length % tp:
+        raise ValueError(f"seq_length {model.seq_length} must be divisible by tensor_parallel {tp}")
+
+
+def transformer_config(
+    model: GPTConfig, parallel: ParallelConfig, *, bf16: bool = False
+) -> TransformerConfig:
+    """Megatron's TransformerConfig for the Nanodo decoder in this layout.
+
+    Megatron's own initialisation must stay on: megatron-core 0.16.1 marks parameters as
+    tensor-parallel (``tensor_model_parallel``, ``partition_dim``) only inside it. Its
+    init methods are Nanodo's; ``build_model_chunks`` then redraws every weight with
+    ``init_weights``, which also gets the fans of the fused QKV and of TP shards right.
+    """
+    _check_layout(model, parallel)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        layernorm_epsilon=model.layernorm_epsilon,
+        normalization="LayerNorm",
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        sequence_parallel=parallel.sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        init_method=torch.nn.init.xavier_uniform_,
+        output_layer_init_method=torch.nn.init.xavier_uniform_,
+        embedding_init_method=init_method_normal(1.0 / math.sqrt(model.hidden_size)),
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def build_model_chunks(
+    model: GPTConfig, config: TransformerConfig, parallel: ParallelConfig, *, seed: int = 1234
+) -> list[GPTModel]:
+    """This rank's model chunks, one per virtual pipeline stage, set up by ``init_weights``."""
+    _check_layout(model, parallel)
+    stages = [None] if parallel.virtual_pipeline is None else range(parallel.virtual_pipeline)
+    layer = _layer_spec()
+    chunks = []
+    for vp_stage in stages:
+        block = TransformerBlockSubmodules(
+            layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+            layer_norm=LayerNorm,
+        )
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=block,
+                vocab_size=model.vocab_size,
+                max_sequence_length=model.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                share_embeddings_and_output_weights=True,
+                position_embedding_type="learned_absolute",
+                vp_stage=vp_stage,
+            )
+        )
+    init_weights(chunks, model.hidden_size, seed)
+    return chunks
+
+
+def _init_full(
+    name: str, shape: torch.Size, hidden_size: int, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """Nanodo's initialisation of one single-process tensor (shape is [out, in] for kernels)."""
+    if name.endswith("layernorm.weight"):
+        return torch.ones(shape, device=device)
+    if name.endswith("embeddings.weight"):  # variance_scaling(1, fan_in, normal), fan_in = D
+        std = 1.0 / math.sqrt(hidden_size)
+        return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
+    fan_out, fan_in = shape
+    if name.endswith("linear_qkv.weight"):  # three D x D kernels (q, k, v) fused in Megatron
+        fan_out //= 3
+    elif not name.endswith(("linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")):
+        raise ValueError(f"no initialisation rule for parameter {name!r}")
+    bound = math.sqrt(6.0 / (fan_in + fan_out))  # xavier_uniform
+    return torch.empty(shape, device=device).uniform_(-bound, bound, generator=generator)
+
+
+@torch.no_grad()
+def init_weights(chunks: list[GPTModel], hidden_size: int, seed: int) -> None:
+    """Initialise as Nanodo does, identically in every TP/PP layout.
+
+    Each full (single-process) tensor is drawn from a generator seeded by ``seed`` and
+    the parameter's global name, and each rank keeps its slice: the same seed gives the
+    same model whatever the layout, so runs in different layouts are comparable.
+    """
+    for name, param in global_param_names(chunks).items():
+        generator = torch.Generator(device=param.device)
+        generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = _init_full(name, full_shape(param), hidden_size, generator, param.device)
+        param.data.copy_(tp_slice(full, param))
+
+
+def loss_func(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mask-weighted mean token cross-entropy of one micro-batch.
+
+    The 2-value return makes Megatron's schedule divide by the number of micro-batches,
+    so the step's loss is the mean of the micro-batch means. It divides in place, hence
+    the reported value is a copy.
+    """
+    losses = output_tensor.float()
+    mask = loss_mask.to(losses.dtype)
+    loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def forward_step(
+    data_iterator: Iterator[dict[str, Tensor]] | None, model: torch.nn.Module
+) -> tuple[Tensor, partial]:
+    """Megatron's forward-step function: one micro-batch through this rank's chunk.
+
+    Batches are dicts of int64 [b, s] "tokens", "labels", "position_ids" and a float
+    "loss_mask". Middle pipeline stages need no data (their iterator may be None); when
+    an iterator is given every stage reads from it, which keeps the stages in step.
+    """
+    gpt = unwrap_model(model)
+    if data_iterator is None:
+        if gpt.pre_process or gpt.post_process:
+            raise ValueError("the first and last pipeline stages need a data iterator")
+        output = model(None, None, None)
+        return output, partial(loss_func, None)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,  # causal mask: built by the attention kernel
+        labels=batch["labels"] if gpt.post_process else None,
+    )
+    return output, partial(loss_func, batch["loss_mask"])
