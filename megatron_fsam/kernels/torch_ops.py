@@ -1,10 +1,12 @@
 """Vectorised torch implementations of the SAM shard kernels (CPU and fallback).
 
-Shards are processed in batches of at most CHUNK_NUMEL elements with torch._foreach_* ops: a
-model of thousands of shards costs a few multi-tensor ops per batch (fused launches on CUDA)
-instead of a few ops per shard, and the only temporary is one fp32 buffer of a batch's size,
-never one the size of the model. Arithmetic is fp32 in the reference order:
-P = 1 / (sqrt(v * v_scale) + eps), target = cast(theta + scale * (P * g)).
+Shards are processed in batches of at most CHUNK_NUMEL[device type] elements with
+torch._foreach_* ops: a model of thousands of shards costs a few multi-tensor ops per batch
+(fused launches on CUDA) instead of a few ops per shard, and the only temporaries are fp32
+buffers of a batch's size, never the model's. On CPU the batches are small enough for the
+buffers to stay in cache across the ops (measured 2x and more faster than 16M-element ones).
+Arithmetic is fp32 in the reference order: P = 1 / (sqrt(v * v_scale) + eps),
+target = cast(theta + scale * (P * g)).
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from megatron_fsam.kernels.shards import Shards
 
 __all__ = ["CHUNK_NUMEL", "norm_sums", "perturb", "restore"]
 
-CHUNK_NUMEL = 1 << 24
+CHUNK_NUMEL = {"cuda": 1 << 24, "cpu": 1 << 18}
 
 # (shard index, start, stop): a slice of one shard; a batch is a list of them.
 _Piece = tuple[int, int, int]
 
 
 @torch.no_grad()
-def norm_sums(shards: Shards, chunk: int = CHUNK_NUMEL) -> torch.Tensor:
+def norm_sums(shards: Shards, chunk: int | None = None) -> torch.Tensor:
     """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32."""
     counted = [i for i in _nonempty(shards) if shards.counted[i]]
     sums = torch.zeros(3, dtype=torch.float64, device=_device(shards))
+    chunk = chunk or _chunk(shards)
     g_buffer, product = _buffer(shards, counted, chunk), _buffer(shards, counted, chunk)
     pg_buffer = _buffer(shards, counted, chunk) if shards.preconditioned else g_buffer
     for batch in _batches(shards, counted, chunk):
@@ -44,9 +47,10 @@ def norm_sums(shards: Shards, chunk: int = CHUNK_NUMEL) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perturb(shards: Shards, scale: float, chunk: int = CHUNK_NUMEL) -> None:
+def perturb(shards: Shards, scale: float, chunk: int | None = None) -> None:
     """targets <- cast(theta + scale * P g)."""
     indices = _nonempty(shards)
+    chunk = chunk or _chunk(shards)
     buffer = _buffer(shards, indices, chunk)
     for batch in _batches(shards, indices, chunk):
         direction = _direction(shards, batch, _flat(buffer, batch))
@@ -121,6 +125,10 @@ def _views(tensors: list[torch.Tensor], batch: list[_Piece]) -> list[torch.Tenso
 def _buffer(shards: Shards, indices: list[int], chunk: int) -> torch.Tensor:
     numel = min(chunk, sum(shards.grads[i].numel() for i in indices))
     return torch.empty(numel, dtype=torch.float32, device=_device(shards))
+
+
+def _chunk(shards: Shards) -> int:
+    return CHUNK_NUMEL.get(_device(shards).type, CHUNK_NUMEL["cuda"])
 
 
 def _nonempty(shards: Shards) -> list[int]:
