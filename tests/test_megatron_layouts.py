@@ -133,7 +133,50 @@ def _reference(rank: int, world_size: int) -> dict:
         reference.update(full=before, loss=losses[0])
         reference["update"][optimizer] = {n: after[n] - before[n] for n in after}
         ps.destroy_model_parallel()
+    reference["weight_decay"] = _weight_decay_by_ndim()
+    reference["emulation"] = _emulation_facts()
     return reference
+
+
+def _weight_decay_by_ndim() -> dict[int, set[float]]:
+    """The weight decay each parameter gets, by its number of dimensions."""
+    parallel = ParallelConfig()
+    initialize_distributed(parallel)
+    model = GPTConfig(**MODEL)
+    config = transformer_config(model, parallel)
+    ddp = wrap_model(build_model_chunks(model, config, parallel), config, parallel)
+    optimizer = build_optimizer(ddp, name="adam", lr=1e-3, weight_decay=0.1)
+    by_ndim: dict[int, set[float]] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            by_ndim.setdefault(param.dim(), set()).add(group["weight_decay"])
+    ps.destroy_model_parallel()
+    return by_ndim
+
+
+def _emulation_facts() -> dict:
+    from megatron_fsam import enable_cpu_emulation
+
+    enable_cpu_emulation()  # a second call is a no-op
+    x = torch.ones(2)
+    facts = dict(
+        devices={
+            torch.empty(2, device="cuda").device.type,
+            x.cuda().device.type,
+            x.to("cuda").device.type,
+            x.to(torch.device("cuda", 0)).device.type,
+        },
+        types={x.type(), x.bfloat16().type()},
+    )
+    available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True
+    try:
+        enable_cpu_emulation()
+    except RuntimeError:
+        facts["refuses_gpu"] = True
+    finally:
+        torch.cuda.is_available = available
+    return facts
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -214,6 +257,17 @@ def test_two_ranks_match_single_process(world2: list[dict], reference: dict, lay
 @pytest.mark.parametrize("layout", LAYOUTS_4)
 def test_four_ranks_match_single_process(world4: list[dict], reference: dict, layout: str):
     _check(world4, layout, reference)
+
+
+def test_cpu_emulation(reference: dict):
+    facts = reference["emulation"]
+    assert facts["devices"] == {"cpu"}
+    assert facts["types"] == {"torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor"}
+    assert facts.get("refuses_gpu")
+
+
+def test_no_weight_decay_on_norms(reference: dict):
+    assert reference["weight_decay"] == {1: {0.0}, 2: {0.1}}
 
 
 def test_bf16_distributed_optimizer_trains(world2: list[dict]):
