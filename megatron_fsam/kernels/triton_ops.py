@@ -7,9 +7,10 @@ offset of each of its tensors from the group's first tensor, and a per-tile tabl
 program to its shard. Each program reads one tile of BLOCK elements once.
 
 Arithmetic is fp32 in the order of the torch kernels, with IEEE sqrt and division and no FMA
-contraction, so both produce the same bits. bf16 stores are rounded to nearest even by hand:
-the interpreter's fp32->bf16 cast truncates, and on GPU the hand rounding gives the same bits as
-the hardware cast.
+contraction, so on CUDA both should give the same bits (on CPU torch's vectorised sqrt is not
+correctly rounded: 1-ulp differences, measured). bf16 stores are rounded to nearest even by
+hand: the interpreter's fp32->bf16 cast truncates, and on GPU the hand rounding gives the same
+bits as the hardware cast.
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors,
 which is how the tests exercise them; each program then costs milliseconds, so BLOCK is larger.
@@ -250,52 +251,58 @@ def _launches(
     shards: Shards, indices: list[int], fields: list[str], block: int
 ) -> Iterator[_Launch]:
     """One launch per distinct combination of the fields' dtypes (usually exactly one)."""
+    columns = [getattr(shards, f) for f in fields]
     groups: dict[tuple[torch.dtype, ...], list[int]] = {}
-    for i in indices:
-        groups.setdefault(tuple(getattr(shards, f)[i].dtype for f in fields), []).append(i)
+    dtypes = [[column[i].dtype for i in indices] for column in columns]
+    for i, key in zip(indices, zip(*dtypes, strict=True), strict=True):
+        groups.setdefault(key, []).append(i)
     for members in groups.values():
-        yield _plan(shards, members, fields, block)
+        yield _plan(shards, members, columns, block)
 
 
-def _plan(shards: Shards, members: list[int], fields: list[str], block: int) -> _Launch:
-    tensors = [getattr(shards, f) for f in fields]
-    bases = [column[members[0]] for column in tensors]
+def _plan(
+    shards: Shards, members: list[int], columns: list[list[torch.Tensor]], block: int
+) -> _Launch:
+    """The launch tables, built with a few whole-list operations (thousands of shards)."""
+    bases = [column[members[0]] for column in columns]
     device = bases[0].device
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    aligned = all(b.data_ptr() % 16 == 0 for b in bases)
-    rows, n_tiles = [], 0
-    for i in members:
-        numel = shards.grads[i].numel()
-        row = [numel, n_tiles]
-        for column, base in zip(tensors, bases, strict=True):
-            tensor = column[i]
-            if tensor.device != device:
-                raise ValueError("triton kernels: all shards must be on one device")
-            offset, rest = divmod(tensor.data_ptr() - base.data_ptr(), tensor.element_size())
-            if rest:
-                raise ValueError("triton kernels: a shard is not aligned to its element size")
-            aligned &= offset % ALIGN_ELEMENTS == 0
-            row.append(offset)
-        rows.append(row)
-        n_tiles += triton.cdiv(numel, block)
-    table = _upload(rows, torch.int64, device)
+    pointers = torch.tensor([[column[i].data_ptr() for i in members] for column in columns])
+    element_sizes = torch.tensor([b.element_size() for b in bases]).unsqueeze(1)
+    distances = pointers - pointers[:, :1]
+    if (distances % element_sizes).any():
+        raise ValueError("triton kernels: a shard is not aligned to its element size")
+    if len({column[i].device for column in columns for i in members}) > 1:
+        raise ValueError("triton kernels: all shards must be on one device")
+    offsets = distances // element_sizes
+    aligned = bool((pointers[:, 0] % 16 == 0).all() and (offsets % ALIGN_ELEMENTS == 0).all())
+    numels = torch.tensor([shards.grads[i].numel() for i in members])
+    tiles = (numels + block - 1) // block
+    table = torch.stack((numels, tiles.cumsum(0) - tiles, *offsets), dim=1)
     precond = shards.preconditioned
-    consts = _upload(
+    consts = torch.tensor(
         [[shards.v_scales[i], shards.adam_eps[i]] if precond else [1.0, 0.0] for i in members],
-        torch.float32,
-        device,
+        dtype=torch.float32,
     )
-    tiles = (table.view(len(members), -1)[:, 0] + (block - 1)) // block
+    n_tiles = int(tiles.sum())
     tile_shard = torch.repeat_interleave(
-        torch.arange(len(members), dtype=torch.int32, device=device), tiles, output_size=n_tiles
+        torch.arange(len(members), dtype=torch.int32, device=device),
+        _upload(tiles, device),
+        output_size=n_tiles,
     )
-    return _Launch(bases, table.view(-1), consts.view(-1), tile_shard, n_tiles, aligned)
+    return _Launch(
+        bases,
+        _upload(table.view(-1), device),
+        _upload(consts.view(-1), device),
+        tile_shard,
+        n_tiles,
+        aligned,
+    )
 
 
-def _upload(rows: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _upload(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host table to device without blocking the host (pinned, asynchronous copy)."""
-    table = torch.tensor(rows, dtype=dtype)
     if device.type != "cuda":
         return table
     return table.pin_memory().to(device, non_blocking=True)
