@@ -139,6 +139,21 @@ class MegatronBackend:
         )
         return RankShards(all=shards, aliased=aliased)
 
+    def main_params(self) -> tuple[list[torch.Tensor], list[bool]]:
+        """This rank's fp32 theta shards (1-D views) and whether each enters global norms."""
+        entries = list(self._entries())
+        mains = [e.main.detach().view(-1) for e in entries]
+        return mains, [param_is_not_shared(e.main) and _not_tp_duplicate(e.main) for e in entries]
+
+    def global_sum_sq(self, tensors: list[torch.Tensor], counted: list[bool]) -> torch.Tensor:
+        """sum ||t||^2 over the whole model, each parameter counted once (one all-reduce)."""
+        device = tensors[0].device if tensors else torch.device("cpu")
+        total = torch.zeros(1, dtype=torch.float32, device=device)
+        for tensor, keep in zip(tensors, counted, strict=True):
+            if keep and tensor.numel():
+                total += tensor.float().square().sum()
+        return self.all_reduce_sums(total)
+
     def sync_params(self) -> None:
         """Make every rank's model read the values just written into its own shards."""
         if self.distributed:

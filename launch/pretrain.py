@@ -1,0 +1,350 @@
+"""Pretrain a Nanodo-style GPT on Megatron-core with Func-SAM.
+
+    python launch/pretrain.py --config configs/demo_cpu.yaml [section.key=value ...]
+
+Runs under the deepspeed launcher (which passes --local_rank), torchrun, or as a
+single process. On a machine without a GPU, megatron-core's CUDA calls are
+emulated on the CPU and ranks talk over gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_fsam import FuncSAM, enable_cpu_emulation
+from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
+from megatron_fsam.data import GPTData, build_datasets, microbatch_iterator
+from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
+from megatron_fsam.monitor import Monitor, UpdateNorm, mean_over_ranks
+from megatron_fsam.parallel import (
+    build_optimizer,
+    forward_backward_func,
+    initialize_distributed,
+    wrap_model,
+)
+from megatron_fsam.run_config import (
+    CheckpointSettings,
+    RunConfig,
+    embedding_params,
+    load_run_config,
+    non_embedding_params,
+    train_steps_of,
+    validate_layout,
+)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: RunConfig
+    model: list[DistributedDataParallel]
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    sam: FuncSAM
+    data: GPTData
+    monitor: Monitor
+    dp_rank: int
+    dp_size: int
+    num_microbatches: int
+    train_steps: int
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        run = setup(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as error:  # ConfigError is a ValueError
+        if _global_rank() == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    train(run)
+    return 0
+
+
+def setup(config_path: str, overrides: list[str]) -> Run:
+    """Config, process groups, data, model, optimizer, SAM, and a resumed checkpoint."""
+
+    cfg = load_run_config(config_path, overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dp_size = validate_layout(cfg, world_size)
+    _start_processes(cfg)
+
+    train = cfg.train
+    steps = train_steps_of(cfg)
+    num_microbatches = train.global_batch_size // (train.micro_batch_size * dp_size)
+    data_cfg = replace(cfg.data, seq_length=cfg.model.seq_length, seed=train.seed)
+    data = build_datasets(
+        data_cfg,
+        train_samples=steps * train.global_batch_size,
+        vocab_multiple=128 * cfg.parallel.tensor_parallel,
+    )
+    model_cfg = (
+        cfg.model if cfg.model.vocab_size else replace(cfg.model, vocab_size=data.padded_vocab_size)
+    )
+    if model_cfg.vocab_size < data.padded_vocab_size:
+        raise ValueError(
+            f"model.vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's padded "
+            f"vocabulary {data.padded_vocab_size}"
+        )
+    cfg = replace(cfg, model=model_cfg)
+    monitor = Monitor(cfg.logging.tensorboard_dir, steps, is_logger=_global_rank() == 0)
+    _report_parameters(cfg, monitor)
+
+    config = transformer_config(model_cfg, cfg.parallel, bf16=train.bf16)
+    chunks = build_model_chunks(model_cfg, config, cfg.parallel, seed=train.seed)
+    model = wrap_model(chunks, config, cfg.parallel)
+    opt = cfg.optimizer
+    optimizer = build_optimizer(
+        model,
+        name="adam",
+        lr=opt.lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=train.bf16,
+        distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=opt.lr_warmup_steps,
+        lr_decay_steps=steps,
+        lr_decay_style="cosine",
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+    )
+    sam = FuncSAM(cfg.sam, model, optimizer)
+    run = Run(
+        cfg=cfg,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sam=sam,
+        data=data,
+        monitor=monitor,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp_size,
+        num_microbatches=num_microbatches,
+        train_steps=steps,
+    )
+    if cfg.checkpoint.load_dir:
+        extra = load_checkpoint(cfg.checkpoint.load_dir, model, optimizer)
+        if extra is not None:
+            sam.load_state_dict(extra["sam"])
+            scheduler.load_state_dict(extra["scheduler"])
+            run.iteration, run.consumed_samples = extra["iteration"], extra["consumed_samples"]
+            monitor.message(f"resumed from {cfg.checkpoint.load_dir} at step {run.iteration}")
+    monitor.message(
+        f"training {steps} steps: world {world_size} = TP {cfg.parallel.tensor_parallel} x "
+        f"PP {cfg.parallel.pipeline_parallel} x DP {dp_size}, {num_microbatches} micro-batches "
+        f"of {train.micro_batch_size} per step, SAM mode {cfg.sam.mode} "
+        f"(rho {cfg.sam.rho}, precond {cfg.sam.precond}, kernels {sam.kernels.name})"
+    )
+    return run
+
+
+def train(run: Run) -> None:
+    """The training loop: SAM steps, LR schedule, logging, evaluation, checkpoints."""
+
+    cfg, train_cfg = run.cfg, run.cfg.train
+    batches = _train_iterators(run)
+    update_norm = UpdateNorm(run.sam.backend)
+    tokens_per_step = train_cfg.global_batch_size * cfg.model.seq_length
+    while run.iteration < run.train_steps:
+        step = run.iteration + 1
+        logging_step = step % train_cfg.log_interval == 0 or step == run.train_steps
+        if logging_step:
+            update_norm.start()
+        start = time.perf_counter()
+        ok, _, _, metrics = run.sam.train_step(
+            forward_step,
+            batches,
+            num_microbatches=run.num_microbatches,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=train_cfg.micro_batch_size,
+        )
+        step_time = time.perf_counter() - start
+        if ok:
+            run.scheduler.step(increment=1)
+        run.iteration, run.consumed_samples = (
+            step,
+            run.consumed_samples + train_cfg.global_batch_size,
+        )
+
+        if logging_step:
+            scalars = mean_over_ranks({k: v for k, v in metrics.items() if k != "skipped"})
+            scalars.update(update_norm.finish())
+            scalars["lr"] = run.optimizer.param_groups[0]["lr"]
+            scalars["tokens_per_second"] = tokens_per_step / step_time
+            scalars["step_time"] = step_time
+            if torch.cuda.is_available():
+                scalars["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            scalars["skipped"] = float(not ok)
+            run.monitor.scalars(step, scalars)
+            run.monitor.console(step, _console_fields(scalars))
+        if step % train_cfg.eval_interval == 0 or step == run.train_steps:
+            eval_loss = evaluate(run)
+            run.monitor.scalars(step, {"loss": eval_loss}, prefix="eval")
+            run.monitor.message(f"step {step:>6} | eval loss {eval_loss:.4f}")
+        if _should_save(cfg.checkpoint, step, run.train_steps):
+            save(run)
+    run.monitor.close()
+
+
+def evaluate(run: Run) -> float:
+    """Mean validation loss over eval_iters steps' worth of held-out micro-batches."""
+
+    train_cfg = run.cfg.train
+    per_step = train_cfg.micro_batch_size * run.dp_size * run.num_microbatches
+    iters = min(train_cfg.eval_iters, len(run.data.valid) // per_step)
+    if iters < 1:
+        raise ValueError(
+            f"the validation split ({len(run.data.valid)} samples) is smaller than one step "
+            f"({per_step} samples)"
+        )
+    for chunk in run.model:
+        chunk.eval()
+    losses = []
+    with torch.no_grad():
+        source = microbatch_iterator(
+            run.data.valid, train_cfg.micro_batch_size, dp_rank=run.dp_rank, dp_size=run.dp_size
+        )
+        batches = list(itertools.islice(source, iters * run.num_microbatches))
+        for i in range(iters):
+            chunk_batches = batches[i * run.num_microbatches : (i + 1) * run.num_microbatches]
+            outputs = forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=_per_chunk(run.model, chunk_batches),
+                model=run.model,
+                num_microbatches=run.num_microbatches,
+                seq_length=run.cfg.model.seq_length,
+                micro_batch_size=train_cfg.micro_batch_size,
+                forward_only=True,
+            )
+            losses += [out["lm loss"].item() for out in outputs]
+    for chunk in run.model:
+        chunk.train()
+    mean = sum(losses) / len(losses) if losses else None
+    return mean_over_ranks({"loss": mean})["loss"]
+
+
+def save(run: Run) -> None:
+
+    checkpoint = run.cfg.checkpoint
+    path = save_checkpoint(
+        checkpoint.save_dir,
+        run.iteration,
+        run.model,
+        run.optimizer,
+        extra={
+            "sam": run.sam.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "iteration": run.iteration,
+            "consumed_samples": run.consumed_samples,
+        },
+        keep_last=checkpoint.keep_last,
+    )
+    run.monitor.message(f"saved checkpoint {path}")
+
+
+def _train_iterators(run: Run):
+    """This rank's training micro-batches from where the run stands (one per model chunk)."""
+
+    def source():
+        return microbatch_iterator(
+            run.data.train,
+            run.cfg.train.micro_batch_size,
+            dp_rank=run.dp_rank,
+            dp_size=run.dp_size,
+            start_sample=run.consumed_samples,
+        )
+
+    return [source() for _ in run.model] if len(run.model) > 1 else source()
+
+
+def _per_chunk(model: list, batches: list[dict]):
+    return [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
+
+
+def _console_fields(scalars: dict[str, float]) -> dict[str, float]:
+    names = (
+        "loss_clean",
+        "loss_perturbed",
+        "lr",
+        "rho",
+        "grad_norm",
+        "eps_norm",
+        "update_norm",
+        "tokens_per_second",
+    )
+    return {name: scalars[name] for name in names if name in scalars}
+
+
+def _should_save(checkpoint: CheckpointSettings, step: int, last: int) -> bool:
+    if not checkpoint.save_dir:
+        return False
+    return step == last or bool(checkpoint.save_interval and step % checkpoint.save_interval == 0)
+
+
+def _report_parameters(cfg: RunConfig, monitor: Monitor) -> None:
+
+    monitor.message(
+        f"model: {non_embedding_params(cfg.model) / 1e6:.2f}M non-embedding parameters, "
+        f"{embedding_params(cfg.model) / 1e6:.2f}M embedding parameters"
+    )
+
+
+def _start_processes(cfg: RunConfig) -> None:
+
+    if not torch.cuda.is_available():
+        enable_cpu_emulation()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    initialize_distributed(cfg.parallel, seed=cfg.train.seed)
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file in configs/")
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; LOCAL_RANK is used otherwise",
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
