@@ -100,6 +100,8 @@ def wrap_model(
     Mirrors Megatron-LM's ``get_model`` and ``train``: only the first chunk uses buckets,
     and the config gets the gradient finalisation and the sync hooks the schedules call.
     """
+    if config.fp16:
+        raise ValueError("fp16 needs loss scaling, which is not set up here: use bf16")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
@@ -107,8 +109,6 @@ def wrap_model(
         align_param_gather=parallel.overlap_param_gather,
         use_distributed_optimizer=parallel.distributed_optimizer,
     )
-    if config.fp16:
-        raise ValueError("fp16 needs loss scaling, which is not set up here: use bf16")
     ddp_chunks = []
     for i, chunk in enumerate(chunks):
         module = Float16Module(config, chunk) if config.bf16 else chunk
@@ -159,6 +159,8 @@ def build_optimizer(
             f"distributed_optimizer={distributed_optimizer} does not match how wrap_model "
             "built the gradient buffers (ParallelConfig.distributed_optimizer)"
         )
+    if distributed_optimizer and name != "adam":
+        raise ValueError("megatron-core's distributed optimizer supports only adam")
     common = dict(
         lr=lr,
         weight_decay=weight_decay,

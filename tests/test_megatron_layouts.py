@@ -45,7 +45,9 @@ LAYOUTS_2 = {
     "dp2_distopt": dict(distributed_optimizer=True),
     "pp2_vp2": dict(pipeline_parallel=2, virtual_pipeline=2),
     "tp2_sp": dict(tensor_parallel=2, sequence_parallel=True),
-    "dp2_overlap": dict(distributed_optimizer=True, overlap_grad_reduce=True),
+    "dp2_overlap": dict(
+        distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True
+    ),
 }
 LAYOUTS_4 = {
     "tp2_pp2": dict(tensor_parallel=2, pipeline_parallel=2),
@@ -117,6 +119,9 @@ def _train_step(
             micro_batch_size=MICRO_BATCH,
         )
         applied.append(optimizer.step()[0])
+        if parallel.overlap_param_gather:  # else the all-gather waits for the next forward
+            for chunk in ddp:
+                chunk.start_param_sync(force_sync=True)
         if reported:
             loss = torch.stack([r["lm loss"] for r in reported]).mean()
             torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
