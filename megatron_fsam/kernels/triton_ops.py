@@ -1,10 +1,11 @@
-"""Triton implementations of the SAM shard kernels: one launch per dtype group of shards.
+"""Triton implementations of the SAM shard kernels: one launch for many shards.
 
 A model has hundreds to thousands of shards, many of them small (biases, norms), so a launch per
-shard would be dominated by launch latency. Instead all shards whose tensors share dtypes are
-processed by one launch: a per-shard table holds each shard's size, first tile and the element
-offset of each of its tensors from the group's first tensor, and a per-tile table maps every
-program to its shard. Each program reads one tile of BLOCK elements once.
+shard would be dominated by launch latency. Instead all shards whose tensors share dtypes (and
+16-byte alignment, which decides vector loads) are processed by one launch: a per-shard table
+holds each shard's size, first tile and the element offset of each of its tensors from the
+group's first tensor, and a per-tile table maps every program to its shard. Each program reads
+one tile of BLOCK elements once.
 
 Arithmetic is fp32 in the order of the torch kernels, with IEEE sqrt and division and no FMA
 contraction, so on CUDA both should give the same bits (on CPU torch's vectorised sqrt is not
@@ -33,9 +34,6 @@ __all__ = ["BLOCK", "norm_sums", "perturb", "restore"]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1 << 16 if INTERPRET else 4096
 NUM_WARPS = 8
-# Element offsets are hinted as multiples of 8 (`_shard_offset`) when every shard allows it, which
-# lets the compiler emit 16-byte vector loads and stores.
-ALIGN_ELEMENTS = 8
 
 
 @triton.jit
@@ -71,11 +69,13 @@ def _store_cast(ptr, x, offs, numel, full):
 
 
 @triton.jit
-def _shard_offset(table, col, ALIGNED: tl.constexpr):
-    off = tl.load(table + col)
+def _shard_pointer(base, row, col, ALIGNED: tl.constexpr):
+    """base + the shard's element offset; ALIGNED: every shard of the launch starts on 16 bytes,
+    so the offset is a multiple of 16 bytes' worth of elements (enables vector loads)."""
+    offset = tl.load(row + col)
     if ALIGNED:
-        off = tl.multiple_of(off, 8)
-    return off
+        offset = tl.multiple_of(offset, 128 // base.dtype.element_ty.primitive_bitwidth)
+    return base + offset
 
 
 @triton.jit
@@ -115,10 +115,10 @@ def _norm_kernel(
     """Per-tile partial sums of g^2, (P g)^2 and g (P g); columns: numel, first, g[, v]."""
     COLS: tl.constexpr = 4 if PRECOND else 3
     tile, shard, row, offs, numel, full = _tile(table, tile_shard, COLS, BLOCK)
-    g = _load_f32(grad + _shard_offset(row, 2, ALIGNED), offs, numel, full)
+    g = _load_f32(_shard_pointer(grad, row, 2, ALIGNED), offs, numel, full)
     gg = tl.sum(g * g)
     if PRECOND:
-        v = _load_f32(moment + _shard_offset(row, 3, ALIGNED), offs, numel, full)
+        v = _load_f32(_shard_pointer(moment, row, 3, ALIGNED), offs, numel, full)
         pg = _precond(v, shard, consts) * g
         pgpg = tl.sum(pg * pg)
         gpg = tl.sum(g * pg)
@@ -147,20 +147,20 @@ def _perturb_kernel(
     """target <- cast(theta + scale * (P g)); columns: numel, first, theta, g, target[, v]."""
     COLS: tl.constexpr = 6 if PRECOND else 5
     tile, shard, row, offs, numel, full = _tile(table, tile_shard, COLS, BLOCK)
-    d = _load_f32(grad + _shard_offset(row, 3, ALIGNED), offs, numel, full)
+    d = _load_f32(_shard_pointer(grad, row, 3, ALIGNED), offs, numel, full)
     if PRECOND:
-        v = _load_f32(moment + _shard_offset(row, 5, ALIGNED), offs, numel, full)
+        v = _load_f32(_shard_pointer(moment, row, 5, ALIGNED), offs, numel, full)
         d = _precond(v, shard, consts) * d
-    t = _load_f32(theta + _shard_offset(row, 2, ALIGNED), offs, numel, full)
-    _store_cast(target + _shard_offset(row, 4, ALIGNED), t + scale * d, offs, numel, full)
+    t = _load_f32(_shard_pointer(theta, row, 2, ALIGNED), offs, numel, full)
+    _store_cast(_shard_pointer(target, row, 4, ALIGNED), t + scale * d, offs, numel, full)
 
 
 @triton.jit
 def _restore_kernel(theta, target, table, tile_shard, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """target <- cast(theta); columns: numel, first, theta, target."""
     tile, shard, row, offs, numel, full = _tile(table, tile_shard, 4, BLOCK)
-    t = _load_f32(theta + _shard_offset(row, 2, ALIGNED), offs, numel, full)
-    _store_cast(target + _shard_offset(row, 3, ALIGNED), t, offs, numel, full)
+    t = _load_f32(_shard_pointer(theta, row, 2, ALIGNED), offs, numel, full)
+    _store_cast(_shard_pointer(target, row, 3, ALIGNED), t, offs, numel, full)
 
 
 @dataclass
@@ -195,6 +195,7 @@ def norm_sums(shards: Shards, block: int = BLOCK) -> torch.Tensor:
             ALIGNED=launch.aligned,
             BLOCK=block,
             num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
         )
         sums += partials.sum(dim=1, dtype=torch.float64)
     return sums.float()
@@ -236,6 +237,7 @@ def restore(shards: Shards, block: int = BLOCK) -> None:
             ALIGNED=launch.aligned,
             BLOCK=block,
             num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
         )
 
 
@@ -250,36 +252,42 @@ def _nonempty(shards: Shards) -> list[int]:
 def _launches(
     shards: Shards, indices: list[int], fields: list[str], block: int
 ) -> Iterator[_Launch]:
-    """One launch per distinct combination of the fields' dtypes (usually exactly one)."""
+    """One launch per combination of the fields' dtypes and 16-byte alignment (usually one or
+    two): unaligned shards must not cost the aligned ones their vector loads."""
     columns = [getattr(shards, f) for f in fields]
-    groups: dict[tuple[torch.dtype, ...], list[int]] = {}
+    pointers = torch.tensor([[column[i].data_ptr() for i in indices] for column in columns])
+    aligned = (pointers % 16 == 0).all(dim=0).tolist()
     dtypes = [[column[i].dtype for i in indices] for column in columns]
-    for i, key in zip(indices, zip(*dtypes, strict=True), strict=True):
-        groups.setdefault(key, []).append(i)
-    for members in groups.values():
-        yield _plan(shards, members, columns, block)
+    groups: dict[tuple, list[int]] = {}
+    for position, key in enumerate(zip(*dtypes, aligned, strict=True)):
+        groups.setdefault(key, []).append(position)
+    for key, positions in groups.items():
+        members = [indices[p] for p in positions]
+        yield _plan(shards, members, columns, pointers[:, positions], key[-1], block)
 
 
 def _plan(
-    shards: Shards, members: list[int], columns: list[list[torch.Tensor]], block: int
+    shards: Shards,
+    members: list[int],
+    columns: list[list[torch.Tensor]],
+    pointers: torch.Tensor,
+    aligned: bool,
+    block: int,
 ) -> _Launch:
     """The launch tables, built with a few whole-list operations (thousands of shards)."""
     bases = [column[members[0]] for column in columns]
     device = bases[0].device
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    pointers = torch.tensor([[column[i].data_ptr() for i in members] for column in columns])
-    element_sizes = torch.tensor([b.element_size() for b in bases]).unsqueeze(1)
-    distances = pointers - pointers[:, :1]
-    if (distances % element_sizes).any():
-        raise ValueError("triton kernels: a shard is not aligned to its element size")
     if len({column[i].device for column in columns for i in members}) > 1:
         raise ValueError("triton kernels: all shards must be on one device")
-    offsets = distances // element_sizes
-    aligned = bool((pointers[:, 0] % 16 == 0).all() and (offsets % ALIGN_ELEMENTS == 0).all())
+    distances = pointers - pointers[:, :1]
+    element_sizes = torch.tensor([b.element_size() for b in bases]).unsqueeze(1)
+    if (distances % element_sizes).any():
+        raise ValueError("triton kernels: a shard is not aligned to its element size")
     numels = torch.tensor([shards.grads[i].numel() for i in members])
     tiles = (numels + block - 1) // block
-    table = torch.stack((numels, tiles.cumsum(0) - tiles, *offsets), dim=1)
+    table = torch.stack((numels, tiles.cumsum(0) - tiles, *(distances // element_sizes)), dim=1)
     precond = shards.preconditioned
     consts = torch.tensor(
         [[shards.v_scales[i], shards.adam_eps[i]] if precond else [1.0, 0.0] for i in members],
