@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.utils import unwrap_model
 
+from megatron_fsam import enable_cpu_emulation
 from megatron_fsam.models import (
     GPTConfig,
     build_model_chunks,
@@ -160,8 +161,6 @@ def _weight_decay_by_ndim() -> dict[int, set[float]]:
 
 
 def _emulation_facts() -> dict:
-    from megatron_fsam import enable_cpu_emulation
-
     enable_cpu_emulation()  # a second call is a no-op
     x = torch.ones(2)
     facts = dict(
