@@ -2,7 +2,8 @@
 
 The torch kernels run here. The Triton kernels run here only on a GPU; on CPU they run in a
 child pytest with TRITON_INTERPRET=1, because the interpreter must be switched on before any
-kernel is defined and must not leak into the rest of the suite.
+kernel is defined and must not leak into the rest of the suite. The compiled perturb kernel is
+also built here for sm_90 (no GPU needed) and its PTX inspected.
 """
 
 from __future__ import annotations
@@ -199,6 +200,34 @@ def test_torch_kernels_chunking_does_not_change_results():
     expected = [t.clone() for t in shards.targets]
     torch_ops.perturb(shards, 0.3, chunk=100)
     assert all(torch.equal(a, b) for a, b in zip(shards.targets, expected, strict=True))
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles kernels; the interpreter has none")
+@pytest.mark.skipif(triton_kernels() is None, reason="triton is not installed")
+@pytest.mark.parametrize(("dtype", "aligned"), [("bf16", True), ("fp32", True), ("bf16", False)])
+def test_perturb_compiles_for_sm90(dtype: str, aligned: bool):
+    """The compiled (not interpreted) perturb kernel builds for an H100 without one, keeps the
+    reference rounding (IEEE sqrt and division, no FMA) and uses 16-byte accesses when aligned."""
+    compiler = pytest.importorskip("triton.compiler")
+    from triton.backends.compiler import GPUTarget
+
+    from megatron_fsam.kernels import triton_ops
+
+    pointers = ("theta", "grad", "target", "moment", "table", "consts", "tile_shard")
+    kinds = ("fp32", dtype, dtype, "fp32", "i64", "fp32", "i32")
+    signature = {name: f"*{kind}" for name, kind in zip(pointers, kinds, strict=True)}
+    signature |= {"scale": "fp32", "PRECOND": "constexpr", "ALIGNED": "constexpr"}
+    signature |= {"BLOCK": "constexpr"}
+    source = compiler.ASTSource(
+        triton_ops._perturb_kernel,
+        signature,
+        constexprs={"PRECOND": True, "ALIGNED": aligned, "BLOCK": 4096},
+        attrs={(i,): [["tt.divisibility", 16]] for i in range(len(pointers))},
+    )
+    options = {"num_warps": triton_ops.NUM_WARPS, "enable_fp_fusion": False}
+    ptx = compiler.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "fma.rn.f32" not in ptx
+    assert ("ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx) == aligned
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the parent of the interpreted run")
