@@ -6,8 +6,8 @@
 
 Each row uses `--total` elements split into shards of one size, so small sizes mean many shards
 (what a model's biases and norms look like to the kernels). All implementations of a row are
-timed in the same run on the same tensors; ratios are relative to the fused kernels on GPU and
-to the torch fallback on CPU, where Triton only runs in its (slow) interpreter.
+timed in the same run on the same tensors. On CPU there is no fused column: Triton runs there
+only in its (slow) interpreter.
 """
 
 from __future__ import annotations
@@ -172,13 +172,14 @@ def peak_gbs(device: torch.device, override: float | None) -> float | None:
 
 def benchmark(args: argparse.Namespace, device: torch.device, fused: Kernels | None) -> None:
     peak = peak_gbs(device, args.peak_gbs)
-    base = "fused" if fused else "torch"
-    print(f"\n== kernel timings on {describe(device)}; ratios are time / {base} time ==")
+    print(f"\n== kernel timings on {describe(device)}, best call; a/b = time of a / time of b ==")
     if peak:
         print(f"peak memory bandwidth {peak:.0f} GB/s")
     header = f"{'op':8}{'params':>7}{'P':>3}{'shard':>10}{'shards':>7}"
     header += "".join(f"{name + ' ms':>11}" for name in ("fused", "torch", "naive"))
-    header += f"{'torch/' + base:>13}{'naive/' + base:>13}{'fused GB/s':>12}{'% peak':>8}"
+    if fused:
+        header += f"{'torch/fused':>13}{'naive/fused':>13}{'fused GB/s':>12}{'% peak':>8}"
+    header += f"{'naive/torch':>13}"
     print(header)
     impls = {"fused": fused, "torch": get_kernels("torch"), "naive": NAIVE}
     sizes = [int(s) for s in args.sizes if s <= args.total]
@@ -193,15 +194,18 @@ def benchmark(args: argparse.Namespace, device: torch.device, fused: Kernels | N
                         for name, kernels in impls.items()
                         if kernels is not None
                     }
-                    ref = times[base]
                     row = f"{op:8}{params:>7}{'y' if precond else 'n':>3}{size:>10.0e}{n_shards:>7}"
                     row += "".join(
                         f"{times[n] * 1e3:>11.3f}" if n in times else f"{'-':>11}" for n in impls
                     )
-                    row += f"{times['torch'] / ref:>13.2f}{times['naive'] / ref:>13.2f}"
                     if fused:
-                        gbs = op_bytes(shards, op) / times["fused"] / 1e9
-                        row += f"{gbs:>12.0f}" + (f"{100 * gbs / peak:>7.0f}%" if peak else "")
+                        fused_s = times["fused"]
+                        gbs = op_bytes(shards, op) / fused_s / 1e9
+                        row += f"{times['torch'] / fused_s:>13.2f}{times['naive'] / fused_s:>13.2f}"
+                        row += f"{gbs:>12.0f}" + (
+                            f"{100 * gbs / peak:>7.0f}%" if peak else "       ?"
+                        )
+                    row += f"{times['naive'] / times['torch']:>13.2f}"
                     print(row, flush=True)
                 del shards
     if skipped := [f"{s:.0e}" for s in args.sizes if s > args.total]:
