@@ -1,0 +1,286 @@
+"""Run configs: every shipped file loads, paper sizes, overrides, one-line errors, layouts.
+
+No process groups: these tests only build and check dataclasses.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from megatron_fsam.run_config import (
+    AUTO_VOCAB,
+    ConfigError,
+    RunConfig,
+    embedding_params,
+    load_run_config,
+    non_embedding_params,
+    resolve_vocab_size,
+    validate_layout,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RUNS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("_"))
+TINY = CONFIGS / "tiny_test.yaml"
+
+# Non-embedding parameter counts stated in the paper. Table 1's "2M" model counts
+# 2,361,088 (4.59M with its 8192 x 256 embedding and 512 positions).
+STATED = {"2m": 2_361_088, "h9": 23.9e6, "h12": 42.5e6, "h20": 117.9e6, "h64": 1208e6}
+
+
+def _one_line_error(path: Path, overrides: list[str] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, list(overrides))
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+def _layout_error(cfg: RunConfig, world_size: int) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_layout(cfg, world_size)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in RUNS}
+    for size in STATED:
+        assert {f"nanodo_{size}.yaml", f"nanodo_{size}_10k.yaml"} <= names
+    assert {"demo_cpu.yaml", "tiny_test.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
+def test_every_config_loads_and_fits_its_world(path: Path):
+    cfg = load_run_config(path, [])
+    assert cfg.logging.run_name == path.stem
+    assert cfg.data.seq_length == cfg.model.seq_length
+    assert cfg.total_steps >= 1
+    world = 2 if path.stem == "demo_cpu" else 1
+    assert validate_layout(cfg, world) == world
+
+
+@pytest.mark.parametrize("size", STATED)
+def test_paper_non_embedding_params(size: str):
+    for scheme in ("", "_10k"):
+        cfg = load_run_config(CONFIGS / f"nanodo_{size}{scheme}.yaml", [])
+        count = non_embedding_params(cfg.model)
+        assert count == pytest.approx(STATED[size], rel=0.01)
+        assert cfg.model.num_layers == (3 if size == "2m" else 6)
+        if size != "2m":  # heads of 64, MLP 4x
+            assert cfg.model.hidden_size == 64 * int(size[1:])
+            assert cfg.model.ffn_hidden_size == 4 * cfg.model.hidden_size
+
+
+def test_2m_model_is_table_1():
+    model = load_run_config(CONFIGS / "nanodo_2m.yaml", []).model
+    assert (model.num_layers, model.num_attention_heads, model.hidden_size) == (3, 4, 256)
+    assert (model.ffn_hidden_size, model.vocab_size) == (1024, 8192)
+    assert non_embedding_params(model) == 2_361_088
+    assert embedding_params(model) == 8192 * 256 + 512 * 256
+
+
+def test_paper_training_settings():
+    cfg = load_run_config(CONFIGS / "nanodo_h20_10k.yaml", [])
+    o = cfg.optimizer
+    assert (o.lr, o.weight_decay, o.adam_beta2, o.adam_eps) == (1e-3, 0.1, 0.98, 1e-9)
+    assert o.lr_decay_style == "cosine" and o.min_lr == pytest.approx(1e-4)
+    assert o.warmup_steps(cfg.total_steps) == 1000
+    assert (cfg.train.global_batch_size, cfg.data.seq_length) == (256, 512)
+    assert (cfg.sam.mode, cfg.sam.precond, cfg.sam.precond_norm) == ("fsam", True, "perturbation")
+    assert cfg.sam.rho_schedule == "linear_warmup"
+
+
+@pytest.mark.parametrize("size", STATED)
+def test_chinchilla_steps(size: str):
+    cfg = load_run_config(CONFIGS / f"nanodo_{size}.yaml", [])
+    assert cfg.train.train_steps is None and cfg.train.tokens_per_param == 20
+    tokens = 20 * non_embedding_params(cfg.model)
+    assert cfg.total_steps == math.ceil(tokens / (256 * 512))
+    assert load_run_config(CONFIGS / f"nanodo_{size}_10k.yaml", []).total_steps == 10_000
+
+
+def test_chinchilla_h9_steps_and_explicit_steps_win():
+    cfg = load_run_config(CONFIGS / "nanodo_h9.yaml", [])
+    assert cfg.total_steps == 3647  # ceil(20 * 23,895,360 / 131,072)
+    assert load_run_config(CONFIGS / "nanodo_h9.yaml", ["train.train_steps=500"]).total_steps == 500
+
+
+def test_overrides_apply_with_types():
+    cfg = load_run_config(
+        TINY,
+        [
+            "optimizer.lr=3e-4",
+            "train.train_steps=12",
+            "train.tokens_per_param=10",
+            "train.bf16=true",
+            "checkpoint.save_dir=null",
+            "data.data_paths=[a.jsonl, b.jsonl]",
+            "model.vocab_size=1024",
+            "model.seq_length=16",
+            "sam.mode=sam",
+            "logging.run_name=probe",
+        ],
+    )
+    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.train_steps == 12 and cfg.train.tokens_per_param == 10.0
+    assert isinstance(cfg.train.tokens_per_param, float) and cfg.train.bf16 is True
+    assert cfg.checkpoint.save_dir is None
+    assert cfg.data.data_paths == ["a.jsonl", "b.jsonl"]
+    assert cfg.model.vocab_size == 1024
+    assert cfg.data.seq_length == 16  # follows the model unless the data section sets it
+    assert cfg.sam.mode == "sam" and cfg.logging.run_name == "probe"
+    assert load_run_config(TINY, ["model.vocab_size=auto"]).model.vocab_size == AUTO_VOCAB
+
+
+def test_include_merges_key_by_key_and_rejects_cycles(tmp_path: Path):
+    (tmp_path / "_base.yaml").write_text(
+        "model: {num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 32,"
+        " vocab_size: 256}\ntrain: {train_steps: 10, global_batch_size: 8, micro_batch_size: 2}\n"
+    )
+    (tmp_path / "run.yaml").write_text("include: _base.yaml\nmodel: {num_layers: 4}\n")
+    cfg = load_run_config(tmp_path / "run.yaml", [])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.total_steps) == (4, 32, 10)
+
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")
+    assert "include cycle" in _one_line_error(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("include: missing.yaml\n")
+    assert "cannot read config" in _one_line_error(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["optimizer.lrr=1"], "unknown key 'optimizer.lrr'; allowed keys of 'optimizer': lr,"),
+        (["optimiser.lr=1"], "unknown section 'optimiser'; allowed sections: include, model,"),
+        (["train.train_steps=ten"], "train.train_steps must be int or null, got str 'ten'"),
+        (["train.train_steps=1.5"], "train.train_steps must be int or null, got float"),
+        (["train.bf16=1"], "train.bf16 must be bool, got int 1"),
+        (["train.micro_batch_size=true"], "train.micro_batch_size must be int, got bool"),
+        (["data.data_paths=a.jsonl"], "data.data_paths must be a list of str or null"),
+        (["model.num_layers=null"], "model.num_layers must be int, got NoneType"),
+        (["sam.mode=asam"], "sam: SAMConfig.mode must be one of"),
+        (["parallel.sequence_parallel=true"], "parallel: sequence_parallel needs tensor_parallel"),
+        (["optimizer.lr"], "is not of the form section.key=value"),
+        (["lr=1"], "is not of the form section.key=value"),
+        (["model.vocab_size=auto2"], "model.vocab_size must be int"),
+    ],
+)
+def test_bad_overrides_give_one_line_errors(overrides: list[str], expected: str):
+    assert expected in _one_line_error(TINY, overrides)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("optimizer: {lrr: 1}\n", "unknown key 'optimizer.lrr'"),
+        ("optimiser: {lr: 1}\n", "unknown section 'optimiser'"),
+        ("train: {global_batch_size: '256'}\n", "train.global_batch_size must be int, got str"),
+        ("train: 5\n", "section 'train' must be a mapping"),
+        ("train: {eval_iters: [1\n", "invalid YAML"),
+    ],
+)
+def test_bad_files_give_one_line_errors(tmp_path: Path, text: str, expected: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"include: {TINY}\n{text}")
+    assert expected in _one_line_error(path)
+
+
+def test_model_section_and_keys_are_required(tmp_path: Path):
+    (tmp_path / "list.yaml").write_text("- model\n")
+    assert "expected a mapping of sections" in _one_line_error(tmp_path / "list.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert "section 'model' is required" in _one_line_error(tmp_path / "empty.yaml")
+    (tmp_path / "partial.yaml").write_text("model: {num_layers: 2}\n")
+    assert "model.hidden_size is required" in _one_line_error(tmp_path / "partial.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.seq_length=64"], "data.seq_length 64 exceeds the model's maximum"),
+        (["model.hidden_size=30"], "model.hidden_size 30 is not divisible by"),
+        (["train.train_steps=null"], "set train.train_steps or train.tokens_per_param"),
+        (["sam.rho_warmup_steps=7"], "rho would never reach sam.rho"),
+        (["optimizer.lr_warmup_steps=6"], "must be in [0, 6) for a 6-step run"),
+        (["optimizer.lr_warmup_fraction=0.1"], "set one of optimizer.lr_warmup_steps"),
+        (["checkpoint.save_interval=2"], "checkpoint.save_dir is not"),
+        (["optimizer.adam_beta2=1.0"], "optimizer.adam_beta2 must be in [0, 1)"),
+        (["optimizer.lr_decay_style=step"], "optimizer.lr_decay_style must be one of"),
+        (["train.eval_interval=0"], "train.eval_interval must be >= 1"),
+    ],
+)
+def test_inconsistent_runs_are_rejected(overrides: list[str], expected: str):
+    assert expected in _one_line_error(TINY, overrides)
+
+
+def _tiny(*overrides: str) -> RunConfig:
+    return load_run_config(TINY, list(overrides))
+
+
+def test_validate_layout_returns_data_parallel_size():
+    cfg = _tiny("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2")
+    assert validate_layout(cfg, 8) == 2
+    interleaved = _tiny(
+        "model.num_layers=4", "parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"
+    )
+    assert validate_layout(interleaved, 2) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, expected",
+    [
+        (["parallel.tensor_parallel=2"], 3, "world size 3 is not divisible by"),
+        (["parallel.tensor_parallel=3"], 3, "num_attention_heads 4 is not divisible by"),
+        (["parallel.pipeline_parallel=4"], 4, "num_layers 2 is not divisible by"),
+        (
+            ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"],
+            2,
+            "pipeline_parallel x virtual_pipeline = 2 x 2",
+        ),
+        ([], 8, "global_batch_size 8 is not divisible by micro_batch_size x data-parallel"),
+        (
+            [
+                "model.num_layers=4",
+                "parallel.pipeline_parallel=2",
+                "parallel.virtual_pipeline=2",
+                "train.global_batch_size=6",
+            ],
+            2,
+            "interleaved schedule needs the 3 micro-batches",
+        ),
+        (
+            [
+                "parallel.tensor_parallel=2",
+                "parallel.sequence_parallel=true",
+                "model.seq_length=31",
+            ],
+            2,
+            "data.seq_length 31 across tensor_parallel 2",
+        ),
+        (["parallel.tensor_parallel=2", "model.vocab_size=4097"], 2, "vocab_size 4097 is not"),
+    ],
+)
+def test_layout_errors(overrides: list[str], world_size: int, expected: str):
+    assert expected in _layout_error(_tiny(*overrides), world_size)
+
+
+def test_layout_errors_after_edits():
+    cfg = _tiny()
+    cfg.parallel.sequence_parallel = True  # ParallelConfig checks only on construction
+    assert "sequence_parallel needs parallel.tensor_parallel >= 2" in _layout_error(cfg, 1)
+    cfg = _tiny()
+    cfg.data.seq_length = 64
+    assert "exceeds the model's maximum" in _layout_error(cfg, 1)
+
+
+def test_vocab_resolution():
+    cfg = _tiny()
+    with pytest.raises(ConfigError, match="resolve it from the tokenizer"):
+        embedding_params(cfg.model)
+    assert resolve_vocab_size(cfg, 500, 512) == 512 == cfg.model.vocab_size
+    assert embedding_params(cfg.model) == (512 + 32) * 32
+    explicit = _tiny("model.vocab_size=256")
+    with pytest.raises(ConfigError, match="smaller than the tokenizer's 500 tokens"):
+        resolve_vocab_size(explicit, 500, 512)
