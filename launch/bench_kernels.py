@@ -378,7 +378,9 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare results before timing")
     parser.add_argument("--no-bench", action="store_true", help="skip the timing table")
     parser.add_argument("--sweep-blocks", type=int, nargs="*", default=[])
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (1: steadier on a busy host)"
+    )
     parser.add_argument("--step-model", type=float, help="parameter count of the GPT to time")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=50304)
