@@ -49,7 +49,7 @@ class OptimizerSettings:
     warms up linearly from ``warmup_init_ratio * lr`` to ``lr`` over ``lr_warmup_steps`` (or
     ``lr_warmup_fraction`` of the run; at most one is set), then decays to
     ``min_lr_ratio * lr`` at the last step. Nanodo starts and ends at 10% of the peak and
-    does not clip gradients (``clip_grad = 0``); Megatron's AdamW is decoupled like optax's.
+    does not clip gradients (``clip_grad = 0``).
     """
 
     lr: float = 1e-3
@@ -156,6 +156,7 @@ class RunConfig:
                 f"model.hidden_size {m.hidden_size} is not divisible by "
                 f"model.num_attention_heads {m.num_attention_heads}"
             )
+        _positive("data.seq_length", self.data.seq_length)
         if self.data.seq_length > m.seq_length:
             raise ConfigError(
                 f"data.seq_length {self.data.seq_length} exceeds the model's maximum "
@@ -319,7 +320,7 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         section, key, value = _parse_override(item)
         if section not in _SECTIONS:
             raise _unknown_section(section)
-        raw.setdefault(section, {})
+        _merge(raw, {section: {}})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section '{section}' must be a mapping")
         raw[section][key] = value
@@ -358,6 +359,7 @@ def _read_with_includes(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
 def _merge(into: dict[str, Any], doc: dict[str, Any]) -> None:
     """Sections merge key by key; the later file wins."""
     for section, values in doc.items():
+        values = {} if values is None else values  # an empty section keeps the included keys
         if isinstance(values, dict) and isinstance(into.get(section), dict):
             into[section].update(values)
         else:

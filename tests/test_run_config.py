@@ -138,9 +138,10 @@ def test_include_merges_key_by_key_and_rejects_cycles(tmp_path: Path):
         "model: {num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 32,"
         " vocab_size: 256}\ntrain: {train_steps: 10, global_batch_size: 8, micro_batch_size: 2}\n"
     )
-    (tmp_path / "run.yaml").write_text("include: _base.yaml\nmodel: {num_layers: 4}\n")
+    (tmp_path / "run.yaml").write_text("include: _base.yaml\nmodel: {num_layers: 4}\ntrain:\n")
     cfg = load_run_config(tmp_path / "run.yaml", [])
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.total_steps) == (4, 32, 10)
+    assert load_run_config(tmp_path / "run.yaml", ["train.train_steps=7"]).total_steps == 7
 
     (tmp_path / "a.yaml").write_text("include: b.yaml\n")
     (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")
