@@ -14,7 +14,7 @@ import itertools
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -39,7 +39,7 @@ from megatron_fsam.run_config import (
     embedding_params,
     load_run_config,
     non_embedding_params,
-    train_steps_of,
+    resolve_vocab_size,
     validate_layout,
 )
 
@@ -84,34 +84,26 @@ def setup(config_path: str, overrides: list[str]) -> Run:
     _start_processes(cfg)
 
     train = cfg.train
-    steps = train_steps_of(cfg)
+    steps = cfg.total_steps
     num_microbatches = train.global_batch_size // (train.micro_batch_size * dp_size)
-    data_cfg = replace(cfg.data, seq_length=cfg.model.seq_length, seed=train.seed)
     data = build_datasets(
-        data_cfg,
+        cfg.data,
         train_samples=steps * train.global_batch_size,
         vocab_multiple=128 * cfg.parallel.tensor_parallel,
     )
-    model_cfg = (
-        cfg.model if cfg.model.vocab_size else replace(cfg.model, vocab_size=data.padded_vocab_size)
-    )
-    if model_cfg.vocab_size < data.padded_vocab_size:
-        raise ValueError(
-            f"model.vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's padded "
-            f"vocabulary {data.padded_vocab_size}"
-        )
-    cfg = replace(cfg, model=model_cfg)
+    resolve_vocab_size(cfg, data.tokenizer.vocab_size, data.padded_vocab_size)
     monitor = Monitor(cfg.logging.tensorboard_dir, steps, is_logger=_global_rank() == 0)
     _report_parameters(cfg, monitor)
 
-    config = transformer_config(model_cfg, cfg.parallel, bf16=train.bf16)
-    chunks = build_model_chunks(model_cfg, config, cfg.parallel, seed=train.seed)
+    config = transformer_config(cfg.model, cfg.parallel, bf16=train.bf16)
+    chunks = build_model_chunks(cfg.model, config, cfg.parallel, seed=train.seed)
     model = wrap_model(chunks, config, cfg.parallel)
     opt = cfg.optimizer
     optimizer = build_optimizer(
         model,
         name="adam",
         lr=opt.lr,
+        min_lr=opt.min_lr,
         weight_decay=opt.weight_decay,
         adam_beta1=opt.adam_beta1,
         adam_beta2=opt.adam_beta2,
@@ -122,12 +114,12 @@ def setup(config_path: str, overrides: list[str]) -> Run:
     )
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=opt.warmup_init_lr,
         max_lr=opt.lr,
         min_lr=opt.min_lr,
-        lr_warmup_steps=opt.lr_warmup_steps,
+        lr_warmup_steps=opt.warmup_steps(steps),
         lr_decay_steps=steps,
-        lr_decay_style="cosine",
+        lr_decay_style=opt.lr_decay_style,
         start_wd=opt.weight_decay,
         end_wd=opt.weight_decay,
         wd_incr_steps=steps,
@@ -169,18 +161,19 @@ def train(run: Run) -> None:
     cfg, train_cfg = run.cfg, run.cfg.train
     batches = _train_iterators(run)
     update_norm = UpdateNorm(run.sam.backend)
-    tokens_per_step = train_cfg.global_batch_size * cfg.model.seq_length
+    tokens_per_step = train_cfg.global_batch_size * cfg.data.seq_length
     while run.iteration < run.train_steps:
         step = run.iteration + 1
         logging_step = step % train_cfg.log_interval == 0 or step == run.train_steps
         if logging_step:
             update_norm.start()
+        lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
         start = time.perf_counter()
         ok, _, _, metrics = run.sam.train_step(
             forward_step,
             batches,
             num_microbatches=run.num_microbatches,
-            seq_length=cfg.model.seq_length,
+            seq_length=cfg.data.seq_length,
             micro_batch_size=train_cfg.micro_batch_size,
         )
         step_time = time.perf_counter() - start
@@ -194,7 +187,7 @@ def train(run: Run) -> None:
         if logging_step:
             scalars = mean_over_ranks({k: v for k, v in metrics.items() if k != "skipped"})
             scalars.update(update_norm.finish())
-            scalars["lr"] = run.optimizer.param_groups[0]["lr"]
+            scalars["lr"] = lr
             scalars["tokens_per_second"] = tokens_per_step / step_time
             scalars["step_time"] = step_time
             if torch.cuda.is_available():
@@ -237,7 +230,7 @@ def evaluate(run: Run) -> float:
                 data_iterator=_per_chunk(run.model, chunk_batches),
                 model=run.model,
                 num_microbatches=run.num_microbatches,
-                seq_length=run.cfg.model.seq_length,
+                seq_length=run.cfg.data.seq_length,
                 micro_batch_size=train_cfg.micro_batch_size,
                 forward_only=True,
             )

@@ -136,6 +136,7 @@ def build_optimizer(
     *,
     name: str = "adam",
     lr: float,
+    min_lr: float | None = None,
     weight_decay: float = 0.0,
     adam_beta1: float = 0.9,
     adam_beta2: float = 0.999,
@@ -163,6 +164,7 @@ def build_optimizer(
         raise ValueError("megatron-core's distributed optimizer supports only adam")
     common = dict(
         lr=lr,
+        min_lr=lr if min_lr is None else min_lr,
         weight_decay=weight_decay,
         clip_grad=clip_grad,
         bf16=bf16,
