@@ -5,14 +5,15 @@
 #
 # One node:   bash launch/deepspeed.sh --num_gpus 8 -- --config configs/nanodo_h20.yaml
 # Many nodes: bash launch/deepspeed.sh --hostfile hosts.txt --master_addr node0 -- --config ...
-# (hosts.txt lines: "node0 slots=8"). A CPU-only machine runs one gloo rank per
-# --num_gpus without ssh.
+# (hosts.txt lines: "node0 slots=8"). Without a hostfile on a CPU-only machine, each of
+# --num_gpus ranks is a local gloo process and no ssh is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 launcher_args=()
 while [[ $# -gt 0 && "$1" != "--" ]]; do launcher_args+=("$1"); shift; done
 [[ $# -gt 0 ]] && shift
-if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    launcher_args+=(--no_ssh --master_addr 127.0.0.1)
+has_gpu() { python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; }
+if [[ " ${launcher_args[*]} " != *" --hostfile"* ]] && ! has_gpu; then
+    launcher_args+=(--no_ssh --node_rank 0 --master_addr 127.0.0.1)
 fi
 exec deepspeed "${launcher_args[@]}" launch/pretrain.py "$@"

@@ -162,6 +162,7 @@ def train(run: Run) -> None:
     batches = _train_iterators(run)
     update_norm = UpdateNorm(run.sam.backend)
     tokens_per_step = train_cfg.global_batch_size * cfg.data.seq_length
+    run.monitor.begin(run.iteration)
     while run.iteration < run.train_steps:
         step = run.iteration + 1
         logging_step = step % train_cfg.log_interval == 0 or step == run.train_steps

@@ -56,11 +56,15 @@ class Monitor:
         self.is_logger = is_logger
         self.writer = None
         self._start = time.perf_counter()
-        self._start_step: int | None = None
+        self._start_step = 0
         if is_logger and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(tensorboard_dir)
+
+    def begin(self, step: int) -> None:
+        """Start the ETA clock at `step` (after set-up, or where a resumed run stands)."""
+        self._start, self._start_step = time.perf_counter(), step
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if self.writer is None:
@@ -72,8 +76,6 @@ class Monitor:
     def console(self, step: int, fields: dict[str, float]) -> None:
         if not self.is_logger:
             return
-        if self._start_step is None:
-            self._start_step, self._start = step - 1, time.perf_counter()
         done = step - self._start_step
         rate = (time.perf_counter() - self._start) / max(done, 1)
         eta = rate * (self.total_steps - step)
