@@ -312,6 +312,9 @@ def _start_processes(cfg: RunConfig) -> None:
 
     if not torch.cuda.is_available():
         enable_cpu_emulation()
+        # Local ranks share the cores: one thread pool each would oversubscribe them.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
