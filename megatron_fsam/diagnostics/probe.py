@@ -1,0 +1,277 @@
+"""Gradients of the global loss at theta + s v, in any TP/PP/DP layout, by plain passes.
+
+Every diagnostic here is a finite difference of gradients or of logit cotangents, so it
+needs no double backward and runs through Megatron's own autograd functions and schedules,
+exactly as the Func-SAM step does: write theta + s v into the shards the model reads,
+all-gather, run `forward_backward_func` on fixed micro-batches with the same dropout masks,
+read the reduced gradient from this rank's shards.
+
+Vectors in parameter space are lists of fp32 1-D tensors aligned with this rank's shards
+(the optimizer's view: whole parameters, or their distributed-optimizer ranges). Global
+inner products sum the counted shards (each parameter once) and reduce in one all-reduce.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.optimizer import MegatronOptimizer
+
+from megatron_fsam.backends.megatron import MegatronBackend
+from megatron_fsam.gate import LogitGate, Rewrite, find_logits_module
+from megatron_fsam.kernels import Shards, get_kernels
+from megatron_fsam.models.weights import full_shape, global_param_names, tp_slice
+from megatron_fsam.parallel import forward_backward_func
+from megatron_fsam.replay import RNGState
+
+Vector = list[torch.Tensor]
+Cotangents = dict[int, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    """Which parameter a shard belongs to: its global name and flat range in the local tensor."""
+
+    name: str
+    param: torch.nn.Parameter
+    start: int
+    stop: int
+
+
+class ModelShards:
+    """This rank's shards of theta under their global names; writes and exact restores.
+
+    On entry the values the model reads are copied, so leaving restores them bit for bit
+    (whatever the precision of the params) and all-gathers them again.
+    """
+
+    def __init__(self, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer) -> None:
+        self.model_chunks = model_chunks
+        self.optimizer = optimizer
+        self.backend = MegatronBackend(model_chunks, optimizer)
+        self.kernels = get_kernels("auto")
+        self.shards = self.backend.shards(precondition=False).all
+        self.spans = _locate(self.shards.grads, model_chunks)
+        self._saved: Vector | None = None
+
+    def __enter__(self) -> ModelShards:
+        self._saved = [t.detach().clone() for t in self.shards.targets]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+        self._saved = None
+
+    # ----- writing theta -------------------------------------------------------------------
+
+    def perturb(self, direction: Vector, step: float) -> None:
+        """The model reads theta + step * direction (theta: the optimizer's fp32 values)."""
+        shards = self.shards
+        moved = Shards(shards.thetas, direction, shards.targets, shards.counted)
+        self.kernels.perturb(moved, step)
+        self.backend.sync_params()
+
+    @torch.no_grad()
+    def write(self, values: Vector) -> None:
+        """The model reads `values` (cast to the params' dtype)."""
+        torch._foreach_copy_(self.shards.targets, values)
+        self.backend.sync_params()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """The model reads exactly what it read on entry."""
+        torch._foreach_copy_(self.shards.targets, self._saved)
+        self.backend.sync_params()
+
+    # ----- vectors -------------------------------------------------------------------------
+
+    def thetas(self) -> Vector:
+        return list(self.shards.thetas)
+
+    def grads(self) -> Vector:
+        """An fp32 copy of the reduced gradient this rank holds."""
+        return [g.detach().float().clone() for g in self.shards.grads]
+
+    def dots(self, pairs: Sequence[tuple[Vector, Vector]]) -> list[float]:
+        """Global <a, b> for each pair, every parameter counted once: one all-reduce."""
+        device = self.shards.grads[0].device if len(self.shards) else torch.device("cpu")
+        local = torch.zeros(len(pairs), dtype=torch.float64, device=device)
+        for i, (a, b) in enumerate(pairs):
+            for x, y, counted in zip(a, b, self.shards.counted, strict=True):
+                if counted and x.numel():
+                    local[i] += torch.mul(x, y).sum(dtype=torch.float64)
+        return self.backend.all_reduce_sums(local).tolist()
+
+    def random(self, seed: int, kind: str = "rademacher") -> Vector:
+        """A random vector that is the same in every layout.
+
+        Each parameter's full (single-process) tensor is drawn from a generator seeded by
+        `seed` and the parameter's global name; each rank keeps its TP slice and shard range.
+        Copies of one parameter (TP duplicates, the tied embedding) thus get equal values.
+        """
+        if kind not in ("rademacher", "gaussian"):
+            raise ValueError(f"unknown random vector kind {kind!r}")
+        fulls: dict[str, torch.Tensor] = {}
+        out = []
+        for span in self.spans:
+            if span is None:
+                out.append(torch.zeros(0, dtype=torch.float32))
+                continue
+            full = fulls.get(span.name)
+            if full is None:
+                generator = torch.Generator(device=span.param.device)
+                generator.manual_seed(seed * 1_000_003 + zlib.crc32(span.name.encode()))
+                shape, device = full_shape(span.param), span.param.device
+                if kind == "rademacher":
+                    bits = torch.randint(0, 2, shape, generator=generator, device=device)
+                    full = bits.float().mul_(2).sub_(1)
+                else:
+                    full = torch.randn(shape, generator=generator, device=device)
+                fulls[span.name] = full
+            local = tp_slice(full, span.param).reshape(-1)
+            out.append(local[span.start : span.stop].contiguous())
+        return out
+
+    def zero_grads(self) -> None:
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+
+class GradientProbe(ModelShards):
+    """Gradients (and logit cotangents) of the loss on fixed micro-batches at theta + s v.
+
+    Used as a context manager: on exit theta is back bit for bit, the gradient buffers are
+    zeroed and the RNG is where it was, so a training loop continues as if nothing ran.
+    """
+
+    def __init__(
+        self,
+        model_chunks: list[torch.nn.Module],
+        optimizer: MegatronOptimizer,
+        forward_step_func: Callable,
+        batches: list[Any],
+        *,
+        num_microbatches: int,
+        seq_length: int,
+        micro_batch_size: int,
+        logits_module: str | None = None,
+    ) -> None:
+        super().__init__(model_chunks, optimizer)
+        self.backend.check_grad_reduction()
+        self.forward_step_func = forward_step_func
+        self.batches = batches
+        self.schedule = dict(
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+        )
+        self.logits_module = logits_module
+        self.gate: LogitGate | None = None
+        self._rng: RNGState | None = None
+
+    def __enter__(self) -> GradientProbe:
+        super().__enter__()
+        self._rng = RNGState.capture()
+        module = find_logits_module(self.model_chunks, self.logits_module)
+        self.gate = LogitGate(module) if module is not None else None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+            self.zero_grads()
+            self._rng.restore()
+        finally:
+            if self.gate is not None:
+                self.gate.remove()
+            self.gate = None
+
+    def gradient(
+        self,
+        direction: Vector | None = None,
+        step: float = 0.0,
+        cotangent: Rewrite | None = None,
+    ) -> Vector:
+        """J(theta + step d)^T c for c = cotangent(index, incoming) (default: the loss's own).
+
+        `cotangent` runs at the logits of the last stage; it may record the incoming
+        cotangent c(theta + step d) and return another one. Theta is restored afterwards.
+        """
+        if direction is not None and step != 0.0:
+            self.perturb(direction, step)
+        self.zero_grads()
+        self._rng.restore()
+        rewrite = self.gate.rewriting(cotangent) if self.gate and cotangent else nullcontext()
+        with rewrite:
+            forward_backward_func()(
+                forward_step_func=self.forward_step_func,
+                data_iterator=self._iterators(),
+                model=self.model_chunks,
+                forward_only=False,
+                **self.schedule,
+            )
+        if direction is not None and step != 0.0:
+            self.restore()
+        return self.grads()
+
+    def _iterators(self) -> Iterator[Any] | list[Iterator[Any]]:
+        if len(self.model_chunks) > 1:  # interleaved schedule: one iterator per chunk
+            return [iter(self.batches) for _ in self.model_chunks]
+        return iter(self.batches)
+
+
+def record(store: Cotangents, replace: Cotangents | None = None) -> Rewrite:
+    """Keep each incoming cotangent in `store`; back-propagate `replace`'s (or the incoming)."""
+
+    def rewrite(index: int, incoming: torch.Tensor) -> torch.Tensor:
+        store[index] = incoming.detach().float().clone()
+        return incoming if replace is None else replace[index].to(incoming.dtype)
+
+    return rewrite
+
+
+def difference(plus: Cotangents, minus: Cotangents, scale: float) -> Rewrite:
+    """Back-propagate (plus - minus) * scale: J^T of a cotangent difference, by linearity."""
+
+    def rewrite(index: int, incoming: torch.Tensor) -> torch.Tensor:
+        return ((plus[index] - minus[index]) * scale).to(incoming.dtype)
+
+    return rewrite
+
+
+def combine(a: float, x: Vector, b: float, y: Vector) -> Vector:
+    """a x + b y."""
+    return [a * xi + b * yi for xi, yi in zip(x, y, strict=True)]
+
+
+def _locate(grads: Vector, model_chunks: list[torch.nn.Module]) -> list[ShardSpan | None]:
+    """Name every shard: the backend's gradient shards are views of each parameter's main_grad.
+
+    Finding a shard's address inside a parameter's main_grad gives its parameter and range
+    without reaching into the optimizer's private range maps. Empty shards get None.
+    """
+    owners = []
+    for name, param in global_param_names(model_chunks).items():
+        main_grad = param.main_grad
+        begin = main_grad.data_ptr()
+        owners.append((begin, begin + main_grad.numel() * main_grad.element_size(), name, param))
+    spans: list[ShardSpan | None] = []
+    for grad in grads:
+        if grad.numel() == 0:
+            spans.append(None)
+            continue
+        address = grad.data_ptr()
+        for begin, end, name, param in owners:
+            if begin <= address < end:
+                start = (address - begin) // grad.element_size()
+                spans.append(ShardSpan(name, param, start, start + grad.numel()))
+                break
+        else:
+            raise ValueError("megatron_fsam: a gradient shard lies in no parameter's main_grad")
+    return spans

@@ -1,0 +1,120 @@
+"""Which path carries the sharpness gradient: logits or function (paper Section 3, Eq. 9).
+
+The Hessian splits as H = H_G + H_F: H_G = J^T H_out J (Gauss-Newton, the logit path)
+and H_F = sum_i c_i d^2 F_i (the functional path). Along u = g / ||g||,
+
+    delta_logit = H_G u ~ [J(theta)^T c(theta + h u) - g] / h
+                        = J(theta)^T [c(theta + h u) - c(theta)] / h
+    delta_func  = H_F u ~ [J(theta + h u)^T c(theta) - g] / h
+
+and tau_logit = |delta_logit|^2 / |delta_logit + delta_func|^2, tau_func likewise,
+tau_cross = 2 <delta_logit, delta_func> / |delta_logit + delta_func|^2 (they sum to 1).
+The logit term back-propagates the cotangent difference in one pass at theta instead of
+subtracting two gradients: the same quantity by linearity, without the cancellation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from megatron.core.optimizer import MegatronOptimizer
+from torch.nn import Module
+
+from megatron_fsam.diagnostics.probe import (
+    Cotangents,
+    GradientProbe,
+    Vector,
+    combine,
+    difference,
+    record,
+)
+
+
+@dataclass
+class SharpnessDeltas:
+    """The gradient g and the two parts of H u, u = g / ||g||, as this rank's shards."""
+
+    grad: Vector
+    grad_norm: float
+    delta_logit: Vector  # H_G u
+    delta_func: Vector  # H_F u
+
+
+def sharpness_deltas(probe: GradientProbe, h: float, central: bool) -> SharpnessDeltas:
+    """delta_logit and delta_func by finite differences along u (inside `with probe:`)."""
+    if h <= 0:
+        raise ValueError(f"h must be positive, got {h}")
+    clean: Cotangents = {}
+    g = probe.gradient(cotangent=record(clean))
+    (grad_sq,) = probe.dots([(g, g)])
+    if not math.isfinite(grad_sq) or grad_sq == 0.0:
+        raise ValueError(f"sharpness: ||g||^2 = {grad_sq}, no direction u = g / ||g||")
+    grad_norm = math.sqrt(grad_sq)
+    step = h / grad_norm  # theta + step * g = theta + h u
+
+    plus: Cotangents = {}
+    func_plus = probe.gradient(g, step, record(plus, replace=clean))
+    if central:
+        minus: Cotangents = {}
+        func_minus = probe.gradient(g, -step, record(minus, replace=clean))
+        delta_func = combine(0.5 / h, func_plus, -0.5 / h, func_minus)
+        delta_logit = probe.gradient(cotangent=difference(plus, minus, 0.5 / h))
+    else:
+        delta_func = combine(1.0 / h, func_plus, -1.0 / h, g)
+        delta_logit = probe.gradient(cotangent=difference(plus, clean, 1.0 / h))
+    return SharpnessDeltas(g, grad_norm, delta_logit, delta_func)
+
+
+def sharpness_composition(
+    model_chunks: list[Module],
+    optimizer: MegatronOptimizer,
+    forward_step_func: Callable,
+    batches: list,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    h: float = 1e-3,
+    central: bool = False,
+    logits_module: str | None = None,
+) -> dict[str, float]:
+    """tau_logit, tau_func, tau_cross at the current weights, on this rank's `batches`.
+
+    Costs 3 forward-backward passes (4 with central differences); h is the Euclidean
+    length of the step along u. The model is restored bit for bit, the gradient buffers
+    are left zeroed and the RNG state unchanged. Returns the same dict on every rank.
+    """
+    probe = GradientProbe(
+        model_chunks,
+        optimizer,
+        forward_step_func,
+        batches,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        logits_module=logits_module,
+    )
+    with probe:
+        d = sharpness_deltas(probe, h, central)
+        logit_sq, func_sq, cross, g_logit, g_func = probe.dots(
+            [
+                (d.delta_logit, d.delta_logit),
+                (d.delta_func, d.delta_func),
+                (d.delta_logit, d.delta_func),
+                (d.grad, d.delta_logit),
+                (d.grad, d.delta_func),
+            ]
+        )
+    total_sq = logit_sq + func_sq + 2.0 * cross
+    return {
+        "tau_logit": logit_sq / total_sq,
+        "tau_func": func_sq / total_sq,
+        "tau_cross": 2.0 * cross / total_sq,
+        "grad_norm": d.grad_norm,
+        "delta_logit_norm": math.sqrt(logit_sq),
+        "delta_func_norm": math.sqrt(func_sq),
+        "curvature_logit": g_logit / d.grad_norm,  # u^T H_G u
+        "curvature_func": g_func / d.grad_norm,  # u^T H_F u
+    }
