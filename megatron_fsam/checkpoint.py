@@ -1,0 +1,388 @@
+"""Atomic, reshardable checkpoints of a Megatron training run (torch_dist format).
+
+A checkpoint is ``root/iter_XXXXXXX``: megatron-core's distributed checkpoint of the model
+chunks, the optimizer, each rank's RNG states and a plain ``extra`` dict (Func-SAM state,
+LR schedule, data position, config). It is written into ``iter_XXXXXXX.tmp``, renamed into
+place once every rank has finished, and only then named in ``root/latest``, so a crash
+mid-save leaves the last good checkpoint the one that loads.
+
+Two megatron-core 0.16.1 gaps are closed here:
+
+- an optimizer that has not stepped has no state to load into (and the distributed
+  optimizer cannot even describe itself): it gets Adam's exact initial state first;
+- with torch Adam (no apex/TE) the restored per-parameter ``step`` is wrong (the
+  distributed optimizer hands every parameter one shared tensor, which then advances once
+  per parameter per step), which breaks the bias correction and preconditioning: the true
+  step is saved and every parameter gets its own copy back on load.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.utils import unwrap_model
+
+logger = logging.getLogger("megatron_fsam")
+
+LATEST = "latest"
+SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_RNG_KEY = "rng_state"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read as asked."""
+
+
+def checkpoint_path(root: str, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(root: str) -> Path | None:
+    """The checkpoint ``root/latest`` names; None when there is none yet."""
+    latest = Path(root) / LATEST
+    if not latest.is_file():
+        return None
+    text = latest.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{latest} should hold an iteration number, found {text!r}")
+    path = checkpoint_path(root, int(text))
+    old = path.with_name(path.name + ".old")
+    if not path.is_dir() and old.is_dir():
+        return old  # a crash while replacing a checkpoint of the same iteration
+    if not path.is_dir():
+        raise CheckpointError(f"{latest} names iteration {text}, but {path} does not exist")
+    return path
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model_chunks: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    *,
+    extra: dict,
+    keep_last: int | None = None,
+    sharding_type: str = "dp_reshardable",
+) -> str:
+    """Save on every rank (collective); returns the checkpoint directory.
+
+    ``extra`` must hold plain values (what ``torch.load(weights_only=True)`` reads back).
+    ``sharding_type`` sets the distributed optimizer's format: "dp_reshardable" restores
+    into another data-parallel size only, "fully_reshardable" into any TP/PP/DP layout
+    (gathers the optimizer state on save). ``keep_last`` prunes older checkpoints.
+    """
+    if sharding_type not in SHARDING_TYPES:
+        raise ValueError(f"sharding_type must be one of {SHARDING_TYPES}, got {sharding_type!r}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    _check_plain(extra)
+    final = checkpoint_path(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
+        tmp.mkdir(parents=True)
+    dist.barrier()
+
+    _ensure_adam_state(optimizer)
+    state = _sharded_state(model_chunks, optimizer, sharding_type, with_rng=True)
+    state.update(
+        iteration=iteration,
+        extra=extra,
+        adam_step=_adam_step(optimizer),
+        layout=_layout(),
+        distributed_optimizer=_is_distributed(optimizer),
+        sharding_type=sharding_type,
+    )
+    dist_checkpointing.save(state, str(tmp))
+
+    dist.barrier()
+    if rank == 0:
+        _publish(Path(root), tmp, final, iteration)
+        if keep_last is not None:
+            _prune(Path(root), keep_last)
+    dist.barrier()
+    return str(final)
+
+
+def load_checkpoint(
+    root: str,
+    model_chunks: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    *,
+    strict: bool = True,
+) -> dict | None:
+    """Restore the latest checkpoint on every rank (collective); returns its ``extra``.
+
+    Returns None when ``root`` holds no checkpoint. RNG states are restored only into the
+    layout they were saved from; in another layout each rank keeps its own seeding.
+    """
+    path = latest_checkpoint(root)
+    if path is None:
+        return None
+    common = _read_common(path)
+    same_layout = common["layout"] == _layout()
+    if common["distributed_optimizer"] != _is_distributed(optimizer):
+        raise CheckpointError(
+            f"{path} was saved with distributed_optimizer={common['distributed_optimizer']}; "
+            "load it with the same kind of optimizer"
+        )
+    changes_model_split = any(
+        common["layout"][k] != _layout()[k] for k in ("tensor_parallel", "pipeline_parallel")
+    )
+    if common["distributed_optimizer"] and changes_model_split:
+        if common["sharding_type"] != "fully_reshardable":
+            raise CheckpointError(
+                f"{path} holds {common['sharding_type']} optimizer state, which cannot move "
+                "to another tensor/pipeline split; save with sharding_type='fully_reshardable'"
+            )
+
+    _ensure_adam_state(optimizer)
+    request = _sharded_state(
+        model_chunks, optimizer, common["sharding_type"], with_rng=same_layout, loading=True
+    )
+    try:
+        loaded, missing, unexpected = dist_checkpointing.load(
+            request, str(path), strict=StrictHandling.RETURN_ALL
+        )
+    except Exception as e:
+        raise CheckpointError(f"cannot load {path}: {_summary(e)}") from e
+    if not same_layout:
+        unexpected = {k for k in unexpected if not k.startswith(_RNG_KEY)}
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+    with torch.no_grad():  # fp32 main-param shards of the distributed optimizer are views
+        for key, chunk in _model_keys(model_chunks).items():
+            chunk.load_state_dict(loaded[key], strict=strict)
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_step(optimizer, common["adam_step"])
+    if same_layout:
+        _set_rng_state(loaded[_RNG_KEY])
+    else:
+        logger.warning(
+            "megatron_fsam: %s was saved in layout %s, loading into %s: RNG states not restored",
+            path,
+            common["layout"],
+            _layout(),
+        )
+    return loaded["extra"]
+
+
+# ----- state -------------------------------------------------------------------------------
+
+
+def _model_keys(model_chunks: list[torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """Megatron-LM's keys: "model", or "model0", "model1", ... for virtual pipeline stages."""
+    chunks = [unwrap_model(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0]}
+    return {f"model{i}": c for i, c in enumerate(chunks)}
+
+
+def _sharded_state(
+    model_chunks: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    sharding_type: str,
+    *,
+    with_rng: bool,
+    loading: bool = False,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        key: chunk.sharded_state_dict() for key, chunk in _model_keys(model_chunks).items()
+    }
+    state["optimizer"] = optimizer.sharded_state_dict(
+        state, is_loading=loading, metadata={"distrib_optim_sharding_type": sharding_type}
+    )
+    if with_rng:
+        state[_RNG_KEY] = ShardedObject(
+            _RNG_KEY, _rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0
+        )
+    return state
+
+
+def _read_common(path: Path) -> dict[str, Any]:
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {_summary(e)}") from e
+    required = ("layout", "distributed_optimizer", "sharding_type", "adam_step", "extra")
+    if not isinstance(common, dict) or any(k not in common for k in required):
+        raise CheckpointError(f"{path} was not written by megatron_fsam.save_checkpoint")
+    return common
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _check_plain(extra: dict) -> None:
+    """Fail at save time, not at resume, on values a safe ``torch.load`` refuses."""
+    buffer = io.BytesIO()
+    torch.save(extra, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as e:
+        raise TypeError(
+            f"extra must hold plain values (dicts, numbers, tensors): {_summary(e)}"
+        ) from e
+
+
+def _summary(error: BaseException) -> str:
+    """The exception's first line: errors from torch's loaders span screens."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+# ----- Adam ----------------------------------------------------------------------------------
+
+
+def _leaves(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:
+    if isinstance(optimizer, ChainedOptimizer):
+        return [o for o in optimizer.chained_optimizers if not getattr(o, "is_stub_optimizer", 0)]
+    return [optimizer]
+
+
+def _is_distributed(optimizer: MegatronOptimizer) -> bool:
+    return any(isinstance(o, DistributedOptimizer) for o in _leaves(optimizer))
+
+
+def _torch_adams(optimizer: MegatronOptimizer) -> list[tuple[MegatronOptimizer, torch.optim.Adam]]:
+    """Leaves whose inner optimizer is torch's Adam/AdamW (per-parameter ``step`` tensors)."""
+    return [
+        (leaf, leaf.optimizer)
+        for leaf in _leaves(optimizer)
+        if isinstance(leaf.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    ]
+
+
+def _ensure_adam_state(optimizer: MegatronOptimizer) -> None:
+    """Give parameters without Adam state torch's initial one: zero moments, step 0.
+
+    Exactly what Adam's first step would create, so training is unchanged; it lets a
+    fresh optimizer receive a checkpoint and an unstepped one be saved.
+    """
+    for leaf, adam in _torch_adams(optimizer):
+        leaf.init_state_fn(adam, leaf.config)
+        for group in adam.param_groups:
+            for param in group["params"]:
+                adam.state[param].setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+
+
+def _adam_step(optimizer: MegatronOptimizer) -> int | None:
+    """The number of Adam steps taken on this rank (one value for all parameters)."""
+    steps = {
+        int(state["step"])
+        for _, adam in _torch_adams(optimizer)
+        for state in adam.state.values()
+        if "step" in state
+    }
+    if len(steps) > 1:
+        raise CheckpointError(f"Adam parameters disagree on their step count: {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def _restore_adam_step(optimizer: MegatronOptimizer, step: int | None) -> None:
+    """Each parameter's own ``step`` tensor with the saved count (megatron's may be shared)."""
+    if step is None:
+        return
+    for _, adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                old = state.get("step")
+                dtype = old.dtype if torch.is_tensor(old) else torch.float32
+                device = old.device if torch.is_tensor(old) else torch.device("cpu")
+                state["step"] = torch.tensor(float(step), dtype=dtype, device=device)
+
+
+# ----- RNG -----------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    """This rank's generators, as plain values a safe ``torch.load`` reads back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "cpu": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ----- files ---------------------------------------------------------------------------------
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
+    """Rename the finished directory into place, then point ``latest`` at it."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(root)
+    latest_tmp = root / (LATEST + ".tmp")
+    with open(latest_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, root / LATEST)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints."""
+    iterations = sorted(
+        int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir()
+    )
+    for iteration in iterations[:-keep_last]:
+        shutil.rmtree(checkpoint_path(str(root), iteration), ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
