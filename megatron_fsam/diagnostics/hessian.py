@@ -11,8 +11,8 @@ micro-batch and data-parallel averaging included) instead of a re-derived formul
 +s and -s passes serve both products, so a Hutchinson sample of tr(H) and tr(GGN) costs
 three passes. lambda_max comes from Lanczos on H v (two passes per iteration): with the
 memory of power iteration (three vectors) it needs far fewer products when the top
-eigenvalues are close (on the test model, 13.80 and 12.69: Lanczos is within 1e-4 after
-8 products, power iteration still 0.5% low after 40).
+eigenvalues are close (measured on a 1.8k-parameter GPT at initialisation, top eigenvalues
+13.80 and 12.69: Lanczos was within 1e-4 after 8 products, power iteration 0.5% low after 40).
 """
 
 from __future__ import annotations

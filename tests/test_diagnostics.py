@@ -1,0 +1,421 @@
+"""Diagnostics against exact second-order quantities, and the same numbers in every layout.
+
+The reference differentiates twice with ``functional_call`` and ``torch.autograd.grad``
+through the single-process Megatron model: torch.func transforms reject Megatron's custom
+autograd functions, but at TP=1 their backward is differentiable. A model small enough
+(500 parameters) for the full Hessian and Gauss-Newton matrix gives exact taus,
+lambda_max and traces. It is first trained a few Adam steps on its batches: at
+initialisation this model's H_G u and H_F u nearly cancel (tau_logit = 32.6,
+tau_cross = -64.6), where the taus say little and amplify every error.
+
+One single-process spawn compares the finite-difference diagnostics with the exact values
+and saves weights, batches and results; one 4-rank spawn recomputes everything under
+TP2 x PP2 and under PP2 x DP2 with the distributed optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from megatron.core import parallel_state
+
+from megatron_fsam.diagnostics import (
+    GradientProbe,
+    ModelShards,
+    evaluate_loss,
+    hessian_metrics,
+    magnitude_thresholds,
+    pruning_curve,
+    sharpness_composition,
+)
+from megatron_fsam.diagnostics.pruning import prunable_mask
+from megatron_fsam.diagnostics.sharpness import sharpness_deltas
+from megatron_fsam.models.gpt import (
+    GPTConfig,
+    build_model_chunks,
+    forward_step,
+    transformer_config,
+)
+from megatron_fsam.models.weights import full_state, global_param_names, load_full_state
+from megatron_fsam.parallel import (
+    ParallelConfig,
+    build_optimizer,
+    forward_backward_func,
+    wrap_model,
+)
+from tests import reference
+from tests.sam_harness import my_batches, use_layout
+from tests.spawn import run_ranks
+
+SMALL = GPTConfig(
+    num_layers=2,
+    hidden_size=4,
+    num_attention_heads=2,
+    ffn_hidden_size=16,
+    vocab_size=16,
+    seq_length=8,
+)
+MICRO_BATCH, MICROBATCHES = 2, 4
+H_FORWARD, H_CENTRAL, H_HESSIAN = 3e-4, 3e-4, 1e-3
+TRAIN_STEPS, TRAIN_LR = 30, 3e-2
+SPARSITIES = [0.0, 0.3, 0.6, 0.9]
+TAU_KEYS = ("tau_logit", "tau_func", "tau_cross")
+LAYOUTS = {
+    "tp2_pp2": ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
+    "pp2_dp2_distopt": ParallelConfig(pipeline_parallel=2, distributed_optimizer=True),
+}
+# Finite differences divide the layouts' different fp32 rounding by h: measured up to 2e-4
+# (relative, on |H_F u|) between TP2 x PP2 and one process.
+LAYOUT_TOLERANCE = 1e-3
+
+
+def _batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        stream = torch.randint(
+            0, SMALL.vocab_size, (MICRO_BATCH, SMALL.seq_length + 1), generator=generator
+        )
+        mask = (torch.rand(MICRO_BATCH, SMALL.seq_length, generator=generator) > 0.2).float()
+        out.append(
+            {
+                "tokens": stream[:, :-1].contiguous(),
+                "labels": stream[:, 1:].contiguous(),
+                "loss_mask": mask,
+                "position_ids": torch.arange(SMALL.seq_length).expand(MICRO_BATCH, -1).contiguous(),
+            }
+        )
+    return out
+
+
+def _build(parallel: ParallelConfig, full: dict[str, torch.Tensor]):
+    config = transformer_config(SMALL, parallel)
+    chunks = build_model_chunks(SMALL, config, parallel)
+    load_full_state(chunks, full)
+    model = wrap_model(chunks, config, parallel)
+    optimizer = (
+        dict(name="adam", lr=1e-3, distributed_optimizer=True)
+        if parallel.distributed_optimizer
+        else dict(name="sgd", lr=1.0)
+    )
+    return model, build_optimizer(model, **optimizer)
+
+
+def _trained(parallel: ParallelConfig, full: dict[str, torch.Tensor], batches: list) -> dict:
+    """Weights after TRAIN_STEPS plain Adam steps on `batches`."""
+    config = transformer_config(SMALL, parallel)
+    chunks = build_model_chunks(SMALL, config, parallel)
+    load_full_state(chunks, full)
+    model = wrap_model(chunks, config, parallel)
+    optimizer = build_optimizer(model, name="adam", lr=TRAIN_LR)
+    for _ in range(TRAIN_STEPS):
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=model,
+            forward_only=False,
+            **_schedule(batches),
+        )
+        optimizer.step()
+    return full_state(model)
+
+
+def _schedule(batches: list) -> dict[str, int]:
+    return dict(
+        num_microbatches=len(batches), seq_length=SMALL.seq_length, micro_batch_size=MICRO_BATCH
+    )
+
+
+# ----- exact references ---------------------------------------------------------------------
+
+
+def _rows(outputs: torch.Tensor, params: list[torch.Tensor], chunk: int = 125) -> torch.Tensor:
+    """d outputs / d params as a dense [outputs, params] matrix, one batched backward per chunk."""
+    rows = []
+    for start in range(0, outputs.numel(), chunk):
+        count = min(chunk, outputs.numel() - start)
+        seeds = torch.zeros(count, outputs.numel())
+        seeds[torch.arange(count), torch.arange(start, start + count)] = 1.0
+        grads = torch.autograd.grad(
+            outputs, params, seeds, retain_graph=True, is_grads_batched=True
+        )
+        rows.append(torch.cat([g.reshape(count, -1) for g in grads], dim=1))
+    return torch.cat(rows).double()
+
+
+def _exact(gpt, full: dict[str, torch.Tensor], batches: list[dict]) -> dict:
+    """Gradient, full Hessian and Gauss-Newton matrix of the global loss (names order)."""
+    params = {n: t.detach().clone().requires_grad_(True) for n, t in full.items()}
+    leaves = list(params.values())
+    logits = [reference.logits_at(gpt, params, b) for b in batches]
+    pairs = zip(logits, batches, strict=True)
+    loss = sum(reference.loss_of_logits(out, b, len(batches)) for out, b in pairs)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, leaves, create_graph=True)])
+    hessian = _rows(grad, leaves)
+    jacobian = _rows(torch.cat([out.reshape(-1) for out in logits]), leaves)
+    blocks = []  # H_out per token: a (diag p - p p^T), a = mask / sum(mask) / #micro-batches
+    for out, batch in zip(logits, batches, strict=True):
+        p = torch.softmax(out.detach().double(), dim=-1).reshape(-1, SMALL.vocab_size)
+        mask = batch["loss_mask"].reshape(-1).double()
+        weight = mask / mask.sum() / len(batches)
+        blocks.append(weight[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]))
+    h_out = torch.block_diag(*torch.cat(blocks))
+    return {
+        "grad": grad.detach().double(),
+        "hessian": (hessian + hessian.T) / 2,
+        "ggn": jacobian.T @ h_out @ jacobian,
+    }
+
+
+def _taus(delta_logit: torch.Tensor, delta_func: torch.Tensor) -> dict[str, float]:
+    total = (delta_logit + delta_func).square().sum()
+    return {
+        "tau_logit": (delta_logit.square().sum() / total).item(),
+        "tau_func": (delta_func.square().sum() / total).item(),
+        "tau_cross": (2 * delta_logit @ delta_func / total).item(),
+    }
+
+
+def _full_vector(shards: ModelShards, vector: list[torch.Tensor], names: list[str]) -> torch.Tensor:
+    """A single-process vector in the reference's parameter order."""
+    by_name = {span.name: v for span, v in zip(shards.spans, vector, strict=True)}
+    return torch.cat([by_name[n].reshape(-1) for n in names]).double()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----- the diagnostics in one layout ----------------------------------------------------------
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in global_param_names(model).items()}
+
+
+def _untouched(model, before: dict[str, torch.Tensor], rng: torch.Tensor) -> bool:
+    """Bit-identical weights, zeroed gradient buffers, the same RNG state."""
+    same = all(torch.equal(p, before[n]) for n, p in global_param_names(model).items())
+    zero = all(not p.main_grad.any() for p in global_param_names(model).values())
+    return same and zero and torch.equal(torch.get_rng_state(), rng)
+
+
+def _diagnose(model, optimizer, batches: list) -> dict:
+    """Every diagnostic on this rank's batches, and whether each left the model untouched."""
+    schedule = _schedule(batches)
+    out: dict = {"untouched": {}}
+    for name, central, h in (("forward", False, H_FORWARD), ("central", True, H_CENTRAL)):
+        before, rng = _snapshot(model), torch.get_rng_state()
+        out[name] = sharpness_composition(
+            model, optimizer, forward_step, batches, h=h, central=central, **schedule
+        )
+        out["untouched"][name] = _untouched(model, before, rng)
+    before, rng = _snapshot(model), torch.get_rng_state()
+    out["hessian"] = hessian_metrics(
+        model, optimizer, forward_step, batches, h=H_HESSIAN, trace_samples=8, **schedule
+    )
+    out["untouched"]["hessian"] = _untouched(model, before, rng)
+
+    before = _snapshot(model)
+    out["plain_loss"] = evaluate_loss(model, forward_step, batches, **schedule)
+    out["pruning"] = pruning_curve(model, optimizer, forward_step, batches, SPARSITIES, **schedule)
+    out["untouched"]["pruning"] = _untouched(model, before, torch.get_rng_state())
+    with ModelShards(model, optimizer) as shards:
+        out["thresholds"] = magnitude_thresholds(shards, SPARSITIES)
+        out["gathered_thresholds"] = _gathered_thresholds(shards)
+    return out
+
+
+def _gathered_thresholds(shards: ModelShards) -> list[float]:
+    """The k-th smallest prunable magnitude of the whole model, gathered onto every rank."""
+    keep = [p and c for p, c in zip(prunable_mask(shards), shards.shards.counted, strict=True)]
+    local = torch.cat([t.abs() for t, k in zip(shards.thetas(), keep, strict=True) if k])
+    group = shards.backend.stats_group
+    pieces = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(pieces, local, group=group)
+    magnitudes = torch.cat(pieces)
+    return [
+        magnitudes.kthvalue(int(s * magnitudes.numel())).values.item() if s > 0 else -1.0
+        for s in SPARSITIES
+    ]
+
+
+def _single_process(rank: int, world: int, path: str) -> dict:
+    parallel = ParallelConfig()
+    use_layout(parallel)
+    batches = _batches(MICROBATCHES)
+    gpt = build_model_chunks(SMALL, transformer_config(SMALL, parallel), parallel)[0]
+    full = _trained(parallel, full_state([gpt]), batches)
+    names = list(full)
+    exact = _exact(gpt, full, batches)
+    hessian, ggn = exact["hessian"], exact["ggn"]
+    u = exact["grad"] / exact["grad"].norm()
+    delta_logit, delta_func = ggn @ u, hessian @ u - ggn @ u
+
+    model, optimizer = _build(parallel, full)
+    report = _diagnose(model, optimizer, batches)
+    report["exact"] = {
+        "central": _taus(delta_logit, delta_func),
+        "lambda_max": torch.linalg.eigvalsh(hessian)[-1].item(),
+        "trace_hessian": hessian.trace().item(),
+        "trace_ggn": ggn.trace().item(),
+    }
+    # The finite-difference vectors themselves, and the exact quadratic forms of the
+    # very Rademacher vectors that Hutchinson drew (seeds 1.. of hessian_metrics).
+    errors = {}
+    with GradientProbe(model, optimizer, forward_step, batches, **_schedule(batches)) as probe:
+        for name, central, h in (("forward", False, H_FORWARD), ("central", True, H_CENTRAL)):
+            d = sharpness_deltas(probe, h, central)
+            errors[f"{name}/delta_logit"] = _relative(
+                _full_vector(probe, d.delta_logit, names), delta_logit
+            )
+            errors[f"{name}/delta_func"] = _relative(
+                _full_vector(probe, d.delta_func, names), delta_func
+            )
+        samples = [_full_vector(probe, probe.random(1 + i), names) for i in range(8)]
+    report["exact"]["samples_hessian"] = [(v @ hessian @ v).item() for v in samples]
+    report["exact"]["samples_ggn"] = [(v @ ggn @ v).item() for v in samples]
+    report["errors"] = errors
+    torch.save({"full": full, "batches": batches, "report": report}, path)
+    return report
+
+
+def _layouts(rank: int, world: int, path: str) -> dict:
+    saved = torch.load(path, weights_only=False)
+    out = {}
+    for name, parallel in LAYOUTS.items():
+        use_layout(parallel)
+        model, optimizer = _build(parallel, saved["full"])
+        out[name] = _diagnose(model, optimizer, my_batches(saved["batches"]))
+        out[name]["last_stage"] = parallel_state.is_pipeline_last_stage()
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("diagnostics") / "single.pt")
+    (report,) = run_ranks(_single_process, 1, path)
+    return path, report
+
+
+@pytest.fixture(scope="module")
+def layouts(single):
+    return run_ranks(_layouts, 4, single[0])
+
+
+# ----- single process against exact products --------------------------------------------------
+
+
+@pytest.mark.parametrize("name, tolerance", [("forward", 2e-2), ("central", 2e-3)])
+def test_finite_difference_deltas_match_exact_products(single, name, tolerance):
+    errors = single[1]["errors"]
+    assert errors[f"{name}/delta_logit"] < tolerance, errors
+    assert errors[f"{name}/delta_func"] < tolerance, errors
+
+
+@pytest.mark.parametrize("name, tolerance", [("forward", 1e-2), ("central", 1e-3)])
+def test_taus_match_exact(single, name, tolerance):
+    report = single[1]
+    exact = report["exact"]["central"]
+    for key in TAU_KEYS:
+        assert abs(report[name][key] - exact[key]) < tolerance, (key, report[name], exact)
+    assert sum(report[name][k] for k in TAU_KEYS) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_lambda_max_matches_exact(single):
+    report = single[1]
+    metrics, exact = report["hessian"], report["exact"]["lambda_max"]
+    assert metrics.lanczos_converged
+    assert metrics.lambda_max == pytest.approx(exact, rel=2e-2)
+
+
+def test_hutchinson_samples_match_exact_quadratic_forms(single):
+    report = single[1]
+    metrics, exact = report["hessian"], report["exact"]
+    assert metrics.samples_hessian == pytest.approx(exact["samples_hessian"], rel=1e-3)
+    assert metrics.samples_ggn == pytest.approx(exact["samples_ggn"], rel=1e-3)
+
+
+@pytest.mark.parametrize("which", ["hessian", "ggn"])
+def test_traces_within_hutchinson_standard_error(single, which):
+    metrics, exact = single[1]["hessian"].scalars(), single[1]["exact"]
+    error = abs(metrics[f"trace_{which}"] - exact[f"trace_{which}"])
+    assert error < 2 * metrics[f"trace_{which}_stderr"], (metrics, exact)
+
+
+def test_diagnostics_leave_the_model_untouched(single):
+    assert all(single[1]["untouched"].values()), single[1]["untouched"]
+
+
+def test_pruning_threshold_and_losses(single):
+    report = single[1]
+    assert [t.value for t in report["thresholds"]] == report["gathered_thresholds"]
+    points = report["pruning"]
+    assert points[0].pruned_fraction == 0.0 and points[0].loss == report["plain_loss"]
+    for point in points[1:]:
+        assert point.pruned_fraction == pytest.approx(point.sparsity, abs=1e-2)
+    assert points[-1].loss > points[0].loss
+
+
+# ----- every layout equals the single process -------------------------------------------------
+
+
+def _same_composition(got: dict[str, float], want: dict[str, float]) -> bool:
+    """Equal up to fp32 rounding divided by h: taus (fractions of 1) to LAYOUT_TOLERANCE,
+    norms relatively, curvatures (possibly near 0) relative to the size of H u."""
+    scale = want["delta_logit_norm"] + want["delta_func_norm"]
+    return (
+        all(abs(got[k] - want[k]) < LAYOUT_TOLERANCE for k in TAU_KEYS)
+        and all(
+            math.isclose(got[k], want[k], rel_tol=LAYOUT_TOLERANCE)
+            for k in ("grad_norm", "delta_logit_norm", "delta_func_norm")
+        )
+        and all(
+            abs(got[k] - want[k]) < LAYOUT_TOLERANCE * scale
+            for k in ("curvature_logit", "curvature_func")
+        )
+    )
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_taus_equal_single_process(single, layouts, layout):
+    for rank_report in layouts:
+        for name in ("forward", "central"):
+            got, want = rank_report[layout][name], single[1][name]
+            assert _same_composition(got, want), (name, got, want)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_hessian_metrics_equal_single_process(single, layouts, layout):
+    want = single[1]["hessian"]
+    for rank_report in layouts:
+        got = rank_report[layout]["hessian"]
+        assert got.lambda_max == pytest.approx(want.lambda_max, rel=LAYOUT_TOLERANCE)
+        assert got.samples_hessian == pytest.approx(want.samples_hessian, rel=LAYOUT_TOLERANCE)
+        assert got.samples_ggn == pytest.approx(want.samples_ggn, rel=LAYOUT_TOLERANCE)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_pruning_equals_single_process(single, layouts, layout):
+    want = single[1]
+    for rank_report in layouts:
+        report = rank_report[layout]
+        thresholds = [t.value for t in report["thresholds"]]
+        assert thresholds == report["gathered_thresholds"] == [t.value for t in want["thresholds"]]
+        assert [p.pruned_fraction for p in report["pruning"]] == [
+            p.pruned_fraction for p in want["pruning"]
+        ]
+        for got, ref in zip(report["pruning"], want["pruning"], strict=True):
+            assert got.loss == pytest.approx(ref.loss, rel=1e-5)
+        assert report["pruning"][0].loss == report["plain_loss"]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_diagnostics_leave_the_model_untouched(layouts, layout):
+    for rank_report in layouts:
+        assert all(rank_report[layout]["untouched"].values()), rank_report[layout]["untouched"]
