@@ -153,7 +153,13 @@ def relative_error(received: dict, reference: dict[str, torch.Tensor]) -> float:
     return (diff_sq / ref_sq) ** 0.5
 
 
-def sam_config(mode: str, precond: bool, precond_norm: str = "perturbation", rho: float = 0.05):
+def sam_config(
+    mode: str,
+    precond: bool,
+    precond_norm: str = "perturbation",
+    rho: float = 0.05,
+    kernels: str = "auto",
+) -> SAMConfig:
     """Precond runs take one plain step first (warm-up from rho 0) to create Adam state."""
     if precond:
         return SAMConfig(
@@ -163,5 +169,6 @@ def sam_config(mode: str, precond: bool, precond_norm: str = "perturbation", rho
             precond_norm=precond_norm,
             rho_schedule="linear_warmup",
             rho_warmup_steps=1,
+            kernels=kernels,
         )
-    return SAMConfig(mode=mode, rho=rho)
+    return SAMConfig(mode=mode, rho=rho, kernels=kernels)

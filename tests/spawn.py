@@ -51,8 +51,18 @@ def _rank_main(
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` CPU ranks; return each rank's value."""
+def run_ranks(
+    fn: Callable,
+    world_size: int,
+    *args: Any,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` CPU ranks; return each rank's value.
+
+    ``env`` is set in the ranks' environment from their start, before any import (e.g.
+    TRITON_INTERPRET, which must precede Triton's import).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -60,8 +70,14 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -
         ctx.Process(target=_rank_main, args=(rank, world_size, port, fn, args, results))
         for rank in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     values: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     try:

@@ -38,6 +38,8 @@ from tests.sam_harness import (
 from tests.spawn import run_ranks
 
 TOLERANCE = 1e-5
+SPAWN_TIMEOUT = 1200  # generous: a loaded CI machine runs these spawns several times slower
+TRITON_ON_CPU = {"TRITON_INTERPRET": "1"}  # the fused kernels run in Triton's interpreter
 VARIANTS = [(mode, precond) for mode in ("sam", "fsam") for precond in (False, True)]
 
 
@@ -50,11 +52,14 @@ def _received_full(model, opt) -> dict[str, torch.Tensor]:
     }
 
 
-def _run_variant(parallel, full, batches, mode, precond, precond_norm="perturbation"):
+def _run_variant(
+    parallel, full, batches, mode, precond, precond_norm="perturbation", kernels="auto"
+):
     """One SAM step (after a plain warm-up step when preconditioning); the model and optimizer."""
     # Megatron's distributed optimizer takes only Adam; the received gradient is the same.
     model, opt = build(parallel, full, ADAM if precond or parallel.distributed_optimizer else SGD)
-    sam = FuncSAM(sam_config(mode, precond, precond_norm), model, opt)
+    sam = FuncSAM(sam_config(mode, precond, precond_norm, kernels=kernels), model, opt)
+    assert sam.kernels.name == kernels
     if precond:
         ok, *_ = sam_step(sam, batches)
         assert ok
@@ -238,6 +243,11 @@ def _single_process(rank: int, world: int, path: str) -> dict:
         model, opt, _ = _run_variant(parallel, full, batches, mode, precond)
         outcomes[(mode, precond)] = _received_full(model, opt)
     torch.save({"full": full, "batches": batches, "outcomes": outcomes}, path)
+    for mode, precond in VARIANTS:  # the fused Triton kernels give the same step
+        model, opt, _ = _run_variant(parallel, full, batches, mode, precond, kernels="triton")
+        report[f"triton/{mode}/{precond}"] = relative_error(
+            received_gradients(model, opt), outcomes[(mode, precond)]
+        )
 
     # Mode "adamw" and rho = 0 are plain Megatron, bit for bit.
     plain, plain_opt = build(parallel, full, ADAM)
@@ -270,7 +280,7 @@ def _single_process(rank: int, world: int, path: str) -> dict:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("sam") / "reference.pt")
-    (report,) = run_ranks(_single_process, 1, path)
+    (report,) = run_ranks(_single_process, 1, path, timeout=SPAWN_TIMEOUT, env=TRITON_ON_CPU)
     return path, report
 
 
@@ -284,6 +294,13 @@ def test_step_matches_listing1(single, mode, count):
 @pytest.mark.parametrize("norm", ["grad", "perturbation", "dual"])
 def test_preconditioned_step_matches_reference(single, mode, norm):
     assert single[1][f"{mode}/precond/{norm}"] < TOLERANCE
+
+
+@pytest.mark.parametrize("mode, precond", VARIANTS)
+def test_fused_triton_kernels_give_the_same_step(single, layouts_2, mode, precond):
+    assert single[1][f"triton/{mode}/{precond}"] < TOLERANCE
+    for rank_report in layouts_2:
+        assert rank_report[("dp2_distopt_triton", mode, precond)] < TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["adamw", "rho0"])
@@ -341,6 +358,11 @@ def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
     if world == 2:
         distopt = ParallelConfig(distributed_optimizer=True)
         use_layout(distopt)
+        for mode, precond in VARIANTS:
+            model, opt, _ = _run_variant(distopt, full, batches, mode, precond, kernels="triton")
+            report[("dp2_distopt_triton", mode, precond)] = relative_error(
+                received_gradients(model, opt), saved["outcomes"][(mode, precond)]
+            )
         report["skip/distopt/fp32"] = _check_skips(distopt, full, batches, bf16=False)
         report["skip/distopt/bf16"] = _check_skips(distopt, full, batches, bf16=True)
         model, opt = build(distopt, full, ADAM)
@@ -354,12 +376,12 @@ def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def layouts_2(single):
-    return run_ranks(_layouts, 2, single[0], LAYOUTS_2)
+    return run_ranks(_layouts, 2, single[0], LAYOUTS_2, timeout=SPAWN_TIMEOUT, env=TRITON_ON_CPU)
 
 
 @pytest.fixture(scope="module")
 def layouts_4(single):
-    return run_ranks(_layouts, 4, single[0], LAYOUTS_4)
+    return run_ranks(_layouts, 4, single[0], LAYOUTS_4, timeout=SPAWN_TIMEOUT, env=TRITON_ON_CPU)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS_2))
