@@ -24,6 +24,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 logger = logging.getLogger("megatron_fsam")
 
@@ -158,23 +161,24 @@ def load_checkpoint(
         model_chunks, optimizer, common["sharding_type"], with_rng=same_layout, loading=True
     )
     try:
-        loaded, missing, unexpected = dist_checkpointing.load(
+        # Megatron's naming: "unexpected" = requested but absent, "missing" = left unread.
+        loaded, unread, absent = dist_checkpointing.load(
             request, str(path), strict=StrictHandling.RETURN_ALL
         )
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise CheckpointError(f"cannot load {path}: {_summary(e)}") from e
-    if not same_layout:
-        unexpected = {k for k in unexpected if not k.startswith(_RNG_KEY)}
-    if strict and (missing or unexpected):
+    unread = {k for k in unread if same_layout or k != _RNG_KEY}
+    if strict and (absent or unread):
         raise CheckpointError(
-            f"{path} does not match the model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
+            f"{path} does not match the model and optimizer: they need {sorted(absent)[:3]} "
+            f"which it lacks, it holds {sorted(unread)[:3]} which they do not use"
         )
 
     with torch.no_grad():  # fp32 main-param shards of the distributed optimizer are views
         for key, chunk in _model_keys(model_chunks).items():
             chunk.load_state_dict(loaded[key], strict=strict)
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _step_in_every_state(optimizer, common["adam_step"]):
+            optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_step(optimizer, common["adam_step"])
     if same_layout:
         _set_rng_state(loaded[_RNG_KEY])
@@ -256,9 +260,12 @@ def _check_plain(extra: dict) -> None:
 
 
 def _summary(error: BaseException) -> str:
-    """The exception's first line: errors from torch's loaders span screens."""
+    """One line for the error: torch's checkpoint errors carry every rank's traceback."""
+    if isinstance(error, CheckpointException):
+        rank, (error, _) = next(iter(error.failures.items()))
+        return f"rank {rank}: {_summary(error)}"
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 # ----- Adam ----------------------------------------------------------------------------------
@@ -307,6 +314,31 @@ def _adam_step(optimizer: MegatronOptimizer) -> int | None:
     if len(steps) > 1:
         raise CheckpointError(f"Adam parameters disagree on their step count: {sorted(steps)}")
     return steps.pop() if steps else None
+
+
+@contextmanager
+def _step_in_every_state(optimizer: MegatronOptimizer, step: int | None) -> Iterator[None]:
+    """Supply ``step`` where the distributed optimizer's restore expects it.
+
+    Its fully_reshardable state has no ``step``, yet restoring a parameter copies every
+    key of torch Adam's state, ``step`` included (KeyError). The value is overwritten by
+    ``_restore_adam_step`` anyway.
+    """
+    patched = [
+        leaf for leaf, _ in _torch_adams(optimizer) if isinstance(leaf, DistributedOptimizer)
+    ]
+    for leaf in patched:
+        original = leaf._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, original=original):
+            return original(model_param, {"step": torch.tensor(float(step or 0)), **tensors})
+
+        leaf._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for leaf in patched:
+            del leaf._set_main_param_and_optimizer_states
 
 
 def _restore_adam_step(optimizer: MegatronOptimizer, step: int | None) -> None:
