@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         *args.overrides,
         "checkpoint.load_dir=null",
         "checkpoint.save_dir=null",
+        "checkpoint.save_interval=null",
         "logging.tensorboard_dir=null",
     ]
     try:
