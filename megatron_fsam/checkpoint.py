@@ -119,7 +119,7 @@ def save_checkpoint(
     if rank == 0:
         _publish(Path(root), tmp, final, iteration)
         if keep_last is not None:
-            _prune(Path(root), keep_last)
+            _prune(Path(root), keep_last, iteration)
     dist.barrier()
     return str(final)
 
@@ -262,8 +262,8 @@ def _check_plain(extra: dict) -> None:
 def _summary(error: BaseException) -> str:
     """One line for the error: torch's checkpoint errors carry every rank's traceback."""
     if isinstance(error, CheckpointException):
-        rank, (error, _) = next(iter(error.failures.items()))
-        return f"rank {rank}: {_summary(error)}"
+        rank, (cause, _) = next(iter(error.failures.items()))
+        return f"rank {rank}: {_summary(cause)}"
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
@@ -403,12 +403,14 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints."""
-    iterations = sorted(
-        int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir()
+def _prune(root: Path, keep_last: int, current: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, never the one just saved."""
+    others = sorted(
+        int(m.group(1))
+        for p in root.iterdir()
+        if (m := _ITER_DIR.match(p.name)) and p.is_dir() and int(m.group(1)) != current
     )
-    for iteration in iterations[:-keep_last]:
+    for iteration in others[: max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(checkpoint_path(str(root), iteration), ignore_errors=True)
 
 

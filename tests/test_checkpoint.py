@@ -203,6 +203,15 @@ def _single_process(rank: int, world: int, tmp: str) -> dict:
     report["after_crash_latest"] = Path(root, ckpt.LATEST).read_text().strip()
     report["after_crash_left"] = sorted(os.listdir(root))
     report["after_crash_path"] = second
+
+    # Saving the same iteration again replaces it; unsafe extra state is refused up front.
+    _save(run, root, TINY)
+    report["resave_left"] = sorted(os.listdir(root))
+    try:
+        ckpt.save_checkpoint(root, 9, run.model, run.optimizer, extra={"bad": object()})
+    except TypeError as e:
+        report["bad_extra"] = str(e)
+    report["bad_extra_left"] = sorted(os.listdir(root))
     return report
 
 
@@ -218,12 +227,16 @@ def _corruptions(tmp: str, good: str, run: _Run) -> dict[str, str]:
             ckpt.load_checkpoint(str(root), run.model, run.optimizer)
         except ckpt.CheckpointError as e:
             return str(e)
-        return "no error"
+        return "loaded"
 
     def truncate(path: Path) -> None:
         path.write_bytes(path.read_bytes()[:64])
 
+    def interrupted_replace(root: Path, directory: Path) -> None:
+        directory.rename(directory.with_name(directory.name + ".old"))
+
     return {
+        "interrupted_replace": broken("interrupted", interrupted_replace),
         "bad_latest": broken("bad_latest", lambda r, d: (r / ckpt.LATEST).write_text("three")),
         "latest_to_nothing": broken("nothing", lambda r, d: shutil.rmtree(d)),
         "no_metadata": broken("no_metadata", lambda r, d: (d / "metadata.json").unlink()),
@@ -255,6 +268,13 @@ def test_save_after_a_crash_replaces_the_partial_directory_and_prunes(single):
     assert report["after_crash_path"].endswith(f"iter_{SAVE_AT + 1:07d}")
 
 
+def test_same_iteration_is_replaced_and_unsafe_extra_refused(single):
+    report = single[1]
+    assert report["resave_left"] == report["after_crash_left"]
+    assert "extra must hold plain values" in report["bad_extra"]
+    assert report["bad_extra_left"] == report["after_crash_left"]
+
+
 def test_missing_checkpoint_loads_as_none(single):
     assert single[1]["missing_root"] is None
 
@@ -273,6 +293,10 @@ def test_missing_checkpoint_loads_as_none(single):
 def test_corrupt_checkpoint_raises_a_clear_error(single, case, message):
     error = single[1]["errors"][case]
     assert message in error and "\n" not in error, error
+
+
+def test_crash_while_replacing_a_checkpoint_loads_the_previous_copy(single):
+    assert single[1]["errors"]["interrupted_replace"] == "loaded"
 
 
 # ----- two ranks: bit-identical resume --------------------------------------------------------
