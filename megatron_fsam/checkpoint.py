@@ -6,14 +6,16 @@ LR schedule, data position, config). It is written into ``iter_XXXXXXX.tmp``, re
 place once every rank has finished, and only then named in ``root/latest``, so a crash
 mid-save leaves the last good checkpoint the one that loads.
 
-Two megatron-core 0.16.1 gaps are closed here:
+megatron-core 0.16.1 gaps closed here, all with torch's Adam (no apex/TE):
 
-- an optimizer that has not stepped has no state to load into (and the distributed
-  optimizer cannot even describe itself): it gets Adam's exact initial state first;
-- with torch Adam (no apex/TE) the restored per-parameter ``step`` is wrong (the
-  distributed optimizer hands every parameter one shared tensor, which then advances once
-  per parameter per step), which breaks the bias correction and preconditioning: the true
-  step is saved and every parameter gets its own copy back on load.
+- an optimizer that has not stepped has no state to load into (the distributed one cannot
+  even describe itself): it gets Adam's exact initial state first;
+- the distributed optimizer restores Adam's per-parameter ``step`` stale (0) and as one
+  tensor shared by all parameters, which then advances once per parameter per step; the
+  bias correction, and so preconditioning, go wrong. The true step is saved, and every
+  parameter gets its own tensor back;
+- its fully_reshardable restore fails (KeyError 'step'), and with fp32 params it writes
+  into views of leaf tensors that require grad.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def latest_checkpoint(root: str) -> Path | None:
     """The checkpoint ``root/latest`` names; None when there is none yet."""
     latest = Path(root) / LATEST
     if not latest.is_file():
+        saved = sorted(p.name for p in Path(root).glob("iter_*") if _ITER_DIR.match(p.name))
+        if saved:
+            raise CheckpointError(
+                f"{root} holds {saved[-1]} but no {LATEST!r} file; write the iteration to "
+                f"resume from into {latest}"
+            )
         return None
     text = latest.read_text().strip()
     if not text.isdigit():

@@ -237,6 +237,7 @@ def _corruptions(tmp: str, good: str, run: _Run) -> dict[str, str]:
 
     return {
         "interrupted_replace": broken("interrupted", interrupted_replace),
+        "no_latest": broken("no_latest", lambda r, d: (r / ckpt.LATEST).unlink()),
         "bad_latest": broken("bad_latest", lambda r, d: (r / ckpt.LATEST).write_text("three")),
         "latest_to_nothing": broken("nothing", lambda r, d: shutil.rmtree(d)),
         "no_metadata": broken("no_metadata", lambda r, d: (d / "metadata.json").unlink()),
@@ -282,6 +283,7 @@ def test_missing_checkpoint_loads_as_none(single):
 @pytest.mark.parametrize(
     "case, message",
     [
+        ("no_latest", "holds iter_0000003 but no 'latest' file"),
         ("bad_latest", "should hold an iteration number, found 'three'"),
         ("latest_to_nothing", "names iteration 3, but"),
         ("no_metadata", "is not a complete checkpoint (no metadata.json)"),
