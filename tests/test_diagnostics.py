@@ -10,12 +10,14 @@ tau_cross = -64.6), where the taus say little and amplify every error.
 
 One single-process spawn compares the finite-difference diagnostics with the exact values
 and saves weights, batches and results; one 4-rank spawn recomputes everything under
-TP2 x PP2 and under PP2 x DP2 with the distributed optimizer.
+TP2 x PP2 and under PP2 x DP2 with the distributed optimizer. A last spawn trains the tiny
+config for six steps and runs diagnose.py and plot.py on its checkpoints.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -419,3 +421,41 @@ def test_layout_pruning_equals_single_process(single, layouts, layout):
 def test_layout_diagnostics_leave_the_model_untouched(layouts, layout):
     for rank_report in layouts:
         assert all(rank_report[layout]["untouched"].values()), rank_report[layout]["untouched"]
+
+
+# ----- the command-line tools on a short run ---------------------------------------------------
+
+
+def _cli_run(rank: int, world: int, work: str) -> dict:
+    """Train the tiny config with two checkpoints, then diagnose and plot them."""
+    from launch import diagnose, plot, pretrain
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml")
+    common = [f"data.cache_dir={work}/cache"]
+    saving = [f"checkpoint.save_dir={work}/ckpt", "checkpoint.save_interval=3"]
+    assert pretrain.main(["--config", config, *common, *saving]) == 0
+    commands = {
+        "taus": ["--all-iterations", "taus", "--central"],
+        "hessian": ["hessian", "--trace-samples", "2", "--lanczos-iters", "3"],
+        "prune": ["prune", "--sparsities", "0,0.5", "--eval-steps", "1", "--plot", f"{work}/p.png"],
+    }
+    for name, args in commands.items():
+        parallel_state.destroy_model_parallel()
+        log = ["--json", f"{work}/{name}.jsonl"]
+        where = ["--config", config, "--checkpoint", f"{work}/ckpt", *log]
+        assert diagnose.main([*where, *args, *common]) == 0
+    plot.plot_taus([f"{work}/taus.jsonl"], f"{work}/t.png")
+    return {name: plot.read_jsonl(f"{work}/{name}.jsonl", name) for name in commands}
+
+
+def test_command_line_tools(tmp_path):
+    records = run_ranks(_cli_run, 1, str(tmp_path))[0]
+    assert [r["iteration"] for r in records["taus"]] == [3, 6]
+    assert all(
+        sum(r["results"][k] for k in TAU_KEYS) == pytest.approx(1.0) for r in records["taus"]
+    )
+    assert records["hessian"][0]["iteration"] == 6
+    assert len(records["hessian"][0]["results"]["samples_ggn"]) == 2
+    points = records["prune"][0]["results"]["points"]
+    assert [p["pruned_fraction"] for p in points] == [0.0, pytest.approx(0.5, abs=1e-3)]
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "t.png").stat().st_size > 0
