@@ -30,9 +30,9 @@ from megatron_fsam.diagnostics.probe import (
     Cotangents,
     GradientProbe,
     Vector,
+    accumulate,
     combine,
-    difference,
-    record,
+    scaled,
 )
 
 
@@ -117,14 +117,13 @@ def _products(
 ) -> tuple[Vector, Vector | None]:
     """H v and (if asked) GGN v by central differences, stepping h along v."""
     step = h / v_norm
-    plus: Cotangents = {}
-    minus: Cotangents = {}
-    grad_plus = probe.gradient(v, step, record(plus) if ggn else None)
-    grad_minus = probe.gradient(v, -step, record(minus) if ggn else None)
+    shift: Cotangents = {}  # c(theta + s v) - c(theta - s v)
+    grad_plus = probe.gradient(v, step, accumulate(shift, 1.0) if ggn else None)
+    grad_minus = probe.gradient(v, -step, accumulate(shift, -1.0) if ggn else None)
     hv = combine(0.5 / step, grad_plus, -0.5 / step, grad_minus)
     if not ggn:
         return hv, None
-    return hv, probe.gradient(cotangent=difference(plus, minus, 0.5 / step))
+    return hv, probe.gradient(cotangent=scaled(shift, 0.5 / step))
 
 
 def _lanczos(

@@ -46,8 +46,10 @@ class ShardSpan:
 class ModelShards:
     """This rank's shards of theta under their global names; writes and exact restores.
 
-    On entry the values the model reads are copied, so leaving restores them bit for bit
-    (whatever the precision of the params) and all-gathers them again.
+    Entering takes the shards and keeps what the model reads, so leaving restores it bit for
+    bit (whatever the precision of the params) and all-gathers it again. Where the model
+    reads the optimizer's own fp32 params, the backend's copy of theta serves as the saved
+    value; elsewhere (bf16 params beside fp32 main params) the params are copied.
     """
 
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer) -> None:
@@ -55,17 +57,21 @@ class ModelShards:
         self.optimizer = optimizer
         self.backend = MegatronBackend(model_chunks, optimizer)
         self.kernels = get_kernels("auto")
-        self.shards = self.backend.shards(precondition=False).all
-        self.spans = _locate(self.shards.grads, model_chunks)
-        self._saved: Vector | None = None
 
     def __enter__(self) -> ModelShards:
-        self._saved = [t.detach().clone() for t in self.shards.targets]
+        rank_shards = self.backend.shards(precondition=False)
+        self.shards = rank_shards.all
+        self.spans = _locate(self.shards.grads, self.model_chunks)
+        copied = {id(t) for t in rank_shards.aliased.targets}  # theta is a copy already
+        self._saved = [
+            theta if id(target) in copied else target.detach().clone()
+            for theta, target in zip(self.shards.thetas, self.shards.targets, strict=True)
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
-        self._saved = None
+        del self.shards, self.spans, self._saved
 
     # ----- writing theta -------------------------------------------------------------------
 
@@ -116,25 +122,20 @@ class ModelShards:
         """
         if kind not in ("rademacher", "gaussian"):
             raise ValueError(f"unknown random vector kind {kind!r}")
-        fulls: dict[str, torch.Tensor] = {}
         out = []
         for span in self.spans:
             if span is None:
                 out.append(torch.zeros(0, dtype=torch.float32))
                 continue
-            full = fulls.get(span.name)
-            if full is None:
-                generator = torch.Generator(device=span.param.device)
-                generator.manual_seed(seed * 1_000_003 + zlib.crc32(span.name.encode()))
-                shape, device = full_shape(span.param), span.param.device
-                if kind == "rademacher":
-                    bits = torch.randint(0, 2, shape, generator=generator, device=device)
-                    full = bits.float().mul_(2).sub_(1)
-                else:
-                    full = torch.randn(shape, generator=generator, device=device)
-                fulls[span.name] = full
+            generator = torch.Generator(device=span.param.device)
+            generator.manual_seed(seed * 1_000_003 + zlib.crc32(span.name.encode()))
+            full = torch.empty(full_shape(span.param), device=span.param.device)
+            if kind == "rademacher":
+                full.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+            else:
+                full.normal_(generator=generator)
             local = tp_slice(full, span.param).reshape(-1)
-            out.append(local[span.start : span.stop].contiguous())
+            out.append(local[span.start : span.stop].clone())
         return out
 
     def zero_grads(self) -> None:
@@ -226,21 +227,30 @@ class GradientProbe(ModelShards):
         return iter(self.batches)
 
 
-def record(store: Cotangents, replace: Cotangents | None = None) -> Rewrite:
-    """Keep each incoming cotangent in `store`; back-propagate `replace`'s (or the incoming)."""
+def accumulate(store: Cotangents, sign: float = 1.0, replace: Cotangents | None = None) -> Rewrite:
+    """store[index] += sign * incoming (the first pass stores it); back-propagate `replace`'s.
+
+    Differences of cotangents build up in place, so a finite difference keeps one fp32
+    copy of the last stage's logits-sized cotangents per micro-batch, not one per pass.
+    `store` may be `replace` itself: its entry is read before it is updated.
+    """
 
     def rewrite(index: int, incoming: torch.Tensor) -> torch.Tensor:
-        store[index] = incoming.detach().float().clone()
-        return incoming if replace is None else replace[index].to(incoming.dtype)
+        out = incoming if replace is None else replace[index].to(incoming.dtype, copy=True)
+        if index in store:
+            store[index].add_(incoming.float(), alpha=sign)
+        else:
+            store[index] = incoming.detach().float() * sign
+        return out
 
     return rewrite
 
 
-def difference(plus: Cotangents, minus: Cotangents, scale: float) -> Rewrite:
-    """Back-propagate (plus - minus) * scale: J^T of a cotangent difference, by linearity."""
+def scaled(store: Cotangents, scale: float) -> Rewrite:
+    """Back-propagate store[index] * scale instead of the incoming cotangent."""
 
     def rewrite(index: int, incoming: torch.Tensor) -> torch.Tensor:
-        return ((plus[index] - minus[index]) * scale).to(incoming.dtype)
+        return (store[index] * scale).to(incoming.dtype)
 
     return rewrite
 

@@ -26,9 +26,9 @@ from megatron_fsam.diagnostics.probe import (
     Cotangents,
     GradientProbe,
     Vector,
+    accumulate,
     combine,
-    difference,
-    record,
+    scaled,
 )
 
 
@@ -47,23 +47,24 @@ def sharpness_deltas(probe: GradientProbe, h: float, central: bool) -> Sharpness
     if h <= 0:
         raise ValueError(f"h must be positive, got {h}")
     clean: Cotangents = {}
-    g = probe.gradient(cotangent=record(clean))
+    g = probe.gradient(cotangent=accumulate(clean))
     (grad_sq,) = probe.dots([(g, g)])
     if not math.isfinite(grad_sq) or grad_sq == 0.0:
         raise ValueError(f"sharpness: ||g||^2 = {grad_sq}, no direction u = g / ||g||")
     grad_norm = math.sqrt(grad_sq)
     step = h / grad_norm  # theta + step * g = theta + h u
 
-    plus: Cotangents = {}
-    func_plus = probe.gradient(g, step, record(plus, replace=clean))
     if central:
-        minus: Cotangents = {}
-        func_minus = probe.gradient(g, -step, record(minus, replace=clean))
+        shift: Cotangents = {}  # c(theta + h u) - c(theta - h u)
+        func_plus = probe.gradient(g, step, accumulate(shift, 1.0, replace=clean))
+        func_minus = probe.gradient(g, -step, accumulate(shift, -1.0, replace=clean))
         delta_func = combine(0.5 / h, func_plus, -0.5 / h, func_minus)
-        delta_logit = probe.gradient(cotangent=difference(plus, minus, 0.5 / h))
+        delta_logit = probe.gradient(cotangent=scaled(shift, 0.5 / h))
     else:
+        # clean becomes c(theta) - c(theta + h u) while pass 2 back-propagates c(theta).
+        func_plus = probe.gradient(g, step, accumulate(clean, -1.0, replace=clean))
         delta_func = combine(1.0 / h, func_plus, -1.0 / h, g)
-        delta_logit = probe.gradient(cotangent=difference(plus, clean, 1.0 / h))
+        delta_logit = probe.gradient(cotangent=scaled(clean, -1.0 / h))
     return SharpnessDeltas(g, grad_norm, delta_logit, delta_func)
 
 
