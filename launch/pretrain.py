@@ -68,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = setup(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:  # ConfigError is a ValueError
+        # Every rank meets the same bad input: one line from rank 0, a clean exit from all.
         if _global_rank() == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return 2
     train(run)
     return 0
@@ -257,6 +260,7 @@ def save(run: Run) -> None:
             "consumed_samples": run.consumed_samples,
         },
         keep_last=checkpoint.keep_last,
+        sharding_type=checkpoint.sharding_type,
     )
     run.monitor.message(f"saved checkpoint {path}")
 

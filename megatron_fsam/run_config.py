@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from megatron_fsam.checkpoint import SHARDING_TYPES
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.data import DataConfig
 from megatron_fsam.models.gpt import GPTConfig
@@ -100,12 +101,17 @@ class TrainSettings:
 
 @dataclass
 class CheckpointSettings:
-    """Where and how often to save; without ``save_interval`` only the final state is saved."""
+    """Where and how often to save; without ``save_interval`` only the final state is saved.
+
+    ``sharding_type`` "fully_reshardable" lets a run resume under another TP/PP layout;
+    "dp_reshardable" saves faster but only resumes under the same TP x PP.
+    """
 
     save_dir: str | None = None
     save_interval: int | None = None
     load_dir: str | None = None
     keep_last: int = 2
+    sharding_type: str = "fully_reshardable"
 
 
 @dataclass
@@ -207,6 +213,10 @@ class RunConfig:
             if c.save_dir is None:
                 raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
         _positive("checkpoint.keep_last", c.keep_last)
+        if c.sharding_type not in SHARDING_TYPES:
+            raise ConfigError(
+                f"checkpoint.sharding_type must be one of {SHARDING_TYPES}, got {c.sharding_type!r}"
+            )
 
 
 def non_embedding_params(model: GPTConfig) -> int:

@@ -9,7 +9,7 @@ so the same model runs on GPUs and, under ``enable_cpu_emulation``, on CPUs.
 import math
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -159,32 +159,43 @@ def build_model_chunks(
     """This rank's model chunks, one per virtual pipeline stage, set up by ``init_weights``."""
     _check_layout(model, parallel)
     stages = [None] if parallel.virtual_pipeline is None else range(parallel.virtual_pipeline)
-    layer = _layer_spec()
-    chunks = []
-    for vp_stage in stages:
-        block = TransformerBlockSubmodules(
-            layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-            layer_norm=LayerNorm,
-        )
-        chunks.append(
-            GPTModel(
-                config=config,
-                transformer_layer_spec=block,
-                vocab_size=model.vocab_size,
-                max_sequence_length=model.seq_length,
-                pre_process=parallel_state.is_pipeline_first_stage(
-                    ignore_virtual=False, vp_stage=vp_stage
-                ),
-                post_process=parallel_state.is_pipeline_last_stage(
-                    ignore_virtual=False, vp_stage=vp_stage
-                ),
-                share_embeddings_and_output_weights=True,
-                position_embedding_type="learned_absolute",
-                vp_stage=vp_stage,
-            )
-        )
+    chunks = [_gpt_chunk(model, config, vp_stage) for vp_stage in stages]
     init_weights(chunks, model.hidden_size, seed)
     return chunks
+
+
+def count_parameters(model: GPTConfig) -> dict[str, int]:
+    """Non-embedding and embedding parameter counts of the single-process model.
+
+    Built on the meta device, so the largest configs cost no memory; needs Megatron's
+    parallel state initialised for one rank.
+    """
+    config = replace(transformer_config(model, ParallelConfig()), use_cpu_initialization=True)
+    with torch.device("meta"):
+        gpt = _gpt_chunk(model, config, vp_stage=None)
+    counts = {"non_embedding": 0, "embedding": 0}
+    for name, param in gpt.named_parameters():
+        counts["embedding" if name.startswith("embedding.") else "non_embedding"] += param.numel()
+    return counts
+
+
+def _gpt_chunk(model: GPTConfig, config: TransformerConfig, vp_stage: int | None) -> GPTModel:
+    """The Nanodo decoder's share of one (virtual) pipeline stage on this rank."""
+    block = TransformerBlockSubmodules(
+        layer_specs=[_layer_spec()] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=LayerNorm,
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="learned_absolute",
+        vp_stage=vp_stage,
+    )
 
 
 def _init_full(

@@ -1,0 +1,186 @@
+"""The pretraining entry point, run as a user runs it: a short training run, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/tiny_test.yaml"
+
+
+def _pretrain(*args: str, cwd: Path, env: dict[str, str] | None = None, launcher=()):
+    command = [*launcher] or [sys.executable]
+    return subprocess.run(
+        [*command, str(ROOT / "launch" / "pretrain.py"), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Six Func-SAM steps of the tiny config, with evaluation, TensorBoard and checkpoints."""
+    work = tmp_path_factory.mktemp("pretrain")
+    result = _pretrain(
+        "--config",
+        str(ROOT / TINY),
+        f"data.cache_dir={work / 'cache'}",
+        f"logging.tensorboard_dir={work / 'tb'}",
+        f"checkpoint.save_dir={work / 'ckpt'}",
+        cwd=work,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return work, result.stdout
+
+
+def test_short_run_trains_evaluates_and_logs(tiny_run):
+    work, stdout = tiny_run
+    steps = re.findall(r"^step\s+(\d+)/6 \| loss_clean", stdout, re.M)
+    assert steps == [str(i) for i in range(1, 7)], stdout
+    evals = [float(v) for v in re.findall(r"eval loss ([0-9.]+)", stdout)]
+    assert len(evals) == 2 and evals[1] < evals[0], stdout
+    assert "loss_perturbed" in stdout and "0.02M non-embedding parameters" in stdout
+    assert list((work / "tb").glob("events.out.tfevents.*"))
+    assert (work / "ckpt" / "latest").read_text().strip().endswith("6")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["model.bogus=1"], 1, "model.bogus"),
+        (["nonsense.key=1"], 1, "nonsense"),
+        (["train.micro_batch_size=two"], 1, "train.micro_batch_size"),
+        (
+            ["parallel.tensor_parallel=2"],
+            3,
+            "world size 3 is not divisible by tensor_parallel x pipeline_parallel",
+        ),
+        (["parallel.tensor_parallel=3"], 3, "num_attention_heads 4 is not divisible"),
+        (
+            ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"],
+            4,
+            "num_layers 2 is not divisible by pipeline_parallel x virtual_pipeline",
+        ),
+        (["train.global_batch_size=7"], 1, "global_batch_size 7 is not divisible"),
+        (["sam.rho=-1"], 1, "rho"),
+    ],
+)
+def test_bad_config_gives_one_error_line(tmp_path, overrides, world, message):
+    # The layout is checked against WORLD_SIZE before any process group is formed.
+    result = _pretrain(
+        "--config", str(ROOT / TINY), *overrides, cwd=tmp_path, env={"WORLD_SIZE": str(world)}
+    )
+    assert message in _one_error_line(result)
+
+
+def test_missing_data_path_gives_one_error_line_from_two_ranks(tmp_path):
+    """Under the deepspeed launcher both ranks fail; only rank 0 says why."""
+    result = _pretrain(
+        "--config",
+        str(ROOT / TINY),
+        f"data.data_paths=[{tmp_path / 'missing.jsonl'}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path,
+        launcher=(
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--no_ssh",
+            "--node_rank",
+            "0",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+        ),
+    )
+    assert "missing.jsonl" in _one_error_line(result)
+
+
+def test_corrupt_index_gives_one_error_line(tmp_path, tiny_run):
+    work, _ = tiny_run
+    index = sorted((work / "cache" / "indexed").glob("train-*.idx"))[0]
+    tokenizer = sorted((work / "cache" / "tokenizers").glob("*.json"))[0]
+    user = tmp_path / "user"
+    shutil.copy(index.with_suffix(".bin"), f"{user}.bin")
+    Path(f"{user}.idx").write_bytes(index.read_bytes()[:-16])  # truncated
+    result = _pretrain(
+        "--config",
+        str(ROOT / TINY),
+        f"data.data_paths=[{user}]",
+        f"data.tokenizer_file={tokenizer}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path,
+    )
+    assert "user.idx" in _one_error_line(result)
+
+
+def test_paper_configs_build_with_the_stated_parameter_counts():
+    """Each paper config's Megatron model (on the meta device) has the stated size."""
+    result = subprocess.run(
+        [sys.executable, "-c", _COUNT_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    stated = {
+        "nanodo_2m": 2.36e6,
+        "nanodo_h9": 23.9e6,
+        "nanodo_h12": 42.5e6,
+        "nanodo_h20": 117.9e6,
+        "nanodo_h64": 1208e6,
+    }
+    for name, want in stated.items():
+        for scheme in ("", "_10k"):
+            built, formula = counts[name + scheme]
+            assert built == formula
+            assert abs(built - want) / want < 0.01, (name, built)
+
+
+_COUNT_SCRIPT = """
+import json, os
+os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+from megatron_fsam import enable_cpu_emulation
+from megatron_fsam.models.gpt import count_parameters
+from megatron_fsam.parallel import ParallelConfig, initialize_distributed
+from megatron_fsam.run_config import load_run_config, non_embedding_params
+enable_cpu_emulation()
+initialize_distributed(ParallelConfig())
+counts = {}
+for scheme in ("", "_10k"):
+    for name in ("nanodo_2m", "nanodo_h9", "nanodo_h12", "nanodo_h20", "nanodo_h64"):
+        cfg = load_run_config(f"configs/{name}{scheme}.yaml", ["model.vocab_size=32768"])
+        built = count_parameters(cfg.model)["non_embedding"]
+        counts[name + scheme] = (built, non_embedding_params(cfg.model))
+print(json.dumps(counts))
+"""
