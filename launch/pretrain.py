@@ -25,6 +25,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_fsam import FuncSAM, enable_cpu_emulation
 from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
 from megatron_fsam.data import GPTData, build_datasets, microbatch_iterator
+from megatron_fsam.diagnostics import sharpness_composition
 from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
 from megatron_fsam.monitor import Monitor, UpdateNorm, mean_over_ranks
 from megatron_fsam.parallel import (
@@ -149,12 +150,6 @@ def setup(config_path: str, overrides: list[str]) -> Run:
             scheduler.load_state_dict(extra["scheduler"])
             run.iteration, run.consumed_samples = extra["iteration"], extra["consumed_samples"]
             monitor.message(f"resumed from {cfg.checkpoint.load_dir} at step {run.iteration}")
-    monitor.message(
-        f"training {steps} steps: world {world_size} = TP {cfg.parallel.tensor_parallel} x "
-        f"PP {cfg.parallel.pipeline_parallel} x DP {dp_size}, {num_microbatches} micro-batches "
-        f"of {train.micro_batch_size} per step, SAM mode {cfg.sam.mode} "
-        f"(rho {cfg.sam.rho}, precond {cfg.sam.precond}, kernels {sam.kernels.name})"
-    )
     return run
 
 
@@ -162,6 +157,13 @@ def train(run: Run) -> None:
     """The training loop: SAM steps, LR schedule, logging, evaluation, checkpoints."""
 
     cfg, train_cfg = run.cfg, run.cfg.train
+    p, sam = cfg.parallel, cfg.sam
+    run.monitor.message(
+        f"training {run.train_steps} steps: TP {p.tensor_parallel} x PP {p.pipeline_parallel} "
+        f"x DP {run.dp_size}, {run.num_microbatches} micro-batches of "
+        f"{train_cfg.micro_batch_size} per step; SAM mode {sam.mode} (rho {sam.rho}, "
+        f"precond {sam.precond} / {sam.precond_norm}, kernels {run.sam.kernels.name})"
+    )
     batches = _train_iterators(run)
     update_norm = UpdateNorm(run.sam.backend)
     tokens_per_step = train_cfg.global_batch_size * cfg.data.seq_length
@@ -199,6 +201,14 @@ def train(run: Run) -> None:
             scalars["skipped"] = float(not ok)
             run.monitor.scalars(step, scalars)
             run.monitor.console(step, _console_fields(scalars))
+        interval = cfg.diagnostics.sharpness_interval
+        if interval and step % interval == 0:
+            taus = measure_sharpness(run)
+            run.monitor.scalars(step, taus, prefix="sharpness")
+            run.monitor.message(
+                f"step {step:>6} | tau_logit {taus['tau_logit']:.3f} | "
+                f"tau_func {taus['tau_func']:.3f} | tau_cross {taus['tau_cross']:.3f}"
+            )
         if step % train_cfg.eval_interval == 0 or step == run.train_steps:
             eval_loss = evaluate(run)
             run.monitor.scalars(step, {"loss": eval_loss}, prefix="eval")
@@ -243,6 +253,26 @@ def evaluate(run: Run) -> float:
         chunk.train()
     mean = sum(losses) / len(losses) if losses else None
     return mean_over_ranks({"loss": mean})["loss"]
+
+
+def measure_sharpness(run: Run) -> dict[str, float]:
+    """The paper's Eq. 9 split of the sharpness gradient on fixed validation micro-batches."""
+    diagnostics, train_cfg = run.cfg.diagnostics, run.cfg.train
+    source = microbatch_iterator(
+        run.data.valid, train_cfg.micro_batch_size, dp_rank=run.dp_rank, dp_size=run.dp_size
+    )
+    return sharpness_composition(
+        run.model,
+        run.optimizer,
+        forward_step,
+        list(itertools.islice(source, run.num_microbatches)),
+        num_microbatches=run.num_microbatches,
+        seq_length=run.cfg.data.seq_length,
+        micro_batch_size=train_cfg.micro_batch_size,
+        h=diagnostics.sharpness_h,
+        central=diagnostics.sharpness_central,
+        logits_module=run.cfg.sam.logits_module,
+    )
 
 
 def save(run: Run) -> None:

@@ -115,6 +115,20 @@ class CheckpointSettings:
 
 
 @dataclass
+class DiagnosticsSettings:
+    """Sharpness-gradient composition (tau_logit, tau_func, tau_cross) during training.
+
+    Every ``sharpness_interval`` steps (None: never) the taus are measured by finite
+    differences of step ``sharpness_h`` on a fixed step's worth of validation micro-batches,
+    3 extra forward-backward passes (4 with ``sharpness_central``).
+    """
+
+    sharpness_interval: int | None = None
+    sharpness_h: float = 1e-3
+    sharpness_central: bool = True
+
+
+@dataclass
 class LoggingSettings:
     """TensorBoard event directory (None: no TensorBoard) and the run's name in the logs."""
 
@@ -134,6 +148,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -213,6 +228,12 @@ class RunConfig:
             if c.save_dir is None:
                 raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
         _positive("checkpoint.keep_last", c.keep_last)
+        if self.diagnostics.sharpness_interval is not None:
+            _positive("diagnostics.sharpness_interval", self.diagnostics.sharpness_interval)
+        if not self.diagnostics.sharpness_h > 0:
+            raise ConfigError(
+                f"diagnostics.sharpness_h must be > 0, got {self.diagnostics.sharpness_h}"
+            )
         if c.sharding_type not in SHARDING_TYPES:
             raise ConfigError(
                 f"checkpoint.sharding_type must be one of {SHARDING_TYPES}, got {c.sharding_type!r}"

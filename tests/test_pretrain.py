@@ -31,7 +31,7 @@ def _pretrain(*args: str, cwd: Path, env: dict[str, str] | None = None, launcher
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Six Func-SAM steps of the tiny config, with evaluation, TensorBoard and checkpoints."""
+    """Six Func-SAM steps of the tiny config: evaluation, taus, TensorBoard, checkpoints."""
     work = tmp_path_factory.mktemp("pretrain")
     result = _pretrain(
         "--config",
@@ -39,6 +39,7 @@ def tiny_run(tmp_path_factory):
         f"data.cache_dir={work / 'cache'}",
         f"logging.tensorboard_dir={work / 'tb'}",
         f"checkpoint.save_dir={work / 'ckpt'}",
+        "diagnostics.sharpness_interval=3",
         cwd=work,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -52,6 +53,8 @@ def test_short_run_trains_evaluates_and_logs(tiny_run):
     evals = [float(v) for v in re.findall(r"eval loss ([0-9.]+)", stdout)]
     assert len(evals) == 2 and evals[1] < evals[0], stdout
     assert "loss_perturbed" in stdout and "0.02M non-embedding parameters" in stdout
+    taus = re.findall(r"^step\s+(\d+) \| tau_logit (-?[0-9.]+) \| tau_func", stdout, re.M)
+    assert [step for step, _ in taus] == ["3", "6"], stdout
     assert list((work / "tb").glob("events.out.tfevents.*"))
     assert (work / "ckpt" / "latest").read_text().strip().endswith("6")
 
