@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import re
 import sys
 import tempfile
@@ -27,7 +26,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from launch.pretrain import Run, setup
+from launch.pretrain import (
+    Run,
+    add_launcher_arguments,
+    is_logging_rank,
+    parse_launched,
+    setup_or_report,
+)
 from megatron_fsam.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from megatron_fsam.data import microbatch_iterator
 from megatron_fsam.diagnostics import hessian_metrics, pruning_curve, sharpness_composition
@@ -45,13 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint.save_interval=null",
         "logging.tensorboard_dir=null",
     ]
-    try:
-        run = setup(args.config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        if _is_logger():
-            print(f"error: {error}", file=sys.stderr, flush=True)
+    run = setup_or_report(args.config, overrides)
+    if run is None:
         return 2
-    if run.cfg.train.bf16 and _is_logger():
+    if run.cfg.train.bf16 and is_logging_rank():
         print(
             "warning: bf16 params round theta + h v to 8 bits of mantissa; finite differences "
             "need h far above that rounding (or train.bf16=false on an fp32 checkpoint)",
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": _settings(args),
             "results": results,
         }
-        if _is_logger():
+        if is_logging_rank():
             print(SUMMARIES[args.command](record), flush=True)
             if args.json:
                 with open(args.json, "a") as log:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, value in _scalars(record).items():
                     writer.add_scalar(f"diagnostics/{name}", value, iteration)
                 writer.flush()
-    if args.command == "prune" and args.plot and _is_logger() and args.json:
+    if args.command == "prune" and args.plot and is_logging_rank() and args.json:
         from launch.plot import plot_pruning
 
         plot_pruning([args.json], args.plot)
@@ -179,7 +181,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tensorboard(directory: str | None):
-    if not directory or not _is_logger():
+    if not directory or not is_logging_rank():
         return None
     from torch.utils.tensorboard import SummaryWriter
 
@@ -249,10 +251,6 @@ def _batches(
     return batches, schedule
 
 
-def _is_logger() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the run's YAML config")
@@ -267,7 +265,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", help="append one JSON line per checkpoint to this file")
     parser.add_argument("--tensorboard", help="write diagnostics/* scalars to this directory")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    add_launcher_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, split: str) -> argparse.ArgumentParser:
@@ -299,10 +297,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--eval-steps", type=int, default=4, help="global batches evaluated")
     sub.add_argument("--plot", help="PNG of the pruning curves in --json")
 
-    args = parser.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    return args
+    return parse_launched(parser, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ import itertools
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
+
+# megatron-core announces at import that apex / Transformer Engine are absent; on machines
+# without them (any CPU run) that is expected, and it would bury the run's own output.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
 
 import torch
 from megatron.core import parallel_state
@@ -65,18 +70,32 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        run = setup(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as error:  # ConfigError is a ValueError
-        # Every rank meets the same bad input: one line from rank 0, a clean exit from all.
-        if _global_rank() == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file in configs/")
+    add_launcher_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parse_launched(parser, argv)
+    run = setup_or_report(args.config, args.overrides)
+    if run is None:
         return 2
     train(run)
     return 0
+
+
+def setup_or_report(config_path: str, overrides: list[str]) -> Run | None:
+    """setup(), or None after one error line when the config or the data is bad.
+
+    Every rank meets the same bad input: rank 0 says what it is, every rank exits cleanly,
+    and no rank prints a traceback.
+    """
+    try:
+        return setup(config_path, overrides)
+    except (ValueError, FileNotFoundError) as error:  # ConfigError is a ValueError
+        if is_logging_rank():
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return None
 
 
 def setup(config_path: str, overrides: list[str]) -> Run:
@@ -96,7 +115,7 @@ def setup(config_path: str, overrides: list[str]) -> Run:
         vocab_multiple=128 * cfg.parallel.tensor_parallel,
     )
     resolve_vocab_size(cfg, data.tokenizer.vocab_size, data.padded_vocab_size)
-    monitor = Monitor(cfg.logging.tensorboard_dir, steps, is_logger=_global_rank() == 0)
+    monitor = Monitor(cfg.logging.tensorboard_dir, steps, is_logger=is_logging_rank())
     _report_parameters(cfg, monitor)
 
     config = transformer_config(cfg.model, cfg.parallel, bf16=train.bf16)
@@ -356,13 +375,13 @@ def _start_processes(cfg: RunConfig) -> None:
     initialize_distributed(cfg.parallel, seed=cfg.train.seed)
 
 
-def _global_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+def is_logging_rank() -> bool:
+    """Global rank 0, known from the launcher's environment before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML file in configs/")
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    """--local_rank, which the deepspeed launcher passes to every rank."""
     parser.add_argument(
         "--local_rank",
         "--local-rank",
@@ -370,7 +389,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="set by the deepspeed launcher; LOCAL_RANK is used otherwise",
     )
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def parse_launched(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and export the deepspeed launcher's --local_rank as torchrun's LOCAL_RANK."""
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
