@@ -226,7 +226,7 @@ def _two_rank_worker(rank: int, port: int, cfg: DataConfig, results: dict) -> No
         missing = DataConfig(data_paths=["/nonexistent/file.jsonl"], cache_dir=cfg.cache_dir)
         try:
             build_datasets(missing, train_samples=10)
-        except (FileNotFoundError, RuntimeError) as err:
+        except FileNotFoundError as err:  # the same error type on every rank
             results[f"error{rank}"] = str(err)
     finally:
         dist.destroy_process_group()
@@ -254,4 +254,4 @@ def test_two_ranks_share_rank0_preprocessing_and_its_errors(cfg: DataConfig, dat
     assert results[0] == results[1]
     assert results[0][0] == data.train_prefixes
     assert "data path not found" in results["error0"]
-    assert "failed on rank 0" in results["error1"] and "data path not found" in results["error1"]
+    assert results["error1"] == results["error0"]
