@@ -1,6 +1,6 @@
 """The ascent step eps = rho * P g / N from the three globally reduced sums.
 
-N depends on `precond_norm` (DESIGN.md section 2); with P = 1 all three agree and
+N depends on `precond_norm` (see SAMConfig); with P = 1 all three agree and
 eps = rho * g / ||g||, plain SAM's perturbation.
 """
 

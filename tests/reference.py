@@ -63,7 +63,7 @@ def sam_gradient(
     precond: Params | None = None,
     precond_norm: str = "perturbation",
 ) -> Params:
-    """The gradient a SAM step hands to the optimizer (DESIGN.md section 2).
+    """The gradient a SAM step hands to the optimizer (paper Eq. 2, 11 and 12).
 
     precond: P per parameter (1 / (sqrt(v_hat) + adam_eps)), or None for P = 1.
     """
