@@ -26,6 +26,9 @@ class SAMConfig:
     logits_module: name (or dotted suffix) of the module whose output is the logits;
         None finds Megatron's `output_layer`.
     kernels: "auto", "torch" or "triton" implementation of norm/perturb/restore.
+    cotangent_offload: keep fsam's recorded logit cotangents (seq x micro-batch x vocab/TP
+        per micro-batch, gigabytes at scale) in pinned host memory between the passes,
+        copied asynchronously, instead of on the GPU.
     """
 
     mode: str = "fsam"
@@ -36,6 +39,7 @@ class SAMConfig:
     rho_warmup_steps: int = 0
     logits_module: str | None = None
     kernels: str = "auto"
+    cotangent_offload: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

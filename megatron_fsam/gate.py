@@ -33,8 +33,9 @@ class _Gate(torch.autograd.Function):
 class LogitGate:
     """Records or rewrites dL/dlogits per micro-batch; idle outside a pass."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, offload: bool = False) -> None:
         self.module = module
+        self.offload = offload
         self.cotangents: dict[int, torch.Tensor] = {}
         self._rewrite: Rewrite | None = None
         self._active = False
@@ -63,7 +64,7 @@ class LogitGate:
                 f"no recorded logit cotangent for micro-batch {index}: pass 2 saw more "
                 "micro-batches than pass 1"
             ) from None
-        return recorded.to(incoming.dtype)
+        return recorded.to(device=incoming.device, dtype=incoming.dtype, non_blocking=True)
 
     def clear(self) -> None:
         self.cotangents = {}
@@ -80,7 +81,13 @@ class LogitGate:
             self._rewrite, self._active = None, False
 
     def _record(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
-        self.cotangents[index] = incoming.detach().clone()
+        if self.offload and incoming.is_cuda:
+            # Stream-ordered: the replay's host-to-device copy runs after this one.
+            stored = torch.empty(incoming.shape, dtype=incoming.dtype, pin_memory=True)
+            stored.copy_(incoming.detach(), non_blocking=True)
+        else:
+            stored = incoming.detach().clone()
+        self.cotangents[index] = stored
         return incoming
 
     def _on_backward(self, index: int, incoming: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,9 @@ class FuncSAM:
                 f"module named {name!r} was found on the last pipeline stage; set "
                 "SAMConfig.logits_module"
             )
-        return LogitGate(module) if module is not None else None
+        if module is None:
+            return None
+        return LogitGate(module, offload=self.config.cotangent_offload)
 
     def _zero_grads(self) -> None:
         for chunk in self.model:

@@ -54,12 +54,18 @@ def test_ascent_normalisations():
     assert not NormSums(float("nan"), 1.0, 1.0).finite
 
 
-def test_gate_replays_recorded_cotangent_per_microbatch():
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offload", [False, True])
+def test_gate_replays_recorded_cotangent_per_microbatch(device, offload):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
-    gate = LogitGate(net[2])
-    inputs = [torch.randn(4, 5) for _ in range(3)]
-    targets = [torch.randn(4, 3) for _ in range(3)]
+    net = net.to(device)
+    gate = LogitGate(net[2], offload=offload)
+    inputs = [torch.randn(4, 5, device=device) for _ in range(3)]
+    targets = [torch.randn(4, 3, device=device) for _ in range(3)]
 
     def loss(i):
         return ((net(inputs[i]) - targets[i]) ** 2).sum()
@@ -67,7 +73,11 @@ def test_gate_replays_recorded_cotangent_per_microbatch():
     with gate.recording():
         for i in range(3):
             loss(i).backward()
-    recorded = {i: c.clone() for i, c in gate.cotangents.items()}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    stored_on = {c.device.type for c in gate.cotangents.values()}
+    assert stored_on == {"cpu" if offload else device}
+    recorded = {i: c.to(device) for i, c in gate.cotangents.items()}
     assert sorted(recorded) == [0, 1, 2]
     for i in range(3):  # the recorded cotangent is dL/dlogits of micro-batch i
         logits = net(inputs[i]).detach()

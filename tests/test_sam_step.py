@@ -263,6 +263,11 @@ def _single_process(rank: int, world: int, path: str) -> dict:
     report["skip/bf16"] = _check_skips(parallel, full, batches, bf16=True)
     report["collectives"] = _count_norm_collectives(parallel, full, batches)
 
+    model, opt = build(parallel, full, SGD)
+    report["offload_reaches_gate"] = FuncSAM(
+        SAMConfig(cotangent_offload=True), model, opt
+    ).gate.offload
+
     errors = {}
     model, opt = build(parallel, full, SGD)
     try:
@@ -321,6 +326,10 @@ def test_one_all_reduce_for_the_norm_sums(single):
         extra.remove(size)
     # One 3-vector (the norm sums) and the pass-2 finiteness flag; nothing else.
     assert sorted(extra) == [1, 3], sizes
+
+
+def test_cotangent_offload_setting_reaches_the_gate(single):
+    assert single[1]["offload_reaches_gate"] is True
 
 
 def test_bad_optimizer_or_model_raises_clear_error(single):
