@@ -1,0 +1,142 @@
+"""Time a Func-SAM step against a plain AdamW step on the same Megatron model and data.
+
+    python launch/bench_step.py [--layers 4 --hidden 256 --heads 4 --seq 256 --vocab 8192 ...]
+
+Runs as one process (on the CPU under the emulation when there is no GPU) and prints,
+for every SAM mode, the median step time and its ratio to the AdamW step measured in the
+same run, plus the split of the SAM step into pass 1 / perturb / pass 2 / optimizer. The
+ideal ratio is about 2 (two forward-backward passes); what exceeds it is SAM's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import warnings
+
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+
+import torch
+
+from megatron_fsam import FuncSAM, SAMConfig, enable_cpu_emulation
+from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
+from megatron_fsam.parallel import (
+    ParallelConfig,
+    build_optimizer,
+    destroy_distributed,
+    initialize_distributed,
+    wrap_model,
+)
+
+PHASES = ("time_pass1", "time_perturb", "time_pass2", "time_optimizer")
+
+
+def main() -> None:
+    args = _parse_args()
+    if not torch.cuda.is_available():
+        enable_cpu_emulation()
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    parallel = ParallelConfig()
+    initialize_distributed(parallel)
+    model_cfg = GPTConfig(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        vocab_size=args.vocab,
+        seq_length=args.seq,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batches = _batches(args, device)
+    modes = [
+        ("adamw", SAMConfig(mode="adamw")),
+        ("sam", SAMConfig(mode="sam")),
+        ("fsam", SAMConfig(mode="fsam")),
+        ("fsam precond", SAMConfig(mode="fsam", precond=True)),
+    ]
+    print(
+        f"{device}, bf16={args.bf16}: {args.layers} layers x {args.hidden} wide, vocab "
+        f"{args.vocab}, {args.microbatches} micro-batches of {args.micro_batch} x {args.seq}"
+    )
+    # Interleaved rounds, one step of every mode each, so drifting machine load hits all alike.
+    sams = {name: _build(cfg, model_cfg, parallel, args) for name, cfg in modes}
+    times = {name: [] for name in sams}
+    phases = {name: {p: [] for p in PHASES} for name in sams}
+    for round_ in range(args.warmup + args.steps):
+        for name, sam in sams.items():
+            metrics = _step(sam, batches, args)
+            if round_ >= args.warmup:
+                times[name].append(sum(metrics.get(p, 0.0) for p in PHASES))
+                for p in PHASES:
+                    if p in metrics:
+                        phases[name][p].append(metrics[p])
+    baseline = statistics.median(times["adamw"])
+    for name in sams:
+        median = statistics.median(times[name])
+        split = " ".join(
+            f"{p.removeprefix('time_')} {statistics.median(v) * 1e3:.1f}"
+            for p, v in phases[name].items()
+            if v
+        )
+        print(
+            f"{name:>13}: {median * 1e3:8.1f} ms/step  x{median / baseline:.2f} of adamw"
+            f"  ({split} ms)"
+        )
+    destroy_distributed()
+
+
+def _build(cfg: SAMConfig, model_cfg: GPTConfig, parallel: ParallelConfig, args) -> FuncSAM:
+    config = transformer_config(model_cfg, parallel, bf16=args.bf16)
+    model = wrap_model(build_model_chunks(model_cfg, config, parallel), config, parallel)
+    return FuncSAM(cfg, model, build_optimizer(model, lr=1e-4, bf16=args.bf16))
+
+
+def _step(sam: FuncSAM, batches: list[dict], args) -> dict[str, float]:
+    ok, _, _, metrics = sam.train_step(
+        forward_step,
+        iter(batches),
+        num_microbatches=len(batches),
+        seq_length=args.seq,
+        micro_batch_size=args.micro_batch,
+    )
+    if not ok:
+        raise RuntimeError("a benchmark step was skipped")
+    return metrics
+
+
+def _batches(args, device):
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(args.microbatches):
+        stream = torch.randint(
+            0, args.vocab, (args.micro_batch, args.seq + 1), generator=generator
+        ).to(device)
+        batches.append(
+            {
+                "tokens": stream[:, :-1].contiguous(),
+                "labels": stream[:, 1:].contiguous(),
+                "loss_mask": torch.ones(args.micro_batch, args.seq, device=device),
+                "position_ids": torch.arange(args.seq, device=device).expand(args.micro_batch, -1),
+            }
+        )
+    return batches
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
