@@ -150,6 +150,7 @@ def transformer_config(
         output_layer_init_method=torch.nn.init.xavier_uniform_,
         embedding_init_method=init_method_normal(1.0 / math.sqrt(model.hidden_size)),
         deallocate_pipeline_outputs=True,
+        cuda_graph_scope=[],  # megatron-core's default "full" only warns that it is deprecated
     )
 
 
