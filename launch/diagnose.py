@@ -20,9 +20,6 @@ import itertools
 import json
 import re
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,7 @@ from launch.pretrain import (
     parse_launched,
     setup_or_report,
 )
-from megatron_fsam.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
+from megatron_fsam.checkpoint import load_checkpoint
 from megatron_fsam.data import microbatch_iterator
 from megatron_fsam.diagnostics import hessian_metrics, pruning_curve, sharpness_composition
 from megatron_fsam.models.gpt import forward_step
@@ -202,32 +199,11 @@ def _checkpoints(paths: list[str], all_iterations: bool) -> list[Path]:
 
 
 def _load(run: Run, path: Path) -> int:
-    """Load one checkpoint into the run's model and optimizer; its iteration."""
-    with _as_root(path) as root:
-        extra = load_checkpoint(root, run.model, run.optimizer)
+    """Load one checkpoint (a save root's latest, or an iter_ directory); its iteration."""
+    extra = load_checkpoint(str(path), run.model, run.optimizer)
     if extra is None:
         raise SystemExit(f"error: no checkpoint in {path}")
     return int(extra["iteration"])
-
-
-@contextmanager
-def _as_root(path: Path) -> Iterator[str]:
-    """A save root whose latest checkpoint is `path` (a root already, or an iter_ directory).
-
-    load_checkpoint reads the checkpoint a root's `latest` names; a single iter_XXXXXXX
-    directory is linked into a private temporary root.
-    """
-    if latest_checkpoint(str(path)) is not None:
-        yield str(path)
-        return
-    match = re.fullmatch(r"iter_(\d+)", path.name)
-    if match is None or not path.is_dir():
-        raise SystemExit(f"error: {path} is neither a checkpoint root nor an iter_ directory")
-    with tempfile.TemporaryDirectory() as root:
-        iteration = int(match.group(1))
-        (Path(root) / "latest").write_text(str(iteration))
-        checkpoint_path(root, iteration).symlink_to(path.resolve(), target_is_directory=True)
-        yield root
 
 
 def _batches(

@@ -139,12 +139,14 @@ def load_checkpoint(
     *,
     strict: bool = True,
 ) -> dict | None:
-    """Restore the latest checkpoint on every rank (collective); returns its ``extra``.
+    """Restore a checkpoint on every rank (collective); returns its ``extra``.
 
-    Returns None when ``root`` holds no checkpoint. RNG states are restored only into the
-    layout they were saved from; in another layout each rank keeps its own seeding.
+    ``root`` is a save root (its ``latest`` checkpoint is loaded) or one ``iter_XXXXXXX``
+    directory. Returns None when a root holds no checkpoint. RNG states are restored only
+    into the layout they were saved from; in another layout each rank keeps its own seeding.
     """
-    path = latest_checkpoint(root)
+    given = Path(root)
+    path = given if _ITER_DIR.match(given.name) and given.is_dir() else latest_checkpoint(root)
     if path is None:
         return None
     common = _read_common(path)
