@@ -36,6 +36,15 @@ from megatron_fsam.kernels import Shards
 logger = logging.getLogger("megatron_fsam")
 
 
+@dataclass(frozen=True)
+class ParamSpan:
+    """The model parameter a shard belongs to and its flat range [start, stop) in it."""
+
+    param: torch.nn.Parameter
+    start: int
+    stop: int
+
+
 @dataclass
 class _Entry:
     """One shard: the optimizer's main param, its gradient, and what the model reads.
@@ -48,6 +57,7 @@ class _Entry:
     grad: torch.Tensor
     target: torch.Tensor
     inner: torch.optim.Optimizer
+    span: ParamSpan
 
     @property
     def aliased(self) -> bool:
@@ -63,6 +73,7 @@ class RankShards:
 
     all: Shards
     aliased: Shards
+    spans: list[ParamSpan]
 
 
 class MegatronBackend:
@@ -137,7 +148,7 @@ class MegatronBackend:
             targets=[shards.targets[i] for i in keep],
             counted=[shards.counted[i] for i in keep],
         )
-        return RankShards(all=shards, aliased=aliased)
+        return RankShards(all=shards, aliased=aliased, spans=[e.span for e in entries])
 
     def main_params(self) -> tuple[list[torch.Tensor], list[bool]]:
         """This rank's fp32 theta shards (1-D views) and whether each enters global norms."""
@@ -230,6 +241,7 @@ def _distributed_entries(opt: DistributedOptimizer) -> Iterator[_Entry]:
                     grad=model_param.main_grad.view(-1)[local.start : local.end],
                     target=param_buffer.view(-1)[world.start : world.end],
                     inner=opt.optimizer,
+                    span=ParamSpan(model_param, local.start, local.end),
                 )
 
 
@@ -242,14 +254,24 @@ def _float16_entries(opt: Float16OptimizerWithFloat16Params) -> Iterator[_Entry]
         for model_group, main_group in zip(model_groups, main_groups, strict=True):
             for model_param, main in zip(model_group, main_group, strict=True):
                 yield _Entry(
-                    main, _model_grad(model_param), model_param.data.view(-1), opt.optimizer
+                    main,
+                    _model_grad(model_param),
+                    model_param.data.view(-1),
+                    opt.optimizer,
+                    ParamSpan(model_param, 0, model_param.numel()),
                 )
 
 
 def _fp32_entries(opt: FP32Optimizer) -> Iterator[_Entry]:
     for group in opt.optimizer.param_groups:
         for param in group["params"]:
-            yield _Entry(param, _model_grad(param), param.data.view(-1), opt.optimizer)
+            yield _Entry(
+                param,
+                _model_grad(param),
+                param.data.view(-1),
+                opt.optimizer,
+                ParamSpan(param, 0, param.numel()),
+            )
 
 
 def _model_grad(param: torch.nn.Parameter) -> torch.Tensor:

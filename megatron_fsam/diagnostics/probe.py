@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from megatron.core.optimizer import MegatronOptimizer
 
-from megatron_fsam.backends.megatron import MegatronBackend
+from megatron_fsam.backends.megatron import MegatronBackend, ParamSpan
 from megatron_fsam.gate import LogitGate, Rewrite, find_logits_module
 from megatron_fsam.kernels import Shards, get_kernels
 from megatron_fsam.models.weights import full_shape, global_param_names, tp_slice
@@ -61,7 +61,7 @@ class ModelShards:
     def __enter__(self) -> ModelShards:
         rank_shards = self.backend.shards(precondition=False)
         self.shards = rank_shards.all
-        self.spans = _locate(self.shards.grads, self.model_chunks)
+        self.spans = _name_spans(rank_shards.spans, self.model_chunks)
         copied = {id(t) for t in rank_shards.aliased.targets}  # theta is a copy already
         self._saved = [
             theta if id(target) in copied else target.detach().clone()
@@ -260,28 +260,12 @@ def combine(a: float, x: Vector, b: float, y: Vector) -> Vector:
     return [a * xi + b * yi for xi, yi in zip(x, y, strict=True)]
 
 
-def _locate(grads: Vector, model_chunks: list[torch.nn.Module]) -> list[ShardSpan | None]:
-    """Name every shard: the backend's gradient shards are views of each parameter's main_grad.
-
-    Finding a shard's address inside a parameter's main_grad gives its parameter and range
-    without reaching into the optimizer's private range maps. Empty shards get None.
-    """
-    owners = []
-    for name, param in global_param_names(model_chunks).items():
-        main_grad = param.main_grad
-        begin = main_grad.data_ptr()
-        owners.append((begin, begin + main_grad.numel() * main_grad.element_size(), name, param))
-    spans: list[ShardSpan | None] = []
-    for grad in grads:
-        if grad.numel() == 0:
-            spans.append(None)
-            continue
-        address = grad.data_ptr()
-        for begin, end, name, param in owners:
-            if begin <= address < end:
-                start = (address - begin) // grad.element_size()
-                spans.append(ShardSpan(name, param, start, start + grad.numel()))
-                break
-        else:
-            raise ValueError("megatron_fsam: a gradient shard lies in no parameter's main_grad")
-    return spans
+def _name_spans(
+    spans: list[ParamSpan], model_chunks: list[torch.nn.Module]
+) -> list[ShardSpan | None]:
+    """Name every shard by its parameter's single-process name; empty shards get None."""
+    names = {id(param): name for name, param in global_param_names(model_chunks).items()}
+    return [
+        ShardSpan(names[id(s.param)], s.param, s.start, s.stop) if s.stop > s.start else None
+        for s in spans
+    ]
