@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,34 @@ def test_two_ranks_share_rank0_preprocessing_and_its_errors(cfg: DataConfig, dat
     assert results[0][0] == data.train_prefixes
     assert "data path not found" in results["error0"]
     assert results["error1"] == results["error0"]
+
+
+def test_hub_dataset_without_network_gives_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    hub = DataConfig(hub_dataset="allenai/c4", hub_config="en", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="could not load hub dataset 'allenai/c4'"):
+        build_datasets(hub, train_samples=10)
+    assert not list(tmp_path.glob("hub/*"))  # no partial download left behind
+
+
+def test_hub_dataset_is_read_from_its_local_copy(cfg: DataConfig, tmp_path: Path) -> None:
+    """Once fetched, a hub dataset is a local JSONL: later runs need no network."""
+    corpus = build_stdlib_corpus(cfg.cache_dir, valid_fraction=0.25, max_documents=MAX_DOCS)
+    hub_dir = tmp_path / "hub"
+    hub_dir.mkdir()
+    shutil.copy(corpus.train_path, hub_dir / "allenai--c4-en-train-100000.jsonl")
+    hub = DataConfig(
+        hub_dataset="allenai/c4",
+        hub_config="en",
+        cache_dir=str(tmp_path),
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        split="75,25,0",
+    )
+    built = build_datasets(hub, train_samples=20, vocab_multiple=128)
+    local = build_datasets(
+        replace(cfg, data_paths=[str(corpus.train_path)], split="75,25,0"),
+        train_samples=20,
+        vocab_multiple=128,
+    )
+    assert built.train[0]["tokens"].tolist() == local.train[0]["tokens"].tolist()

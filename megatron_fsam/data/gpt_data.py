@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -21,7 +21,7 @@ from megatron_fsam.data.indexed import (
     validate_indexed_dataset,
 )
 from megatron_fsam.data.rank0 import is_rank0, run_on_rank0
-from megatron_fsam.data.sources import SUPPORTED_SUFFIXES
+from megatron_fsam.data.sources import SUPPORTED_SUFFIXES, fetch_hub_dataset
 from megatron_fsam.data.tokenizer import EOD_TOKEN, BPETokenizer, build_tokenizer, pad_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 class DataConfig:
     """Where the text comes from, how it is tokenized, and how samples are drawn.
 
+    `hub_dataset` (needs network once) streams its first `hub_documents` documents into a
+    local JSONL that then serves as the only data path. Otherwise
     `data_paths=None` selects the built-in stdlib corpus, held out by whole documents in the
     proportion of `split`. Paths are local .json/.jsonl/.parquet/.txt files (tokenized into one
     dataset) or prefixes of existing Megatron .bin/.idx pairs. Without `valid_paths`, Megatron's
@@ -51,6 +53,10 @@ class DataConfig:
     seq_length: int = 512
     seed: int = 1234
     max_documents: int | None = None  # built-in corpus only: its first N modules, for tests
+    hub_dataset: str | None = None  # e.g. "allenai/c4": streamed once into cache_dir
+    hub_config: str | None = None  # e.g. "en"
+    hub_split: str = "train"
+    hub_documents: int = 100_000
 
 
 @dataclass
@@ -128,6 +134,18 @@ def build_datasets(
 
 def _prepare(cfg: DataConfig, *, valid_fraction: float) -> _Prepared:
     """Rank 0's share: corpus, tokenizer and indexed datasets, all cached under cfg.cache_dir."""
+    if cfg.hub_dataset is not None:
+        if cfg.data_paths is not None:
+            raise ValueError("set either data_paths or hub_dataset, not both")
+        hub_file = fetch_hub_dataset(
+            cfg.hub_dataset,
+            config=cfg.hub_config,
+            split=cfg.hub_split,
+            max_documents=cfg.hub_documents,
+            text_key=cfg.text_key,
+            cache_dir=cfg.cache_dir,
+        )
+        cfg = replace(cfg, data_paths=[str(hub_file)], hub_dataset=None)
     if cfg.data_paths is None:
         if cfg.valid_paths:
             raise ValueError("valid_paths needs data_paths; the built-in corpus has its own split")

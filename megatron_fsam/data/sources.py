@@ -1,8 +1,10 @@
-"""Local text inputs: format detection, content hashing and loading through HF `datasets`."""
+"""Text inputs: local files (format detection, content hashing, loading through HF `datasets`)
+and hub datasets fetched once into a local file."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -80,3 +82,41 @@ def iter_texts(
         ds = load_documents(path, text_key=text_key, cache_dir=cache_dir)
         for batch in ds.iter(batch_size=1000):
             yield from (t for t in batch[text_key] if t)
+
+
+def fetch_hub_dataset(
+    name: str,
+    *,
+    config: str | None,
+    split: str,
+    max_documents: int,
+    text_key: str,
+    cache_dir: str | os.PathLike[str],
+) -> Path:
+    """The first `max_documents` documents of a hub dataset, saved once as a local JSONL.
+
+    Streams, so nothing beyond those documents is downloaded. Later runs (and machines
+    without network) reuse the file; a failed download leaves no partial file behind.
+    """
+    tag = "-".join(str(part) for part in (name, config, split, max_documents))
+    target = Path(cache_dir) / "hub" / (tag.replace("/", "--") + ".jsonl")
+    if target.is_file():
+        return target
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        rows = [row[text_key] for row in stream.take(max_documents)]
+    except Exception as exc:  # datasets raises many kinds for an unreachable hub
+        raise ValueError(
+            f"could not load hub dataset {name!r} (config {config!r}, split {split!r}): "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]} - without network, "
+            "point data.data_paths at local files instead"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".jsonl.tmp")
+    with open(partial, "w") as f:
+        for text in rows:
+            f.write(json.dumps({text_key: text}) + "\n")
+    os.replace(partial, target)
+    return target
