@@ -239,7 +239,6 @@ def train(run: Run) -> None:
 
 def evaluate(run: Run) -> float:
     """Mean validation loss over eval_iters steps' worth of held-out micro-batches."""
-
     train_cfg = run.cfg.train
     per_step = train_cfg.micro_batch_size * run.dp_size * run.num_microbatches
     iters = min(train_cfg.eval_iters, len(run.data.valid) // per_step)
@@ -252,10 +251,7 @@ def evaluate(run: Run) -> float:
         chunk.eval()
     losses = []
     with torch.no_grad():
-        source = microbatch_iterator(
-            run.data.valid, train_cfg.micro_batch_size, dp_rank=run.dp_rank, dp_size=run.dp_size
-        )
-        batches = list(itertools.islice(source, iters * run.num_microbatches))
+        batches = _valid_batches(run, iters * run.num_microbatches)
         for i in range(iters):
             chunk_batches = batches[i * run.num_microbatches : (i + 1) * run.num_microbatches]
             outputs = forward_backward_func()(
@@ -277,14 +273,11 @@ def evaluate(run: Run) -> float:
 def measure_sharpness(run: Run) -> dict[str, float]:
     """The paper's Eq. 9 split of the sharpness gradient on fixed validation micro-batches."""
     diagnostics, train_cfg = run.cfg.diagnostics, run.cfg.train
-    source = microbatch_iterator(
-        run.data.valid, train_cfg.micro_batch_size, dp_rank=run.dp_rank, dp_size=run.dp_size
-    )
     return sharpness_composition(
         run.model,
         run.optimizer,
         forward_step,
-        list(itertools.islice(source, run.num_microbatches)),
+        _valid_batches(run, run.num_microbatches),
         num_microbatches=run.num_microbatches,
         seq_length=run.cfg.data.seq_length,
         micro_batch_size=train_cfg.micro_batch_size,
@@ -327,6 +320,14 @@ def _train_iterators(run: Run):
         )
 
     return [source() for _ in run.model] if len(run.model) > 1 else source()
+
+
+def _valid_batches(run: Run, count: int) -> list[dict]:
+    """This DP rank's first `count` validation micro-batches (the same at every call)."""
+    source = microbatch_iterator(
+        run.data.valid, run.cfg.train.micro_batch_size, dp_rank=run.dp_rank, dp_size=run.dp_size
+    )
+    return list(itertools.islice(source, count))
 
 
 def _per_chunk(model: list, batches: list[dict]):

@@ -42,10 +42,19 @@ class UpdateNorm:
     def finish(self) -> dict[str, float]:
         mains, counted = self.backend.main_params()
         deltas = [m - b for m, b in zip(mains, self._before, strict=True)]
-        update_sq = self.backend.global_sum_sq(deltas, counted).item()
-        param_sq = self.backend.global_sum_sq(self._before, counted).item()
+        local = torch.cat([_sum_sq(deltas, counted), _sum_sq(self._before, counted)])
+        update_sq, param_sq = self.backend.all_reduce_sums(local).tolist()
         self._before = None
         return {"update_norm": math.sqrt(update_sq), "param_norm": math.sqrt(param_sq)}
+
+
+def _sum_sq(tensors: list[torch.Tensor], counted: list[bool]) -> torch.Tensor:
+    """This rank's share of sum ||t||^2, each parameter counted once over the model."""
+    total = torch.zeros(1, dtype=torch.float32, device=tensors[0].device if tensors else "cpu")
+    for tensor, keep in zip(tensors, counted, strict=True):
+        if keep and tensor.numel():
+            total += tensor.float().square().sum()
+    return total
 
 
 class Monitor:

@@ -60,6 +60,11 @@ class _Entry:
     span: ParamSpan
 
     @property
+    def counted(self) -> bool:
+        """Enters global norms: not a TP duplicate, not the second copy of a tied weight."""
+        return param_is_not_shared(self.main) and param_is_not_tensor_parallel_duplicate(self.main)
+
+    @property
     def aliased(self) -> bool:
         """True when the model reads the optimizer's param itself (fp32 params)."""
         return (
@@ -137,7 +142,7 @@ class MegatronBackend:
             ],
             grads=[e.grad for e in entries],
             targets=[e.target for e in entries],
-            counted=[param_is_not_shared(e.main) and _not_tp_duplicate(e.main) for e in entries],
+            counted=[e.counted for e in entries],
         )
         if precondition:
             self._attach_second_moments(shards, entries)
@@ -153,17 +158,7 @@ class MegatronBackend:
     def main_params(self) -> tuple[list[torch.Tensor], list[bool]]:
         """This rank's fp32 theta shards (1-D views) and whether each enters global norms."""
         entries = list(self._entries())
-        mains = [e.main.detach().view(-1) for e in entries]
-        return mains, [param_is_not_shared(e.main) and _not_tp_duplicate(e.main) for e in entries]
-
-    def global_sum_sq(self, tensors: list[torch.Tensor], counted: list[bool]) -> torch.Tensor:
-        """sum ||t||^2 over the whole model, each parameter counted once (one all-reduce)."""
-        device = tensors[0].device if tensors else torch.device("cpu")
-        total = torch.zeros(1, dtype=torch.float32, device=device)
-        for tensor, keep in zip(tensors, counted, strict=True):
-            if keep and tensor.numel():
-                total += tensor.float().square().sum()
-        return self.all_reduce_sums(total)
+        return [e.main.detach().view(-1) for e in entries], [e.counted for e in entries]
 
     def sync_params(self) -> None:
         """Make every rank's model read the values just written into its own shards."""
@@ -177,11 +172,12 @@ class MegatronBackend:
         return sums
 
     def all_finite(self, grads: list[torch.Tensor]) -> bool:
-        """Whether every rank's gradient shards are finite (one MAX all-reduce)."""
+        """Whether every rank's gradient shards are finite (one MAX all-reduce, one sync)."""
         device = grads[0].device if grads else torch.device("cpu")
         found = torch.zeros(1, dtype=torch.float32, device=device)
-        if any(g.numel() and not torch.isfinite(g).all() for g in grads):
-            found.fill_(1.0)
+        for g in grads:
+            if g.numel():
+                found = torch.maximum(found, (~torch.isfinite(g).all()).float())
         torch.distributed.all_reduce(
             found, op=torch.distributed.ReduceOp.MAX, group=self.stats_group
         )
@@ -308,10 +304,6 @@ def _check_supported(opt: MegatronOptimizer) -> None:
             "Transformer Engine's FusedAdam, where SAM cannot read theta; disable "
             "use_precision_aware_optimizer"
         )
-
-
-def _not_tp_duplicate(param: torch.Tensor) -> bool:
-    return param_is_not_tensor_parallel_duplicate(param)
 
 
 def _adam_step(state: dict, group: dict) -> int:
