@@ -8,6 +8,13 @@ from dataclasses import dataclass
 MODES = ("adamw", "sam", "fsam")
 PRECOND_NORMS = ("grad", "perturbation", "dual")
 RHO_SCHEDULES = ("constant", "linear_warmup", "cosine_warmup")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+CHOICES = {
+    "mode": MODES,
+    "precond_norm": PRECOND_NORMS,
+    "rho_schedule": RHO_SCHEDULES,
+    "kernels": KERNEL_BACKENDS,
+}
 
 
 @dataclass
@@ -45,12 +52,8 @@ class SAMConfig:
         self.validate()
 
     def validate(self) -> None:
-        from megatron_fsam.kernels import KERNEL_BACKENDS
-
-        _one_of("mode", self.mode, MODES)
-        _one_of("precond_norm", self.precond_norm, PRECOND_NORMS)
-        _one_of("rho_schedule", self.rho_schedule, RHO_SCHEDULES)
-        _one_of("kernels", self.kernels, KERNEL_BACKENDS)
+        for name, allowed in CHOICES.items():
+            _one_of(name, getattr(self, name), allowed)
         if not isinstance(self.rho, (int, float)) or not math.isfinite(self.rho) or self.rho < 0:
             raise ValueError(f"SAMConfig.rho must be a finite number >= 0, got {self.rho!r}")
         if self.rho_schedule != "constant" and (

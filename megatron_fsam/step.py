@@ -78,8 +78,13 @@ class FuncSAM:
         seq_length: int,
         micro_batch_size: int,
         decoder_seq_length: int | None = None,
+        **schedule_kwargs: Any,
     ) -> StepResult:
-        """One optimizer step; returns (update_successful, grad_norm, losses_reduced, metrics)."""
+        """One optimizer step; returns (update_successful, grad_norm, losses_reduced, metrics).
+
+        `losses_reduced` are pass 1's (the clean loss), also on a skipped step.
+        `schedule_kwargs` go to every `forward_backward_func` call unchanged.
+        """
         rho = rho_at(self.config, self.iteration)
         clock = _PhaseClock()
         pass1_losses, pass2_losses = _LossCapture(), _LossCapture()
@@ -94,16 +99,17 @@ class FuncSAM:
                 micro_batch_size=micro_batch_size,
                 decoder_seq_length=decoder_seq_length,
                 forward_only=False,
+                **schedule_kwargs,
             )
 
         self._zero_grads()
         if not self.config.two_pass or rho == 0.0:
             losses_reduced = run_pass(pass1_losses, data_iterator)
             clock.lap("pass1")
-            ok, grad_norm, _ = self.optimizer.step()
+            ok, grad_norm, num_zeros = self.optimizer.step()
             clock.lap("optimizer")
             self.iteration += 1
-            metrics = self._metrics(rho, None, pass1_losses, None, clock, ok)
+            metrics = self._metrics(rho, None, pass1_losses, None, clock, ok, num_zeros)
             return ok, grad_norm, losses_reduced, metrics
 
         # Pass 1 at theta: g, and (fsam) the clean logit cotangent c(theta).
@@ -120,17 +126,20 @@ class FuncSAM:
             self.backend.all_reduce_sums(self.kernels.norm_sums(shards.all))
         )
         if not sums.finite:
-            return self._skip(rho, None, pass1_losses, clock, "pass-1 gradient is not finite")
+            return self._skip(
+                rho, None, pass1_losses, losses_reduced, clock, "pass-1 gradient is not finite"
+            )
         step = ascent(sums, rho, self.config.precond_norm)
         self.kernels.perturb(shards.all, step.scale)
         self.backend.sync_params()
         clock.lap("perturb")
 
-        # Pass 2 at theta + eps on the same micro-batches and dropout masks.
+        # Pass 2 at theta + eps on the same micro-batches and dropout masks. Its non-finite
+        # values are SAM's to handle (a skip), not Megatron's result validation's.
         self._zero_grads()
         rng_before.restore()
         rewrite = self.gate.rewriting(self.gate.replay_recorded) if self.gate else nullcontext()
-        with rewrite:
+        with rewrite, self.backend.validation_paused():
             run_pass(pass2_losses, replay.replaying())
         rng_after.restore()
         if self.gate:
@@ -139,15 +148,17 @@ class FuncSAM:
         clock.lap("pass2")
         if not self.backend.all_finite(shards.all.grads):
             self._restore(shards)
-            return self._skip(rho, step, pass1_losses, clock, "pass-2 gradient is not finite")
+            return self._skip(
+                rho, step, pass1_losses, losses_reduced, clock, "pass-2 gradient is not finite"
+            )
 
         # The optimizer updates theta (never theta + eps) and copies it back to the model.
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm, num_zeros = self.optimizer.step()
         if not ok:
             self._restore(shards)
         clock.lap("optimizer")
         self.iteration += 1
-        metrics = self._metrics(rho, step, pass1_losses, pass2_losses, clock, ok)
+        metrics = self._metrics(rho, step, pass1_losses, pass2_losses, clock, ok, num_zeros)
         return ok, grad_norm, losses_reduced, metrics
 
     # ----- checkpointing --------------------------------------------------------------
@@ -192,6 +203,7 @@ class FuncSAM:
         rho: float,
         step: Ascent | None,
         losses: _LossCapture,
+        losses_reduced: list[Any],
         clock: _PhaseClock,
         reason: str,
     ) -> StepResult:
@@ -199,7 +211,7 @@ class FuncSAM:
             self.gate.clear()
         logger.warning("megatron_fsam: skipping step %d: %s", self.iteration, reason)
         self.iteration += 1
-        return False, None, [], self._metrics(rho, step, losses, None, clock, False)
+        return False, None, losses_reduced, self._metrics(rho, step, losses, None, clock, False)
 
     def _metrics(
         self,
@@ -209,6 +221,7 @@ class FuncSAM:
         perturbed: _LossCapture | None,
         clock: _PhaseClock,
         ok: bool,
+        num_zeros_in_grad: int | None = None,
     ) -> dict[str, float | None]:
         return {
             "rho": rho,
@@ -217,6 +230,8 @@ class FuncSAM:
             "loss_clean": clean.mean(),
             "loss_perturbed": perturbed.mean() if perturbed else None,
             "skipped": float(not ok),
+            "passes": float(1 + ("time_pass2" in clock.seconds)),
+            "num_zeros_in_grad": num_zeros_in_grad,
             **clock.seconds,
         }
 

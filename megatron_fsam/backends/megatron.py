@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from megatron.core.optimizer.optimizer import (
     Float16OptimizerWithFloat16Params,
     FP32Optimizer,
 )
+from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.utils import get_model_config
@@ -183,6 +185,22 @@ class MegatronBackend:
         )
         return found.item() == 0.0
 
+    @contextmanager
+    def validation_paused(self) -> Iterator[None]:
+        """Megatron's result validation off (pass 2 at theta + eps).
+
+        Megatron-LM's NaN/Inf checks of the loss and DDP's `check_for_nan_in_grad` go through
+        the rerun state machine's `validate_result`: it aborts, or asks for a rerun, on the
+        ranks that see the bad value only, and the others then hang in their collectives.
+        A non-finite pass 2 is a SAM skip, decided on every rank by `all_finite`.
+        """
+        machine = get_rerun_state_machine()
+        machine.validate_result = _accept_result
+        try:
+            yield
+        finally:
+            del machine.validate_result
+
     # ----- internals ------------------------------------------------------------------
 
     def _entries(self) -> Iterator[_Entry]:
@@ -279,6 +297,10 @@ def _model_grad(param: torch.nn.Parameter) -> torch.Tensor:
             "megatron.core.distributed.DistributedDataParallel"
         )
     return grad.view(-1)
+
+
+def _accept_result(*args, **kwargs) -> None:
+    """Stands in for `RerunStateMachine.validate_result`: every result is accepted."""
 
 
 def _leaf_optimizers(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_fsam.config import KERNEL_BACKENDS
 from megatron_fsam.kernels import torch_ops
 from megatron_fsam.kernels.shards import Shards
 
 __all__ = ["Shards", "Kernels", "get_kernels", "KERNEL_BACKENDS"]
-
-KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)

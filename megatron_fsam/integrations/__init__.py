@@ -1,0 +1,1 @@
+"""Adapters to other people's training loops (Megatron-LM's `pretrain_gpt.py`)."""
