@@ -48,7 +48,7 @@ def add_sam_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """
     if FLAG_PREFIX + "mode" in parser._option_string_actions:
         return parser
-    group = parser.add_argument_group("megatron_fsam", "Func-SAM / SAM step (off without --sam-mode)")
+    group = parser.add_argument_group("megatron_fsam", "Func-SAM step (off without --sam-mode)")
     for field in dataclasses.fields(SAMConfig):
         flag = FLAG_PREFIX + field.name.replace("_", "-")
         default = field.default

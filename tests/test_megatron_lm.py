@@ -1,0 +1,282 @@
+"""Megatron-LM's own pretrain_gpt.py with --sam-* flags: the patched tree and the no-diff route.
+
+Each run is Megatron-LM's real training loop on 2 gloo CPU ranks with --mock-data, started
+by torchrun (or the deepspeed launcher) through tests/megatron_lm_driver.py, which records
+every iteration's losses, skipped flag, learning rate and parameters.
+MEGATRON_LM_DIR overrides the tree (default: ../shared/megatron-lm beside the checkout).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TREE = Path(os.environ.get("MEGATRON_LM_DIR", ROOT.parent / "shared" / "megatron-lm"))
+PATCH = ROOT / "patches" / "megatron-lm-core_v0.16.1.patch"
+DRIVER = ROOT / "tests" / "megatron_lm_driver.py"
+
+pytestmark = pytest.mark.skipif(
+    not (TREE / "pretrain_gpt.py").is_file(),
+    reason=f"no Megatron-LM tree at {TREE} (set MEGATRON_LM_DIR)",
+)
+
+MODEL = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8 "
+    "--lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --log-interval 1 "
+    "--eval-iters 0 --eval-interval 1000 --mock-data --seed 1234 "
+    "--tokenizer-type NullTokenizer --vocab-size 128"
+).split()
+CPU = (
+    "--distributed-backend gloo --transformer-impl local --no-gradient-accumulation-fusion "
+    "--no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion "
+    "--no-persist-layer-norm --use-cpu-initialization"
+).split()
+FSAM = "--sam-mode fsam --sam-rho 0.05 --sam-precond".split()
+SAM_SCALARS = ("rho", "grad_norm", "eps_norm", "loss_perturbed", "time_pass1", "time_pass2")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int = 2) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    ]  # fmt: skip
+
+
+def _run(
+    work: Path,
+    tree: Path,
+    *args: str,
+    iters: int = 5,
+    driver: tuple[str, ...] = (),
+    launcher: list[str] | None = None,
+    record: str = "rec",
+    timeout: float = 300,
+) -> tuple[str, list[dict]]:
+    """One Megatron-LM run; returns its output and each rank's record."""
+    command = [
+        *(launcher or _torchrun()), str(DRIVER), "--record", str(work / record), *driver,
+        str(tree / "pretrain_gpt.py"), *MODEL, *CPU, "--train-iters", str(iters), *args,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command,
+        cwd=work,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    records = [torch.load(p) for p in sorted(work.glob(f"{record}.rank*.pt"))]
+    return output, records
+
+
+def _losses(records: list[dict]) -> list[float]:
+    """The last rank's 'lm loss' per iteration (NaN where the iteration was skipped)."""
+    return [step.get("lm loss", math.nan) for step in records[-1]["losses"]]
+
+
+def _assert_same_params(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def patched_tree(tmp_path_factory) -> Path:
+    """A copy of the tree with the patch applied (`git apply --check` first)."""
+    tree = tmp_path_factory.mktemp("patched") / "megatron-lm"
+    shutil.copytree(TREE, tree)
+    for path in tree.rglob("*"):
+        path.chmod(path.stat().st_mode | 0o200)
+    for check in (["--check"], []):
+        subprocess.run(["git", "apply", *check, str(PATCH)], cwd=tree, check=True)
+    return tree
+
+
+def test_patches_apply_to_their_trees(tmp_path):
+    trees = {
+        "core_v0.16.1": TREE,
+        "core_v0.19.0": TREE.parent / "megatron-lm-core_v0.19.0",
+    }
+    for tag, tree in trees.items():
+        if not tree.is_dir():
+            continue
+        copy = tmp_path / tag
+        shutil.copytree(tree / "megatron" / "training", copy / "megatron" / "training")
+        patch = ROOT / "patches" / f"megatron-lm-{tag}.patch"
+        result = subprocess.run(
+            ["git", "apply", "--check", str(patch)], cwd=copy, capture_output=True, text=True
+        )
+        assert result.returncode == 0, f"{tag}: {result.stderr}"
+
+
+def test_without_sam_flags_the_patched_tree_is_plain_megatron_lm(tmp_path, patched_tree):
+    """Loss sequence and final parameters bit-identical, and --sam-rho 0 too."""
+    _, plain = _run(tmp_path, TREE, record="plain")
+    _, patched = _run(tmp_path, patched_tree, record="patched")
+    output, rho0 = _run(
+        tmp_path, patched_tree, "--sam-mode", "fsam", "--sam-rho", "0", record="rho0"
+    )
+    assert "sam rho: 0.0000" in output
+    assert len(_losses(plain)) == 5 and all(math.isfinite(x) for x in _losses(plain))
+    for other in (patched, rho0):
+        assert _losses(other) == _losses(plain)
+        for rank_plain, rank_other in zip(plain, other, strict=True):
+            _assert_same_params(rank_plain["after"], rank_other["after"])
+
+
+LAYOUTS = {
+    "dp2-distopt-bf16-fsam-patched": (
+        "patched", ["--bf16", "--use-distributed-optimizer", *FSAM]
+    ),
+    "tp2-fsam-nodiff": ("no-diff", ["--tensor-model-parallel-size", "2", *FSAM]),
+    "pp2-sam-nodiff": (
+        "no-diff", ["--pipeline-model-parallel-size", "2", "--sam-mode", "sam", "--sam-precond"]
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sam_trains_in_every_layout_and_logs_to_tensorboard(tmp_path, patched_tree, layout):
+    route, args = LAYOUTS[layout]
+    tree, driver = (patched_tree, ()) if route == "patched" else (TREE, ("--no-diff",))
+    tensorboard = tmp_path / "tb"
+    output, records = _run(
+        tmp_path, tree, *args, "--tensorboard-dir", str(tensorboard), driver=driver
+    )
+    losses = _losses(records)
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses), losses
+    assert all(skipped == 0 for skipped in records[-1]["skipped"])
+    assert losses[-1] < losses[0]
+    assert output.count(" sam eps_norm: 0.0500 |") == 5, output[-3000:]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard)).Reload()
+    for name in SAM_SCALARS:
+        values = [e.value for e in events.Scalars(f"sam/{name}")]
+        assert len(values) == 5 and all(math.isfinite(v) for v in values), name
+    assert [e.value for e in events.Scalars("sam/rho")] == [float(torch.tensor(0.05))] * 5
+    pass1_loss = [e.value for e in events.Scalars("sam/loss_clean")]
+    assert pass1_loss == pytest.approx(losses, rel=1e-6)  # pass 1's loss is Megatron-LM's
+
+
+def test_update_equals_funcsam_train_step_on_the_same_model(tmp_path):
+    """One SAM iteration through Megatron-LM's train_step vs FuncSAM.train_step called
+    directly on the model, optimizer and data Megatron-LM built (fp32, DP=2, distributed
+    optimizer, precond reading the Adam state of iteration 1)."""
+    args = ["--use-distributed-optimizer", *FSAM]
+    _, through_megatron = _run(tmp_path, TREE, *args, iters=2, driver=("--no-diff",), record="lm")
+    _, direct = _run(
+        tmp_path, TREE, *args, iters=2, driver=("--no-diff", "--direct-sam-at", "1"), record="d"
+    )
+    for lm_rank, direct_rank in zip(through_megatron, direct, strict=True):
+        _assert_same_params(lm_rank["before"], direct_rank["before"])
+        lm_update = torch.cat(
+            [(lm_rank["after"][k] - v).flatten() for k, v in lm_rank["before"].items()]
+        )
+        direct_update = torch.cat(
+            [(direct_rank["after"][k] - v).flatten() for k, v in direct_rank["before"].items()]
+        )
+        error = (lm_update - direct_update).norm() / direct_update.norm()
+        assert direct_update.norm() > 0 and error <= 1e-5, error
+
+
+def test_nonfinite_pass2_is_a_counted_skip_with_nan_checks_on(tmp_path):
+    """Rank 0's weights turn NaN after the perturbation of iteration 2: Megatron-LM's loss and
+    DDP grad NaN checks (on by default) would abort one rank; SAM skips on every rank."""
+    output, records = _run(
+        tmp_path, TREE, *FSAM, driver=("--no-diff", "--nan-pass2-at", "2"), timeout=240
+    )
+    for rank in records:
+        assert rank["skipped"] == [0, 0, 1, 0, 0]
+        assert rank["lr"][2] == rank["lr"][1]  # the LR schedule did not advance
+        assert rank["update_sq"][2] == 0.0  # the model is back at theta, bit for bit
+        assert all(change > 0 for i, change in enumerate(rank["update_sq"]) if i != 2)
+    assert "number of skipped iterations:   1" in output
+    assert all(math.isfinite(x) for x in _losses(records))  # pass 1 (the logged loss) was fine
+
+
+def test_resume_continues_the_run_and_the_rho_warmup(tmp_path, patched_tree):
+    """3 iterations, save, resume for 3 more == 6 straight (non-distributed optimizer, TP=2).
+
+    Without dropout: under the CPU emulation the CUDA generator is the CPU one, and
+    Megatron-LM builds its data iterators (which draw from the CPU generator) after loading
+    the checkpoint, so plain Megatron-LM itself resumes with other dropout masks on the CPU
+    (TP=2 without SAM: loss 5.2453 resumed vs 5.2387 straight). On GPUs the two differ.
+    """
+    args = [
+        *FSAM, "--sam-rho-schedule", "linear_warmup", "--sam-rho-warmup-steps", "5",
+        "--tensor-model-parallel-size", "2", "--hidden-dropout", "0", "--attention-dropout", "0",
+    ]  # fmt: skip
+    checkpoint = ["--save", str(tmp_path / "ckpt"), "--save-interval", "3"]
+    _, straight = _run(tmp_path, patched_tree, *args, iters=6, record="straight")
+    first_output, first = _run(
+        tmp_path, patched_tree, *args, *checkpoint, "--exit-interval", "3", iters=6, record="first"
+    )
+    assert "sam rho: 0.0000" in first_output  # warm-up from 0
+    resumed_output, resumed = _run(
+        tmp_path, patched_tree, *args, *checkpoint, "--load", str(tmp_path / "ckpt"),
+        iters=6, record="resumed",
+    )  # fmt: skip
+    assert "sam rho: 0.0300" in resumed_output  # iteration 3 of a 5-step warm-up
+    assert _losses(first) + _losses(resumed) == _losses(straight)
+    for rank_straight, rank_resumed in zip(straight, resumed, strict=True):
+        _assert_same_params(rank_straight["after"], rank_resumed["after"])
+
+
+def test_flags_are_checked_at_parsing(tmp_path):
+    cases = {
+        ("--sam-mode", "fsam", "--sam-rho", "-1"): "SAMConfig.rho must be",
+        ("--sam-mode", "bogus"): "argument --sam-mode: invalid choice",
+        ("--sam-rho", "0.1"): "--sam-rho given without --sam-mode",
+        ("--sam-mode", "fsam", "--fp16"): "does not work with --fp16",
+        ("--sam-mode", "sam", "--rerun-mode", "report_stats"): "--rerun-mode report_stats",
+    }
+    for flags, message in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "megatron_fsam.integrations.megatron_lm",
+             str(TREE / "pretrain_gpt.py"), *MODEL, *CPU, "--train-iters", "1", *flags],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "WORLD_SIZE": "1", "RANK": "0"},
+        )  # fmt: skip
+        assert result.returncode == 2, (flags, result.stdout[-2000:], result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], (flags, errors)
+
+
+def test_flop_count_includes_both_passes():
+    from megatron_fsam.integrations import megatron_lm
+
+    training = types.SimpleNamespace(
+        train_step=lambda *a, **k: None,
+        training_log=lambda loss_dict, iteration: None,
+        num_floating_point_operations=lambda args, batch_size: 100.0 * batch_size,
+    )
+    megatron_lm.install_training_hooks(training)
+    megatron_lm.install_training_hooks(training)  # idempotent
+    assert training.num_floating_point_operations(None, 2) == 200.0  # no SAM session
+    session = types.SimpleNamespace(passes=2)
+    saved, megatron_lm._session = megatron_lm._session, session
+    try:
+        assert training.num_floating_point_operations(None, 2) == 400.0
+    finally:
+        megatron_lm._session = saved
