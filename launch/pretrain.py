@@ -29,6 +29,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_fsam import FuncSAM, enable_cpu_emulation
 from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
+from megatron_fsam.compat.cpu import share_cpu_cores
 from megatron_fsam.data import GPTData, build_datasets, microbatch_iterator
 from megatron_fsam.diagnostics import sharpness_composition
 from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
@@ -366,9 +367,7 @@ def _start_processes(cfg: RunConfig) -> None:
 
     if not torch.cuda.is_available():
         enable_cpu_emulation()
-        # Local ranks share the cores: one thread pool each would oversubscribe them.
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        share_cpu_cores()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from megatron_fsam.data.gpt_data import (
 from megatron_fsam.data.indexed import build_indexed_dataset, validate_indexed_dataset
 from megatron_fsam.data.rank0 import run_on_rank0
 from megatron_fsam.data.tokenizer import BPETokenizer, build_tokenizer, pad_vocab_size
+from tests.spawn import free_port
 
 # Small enough to build in seconds, large enough for a few hundred 64-token samples.
 MAX_DOCS = 8
@@ -212,12 +212,6 @@ def test_resume_from_a_sample_position_matches_continuing(data: GPTData) -> None
         assert all(torch.equal(a[k], b[k]) for k in BATCH_KEYS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, port: int, cfg: DataConfig, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -239,7 +233,7 @@ def test_two_ranks_share_rank0_preprocessing_and_its_errors(cfg: DataConfig, dat
         # fork: the ranks inherit the imported modules instead of importing megatron again.
         ctx = mp.start_processes(
             _two_rank_worker,
-            args=(_free_port(), cfg, results),
+            args=(free_port(), cfg, results),
             nprocs=2,
             join=False,
             start_method="fork",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import types
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.spawn import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TREE = Path(os.environ.get("MEGATRON_LM_DIR", ROOT.parent / "shared" / "megatron-lm"))
@@ -43,19 +44,23 @@ CPU = (
     "--no-persist-layer-norm --use-cpu-initialization"
 ).split()
 FSAM = "--sam-mode fsam --sam-rho 0.05 --sam-precond".split()
+# One thread per rank whatever the launcher: two one-rank "nodes" on one machine then add up
+# in the same order as one node's two ranks.
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 SAM_SCALARS = ("rho", "grad_norm", "eps_norm", "loss_perturbed", "time_pass1", "time_pass2")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(nproc: int = 2) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    ]  # fmt: skip
+
+
+def _command(tree: Path, *args: str, iters: int, driver, launcher, record: Path) -> list[str]:
+    return [
+        *launcher, str(DRIVER), "--record", str(record), *driver,
+        str(tree / "pretrain_gpt.py"), *MODEL, *CPU, "--train-iters", str(iters), *args,
     ]  # fmt: skip
 
 
@@ -65,27 +70,23 @@ def _run(
     *args: str,
     iters: int = 5,
     driver: tuple[str, ...] = (),
-    launcher: list[str] | None = None,
     record: str = "rec",
     timeout: float = 300,
 ) -> tuple[str, list[dict]]:
-    """One Megatron-LM run; returns its output and each rank's record."""
-    command = [
-        *(launcher or _torchrun()), str(DRIVER), "--record", str(work / record), *driver,
-        str(tree / "pretrain_gpt.py"), *MODEL, *CPU, "--train-iters", str(iters), *args,
-    ]  # fmt: skip
+    """One Megatron-LM run on 2 ranks; returns its output and each rank's record."""
+    command = _command(
+        tree, *args, iters=iters, driver=driver, launcher=_torchrun(), record=work / record
+    )
     result = subprocess.run(
-        command,
-        cwd=work,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        command, cwd=work, env=ENV, capture_output=True, text=True, timeout=timeout
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    records = [torch.load(p) for p in sorted(work.glob(f"{record}.rank*.pt"))]
-    return output, records
+    return output, _records(work, record)
+
+
+def _records(work: Path, record: str) -> list[dict]:
+    return [torch.load(p) for p in sorted(work.glob(f"{record}.rank*.pt"))]
 
 
 def _losses(records: list[dict]) -> list[float]:
@@ -280,3 +281,31 @@ def test_flop_count_includes_both_passes():
         assert training.num_floating_point_operations(None, 2) == 400.0
     finally:
         megatron_lm._session = saved
+
+
+def test_two_nodes_are_one_job(tmp_path):
+    """Two torchrun "nodes" (--nnodes 2, one rank each, master on 127.0.0.1) through the
+    no-diff route train exactly like one node with two ranks: one job of world size 2."""
+    args, driver = ["--use-distributed-optimizer", *FSAM], ("--no-diff",)
+    _, one_node = _run(tmp_path, TREE, *args, driver=driver, record="one")
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            _command(
+                TREE, *args, iters=5, driver=driver, record=tmp_path / "two",
+                launcher=[
+                    sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                    "--node_rank", str(node), "--nproc_per_node", "1",
+                    "--master_addr", "127.0.0.1", "--master_port", port,
+                ],
+            ),
+            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    two_nodes = _records(tmp_path, "two")
+    assert len(two_nodes) == 2 and _losses(two_nodes) == _losses(one_node)
+    for rank_one, rank_two in zip(one_node, two_nodes, strict=True):
+        _assert_same_params(rank_one["after"], rank_two["after"])

@@ -6,12 +6,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.spawn import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_test.yaml"
@@ -57,12 +58,6 @@ def test_short_run_trains_evaluates_and_logs(tiny_run):
     assert [step for step, _ in taus] == ["3", "6"], stdout
     assert list((work / "tb").glob("events.out.tfevents.*"))
     assert (work / "ckpt" / "latest").read_text().strip().endswith("6")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one_error_line(result) -> str:
@@ -120,7 +115,7 @@ def test_missing_data_path_gives_one_error_line_from_two_ranks(tmp_path):
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
         ),
     )
     assert "missing.jsonl" in _one_error_line(result)
@@ -187,3 +182,43 @@ for scheme in ("", "_10k"):
         counts[name + scheme] = (built, non_embedding_params(cfg.model))
 print(json.dumps(counts))
 """
+
+
+def test_two_deepspeed_nodes_are_one_job(tmp_path):
+    """Two deepspeed launchers as two "nodes" (a hostfile, --node_rank 0 and 1, one rank
+    each, no ssh) give exactly the losses of one node with two ranks."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    args = ["--config", str(ROOT / TINY), f"data.cache_dir={tmp_path / 'cache'}"]
+    one_thread = {"OMP_NUM_THREADS": "1"}  # each rank sums in the same order in both runs
+
+    def launcher(*options: str) -> list[str]:
+        port = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        return ["deepspeed", "--no_ssh", *options, *port]
+
+    one = _pretrain(
+        *args, f"logging.tensorboard_dir={tmp_path / 'one'}", cwd=tmp_path, env=one_thread,
+        launcher=launcher("--num_gpus", "2", "--node_rank", "0"),
+    )  # fmt: skip
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two = launcher("--hostfile", str(hostfile))
+    nodes = [
+        subprocess.Popen(
+            [*two, "--node_rank", str(node), str(ROOT / "launch" / "pretrain.py"), *args,
+             f"logging.tensorboard_dir={tmp_path / 'two'}"],
+            cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore", **one_thread},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "x DP 2," in outputs[0] and "dist_world_size=2" in outputs[1]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def curve(run: str, tag: str) -> list[float]:
+        return [e.value for e in EventAccumulator(str(tmp_path / run)).Reload().Scalars(tag)]
+
+    for tag in ("train/loss_clean", "train/loss_perturbed", "eval/loss"):
+        assert curve("two", tag) == curve("one", tag) and curve("one", tag), tag

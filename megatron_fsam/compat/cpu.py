@@ -11,6 +11,7 @@ and refuses to run where a GPU is present, so no emulation reaches real runs.
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -140,3 +141,13 @@ def enable_cpu_emulation() -> None:
 
     _mode = _CudaAsCpuMode()
     _mode.__enter__()
+
+
+def share_cpu_cores() -> None:
+    """One thread pool per local rank, splitting the cores (OMP_NUM_THREADS wins if set).
+
+    Ranks of one machine share its cores; a full pool each would oversubscribe them.
+    """
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // local_ranks)
+    torch.set_num_threads(int(threads))

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from megatron_fsam.compat.cpu import enable_cpu_emulation
+from megatron_fsam.compat.cpu import enable_cpu_emulation, share_cpu_cores
 
 _enabled = False
 
@@ -36,7 +36,5 @@ def enable_megatron_lm_cpu_emulation() -> None:
     )
     arguments.get_device_arch_version = lambda: 9  # Hopper: no Blackwell-only code paths
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # asserted for TP > 1
-    # Local ranks share the cores: one full thread pool each would oversubscribe them.
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    share_cpu_cores()
     _enabled = True
