@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet torch==2.13.0
 fi
-DS_BUILD_OPS=0 python -m pip install --quiet -e ".[train,kernels,test]"
+DS_BUILD_OPS=0 python -m pip install --quiet -e ".[train,kernels,megatron-lm,test]"
