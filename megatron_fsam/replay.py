@@ -47,7 +47,13 @@ class MicrobatchReplay:
 
 @dataclass
 class RNGState:
-    """CPU, CUDA and Megatron tensor-parallel tracker states (dropout masks)."""
+    """CPU, CUDA and Megatron tensor-parallel tracker states (dropout masks).
+
+    A graph-safe tracker (`use_cudagraphable_rng`, Transformer Engine's) keeps
+    `torch.Generator` objects that its forks advance in place, and its `get_states()`
+    hands out those very objects: the snapshot holds copies, and every restore installs
+    fresh copies, so neither pass 2 nor a later restore can move it.
+    """
 
     cpu: torch.Tensor
     cuda: torch.Tensor | None
@@ -56,10 +62,19 @@ class RNGState:
     @classmethod
     def capture(cls) -> RNGState:
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda, tensor_parallel.get_cuda_rng_tracker().get_states())
+        tracker = _copied(tensor_parallel.get_cuda_rng_tracker().get_states())
+        return cls(torch.get_rng_state(), cuda, tracker)
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda)
-        tensor_parallel.get_cuda_rng_tracker().set_states(self.tracker)
+        tensor_parallel.get_cuda_rng_tracker().set_states(_copied(self.tracker))
+
+
+def _copied(states: dict[str, Any]) -> dict[str, Any]:
+    """Tracker states with each generator object replaced by a copy (tensors are values)."""
+    return {
+        name: state.clone_state() if isinstance(state, torch.Generator) else state
+        for name, state in states.items()
+    }
