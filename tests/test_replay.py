@@ -72,13 +72,15 @@ def test_graph_safe_tracker_replays_the_same_dropout_masks(graph_safe_tracker):
     pass1 = _dropout_masks(graph_safe_tracker)
     after = RNGState.capture()
     before.restore()
-    pass2 = _dropout_masks(graph_safe_tracker)
-    for mask1, mask2 in zip(pass1, pass2, strict=True):
-        assert torch.equal(mask1, mask2)
+    assert _same(pass1, _dropout_masks(graph_safe_tracker))
     before.restore()  # a snapshot survives its own restore: the same masks a third time
-    assert all(torch.equal(a, b) for a, b in zip(pass1, _dropout_masks(graph_safe_tracker)))
+    assert _same(pass1, _dropout_masks(graph_safe_tracker))
     after.restore()  # and the run continues where pass 1 left it, with new masks
     next_masks = _dropout_masks(graph_safe_tracker)
     after.restore()
-    assert all(torch.equal(a, b) for a, b in zip(next_masks, _dropout_masks(graph_safe_tracker)))
+    assert _same(next_masks, _dropout_masks(graph_safe_tracker))
     assert not torch.equal(next_masks[0], pass1[0])
+
+
+def _same(masks: tuple, others: tuple) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(masks, others, strict=True))
