@@ -6,6 +6,8 @@ Runs as one process (on the CPU under the emulation when there is no GPU) and pr
 for every SAM mode, the median step time and its ratio to the AdamW step measured in the
 same run, plus the split of the SAM step into pass 1 / perturb / pass 2 / optimizer. The
 ideal ratio is about 2 (two forward-backward passes); what exceeds it is SAM's own cost.
+The last line is Func-SAM's own cost over SAM: the median over rounds of fsam's step time
+minus sam's in the same round, in ms and as a fraction of that round's AdamW step.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from megatron_fsam.parallel import (
 )
 
 PHASES = ("time_pass1", "time_perturb", "time_pass2", "time_optimizer")
+MODES = {
+    "adamw": SAMConfig(mode="adamw"),
+    "sam": SAMConfig(mode="sam"),
+    "fsam": SAMConfig(mode="fsam"),
+    "fsam precond": SAMConfig(mode="fsam", precond=True),
+}
 
 
 def main() -> None:
@@ -49,12 +57,7 @@ def main() -> None:
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batches = _batches(args, device)
-    modes = [
-        ("adamw", SAMConfig(mode="adamw")),
-        ("sam", SAMConfig(mode="sam")),
-        ("fsam", SAMConfig(mode="fsam")),
-        ("fsam precond", SAMConfig(mode="fsam", precond=True)),
-    ]
+    modes = [(name, MODES[name]) for name in ["adamw", *(m for m in args.modes if m != "adamw")]]
     print(
         f"{device}, bf16={args.bf16}: {args.layers} layers x {args.hidden} wide, vocab "
         f"{args.vocab}, {args.microbatches} micro-batches of {args.micro_batch} x {args.seq}"
@@ -82,6 +85,14 @@ def main() -> None:
         print(
             f"{name:>13}: {median * 1e3:8.1f} ms/step  x{median / baseline:.2f} of adamw"
             f"  ({split} ms)"
+        )
+    if "fsam" in times and "sam" in times:
+        gaps = [f - s for f, s in zip(times["fsam"], times["sam"], strict=True)]
+        gap_ratios = [g / a for g, a in zip(gaps, times["adamw"], strict=True)]
+        print(
+            f"   fsam - sam: {statistics.median(gaps) * 1e3:+8.1f} ms/step  "
+            f"{statistics.median(gap_ratios):+.3f} x adamw  (median of {len(gaps)} rounds; "
+            f"range {min(gap_ratios):+.3f} .. {max(gap_ratios):+.3f})"
         )
     destroy_distributed()
 
@@ -135,6 +146,13 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="modes to time (adamw, the baseline, always runs)",
+    )
     return parser.parse_args()
 
 
