@@ -211,7 +211,9 @@ def train(run: Run) -> None:
         )
 
         if logging_step:
-            scalars = mean_over_ranks({k: v for k, v in metrics.items() if k != "skipped"})
+            scalars = mean_over_ranks(
+                {**metrics, **run.sam.phase_times(), "skipped": None, "num_zeros_in_grad": None}
+            )
             scalars.update(update_norm.finish())
             scalars["lr"] = lr
             scalars["tokens_per_second"] = tokens_per_step / step_time

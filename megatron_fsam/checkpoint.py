@@ -42,6 +42,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_fsam.backends.megatron import gather_params
+
 logger = logging.getLogger("megatron_fsam")
 
 LATEST = "latest"
@@ -112,6 +114,7 @@ def save_checkpoint(
     dist.barrier()
 
     _ensure_adam_state(optimizer)
+    gather_params(model_chunks)  # under overlap_param_gather, other slices may be stale
     state = _sharded_state(model_chunks, optimizer, sharding_type, with_rng=True)
     state.update(
         iteration=iteration,

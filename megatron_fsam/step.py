@@ -15,6 +15,7 @@ A non-finite gradient in either pass skips the step and leaves the model at thet
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from megatron_fsam.backends.megatron import MegatronBackend, RankShards
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.gate import LogitGate, find_logits_module
 from megatron_fsam.kernels import get_kernels
-from megatron_fsam.perturbation import Ascent, NormSums, ascent
+from megatron_fsam.perturbation import Ascent, ascent
 from megatron_fsam.replay import MicrobatchReplay, RNGState
 from megatron_fsam.schedules import rho_at
 
@@ -66,6 +67,7 @@ class FuncSAM:
         self.gate = self._attach_gate() if config.mode == "fsam" else None
         self.forward_backward_func = forward_backward_func or get_forward_backward_func()
         self.iteration = 0
+        self._clock: _PhaseClock | None = None
 
     # ----- the step -------------------------------------------------------------------
 
@@ -86,7 +88,7 @@ class FuncSAM:
         `schedule_kwargs` go to every `forward_backward_func` call unchanged.
         """
         rho = rho_at(self.config, self.iteration)
-        clock = _PhaseClock()
+        clock = self._clock = _PhaseClock()
         pass1_losses, pass2_losses = _LossCapture(), _LossCapture()
 
         def run_pass(losses: _LossCapture, batches: Any) -> list[Any]:
@@ -109,7 +111,7 @@ class FuncSAM:
             ok, grad_norm, num_zeros = self.optimizer.step()
             clock.lap("optimizer")
             self.iteration += 1
-            metrics = self._metrics(rho, None, pass1_losses, None, clock, ok, num_zeros)
+            metrics = self._metrics(rho, None, pass1_losses, None, ok, num_zeros)
             return ok, grad_norm, losses_reduced, metrics
 
         # Pass 1 at theta: g, and (fsam) the clean logit cotangent c(theta).
@@ -122,16 +124,14 @@ class FuncSAM:
 
         # Ascent direction from the reduced sums; a non-finite g skips the step.
         shards = self.backend.shards(precondition=self.config.precond)
-        sums = NormSums.from_tensor(
-            self.backend.all_reduce_sums(self.kernels.norm_sums(shards.all))
-        )
+        sums = self.backend.reduced_norm_sums(self.kernels, shards.all)
         if not sums.finite:
             return self._skip(
-                rho, None, pass1_losses, losses_reduced, clock, "pass-1 gradient is not finite"
+                rho, None, pass1_losses, losses_reduced, "pass-1 gradient is not finite"
             )
         step = ascent(sums, rho, self.config.precond_norm)
         self.kernels.perturb(shards.all, step.scale)
-        self.backend.sync_params()
+        self.backend.publish_perturbation()
         clock.lap("perturb")
 
         # Pass 2 at theta + eps on the same micro-batches and dropout masks. Its non-finite
@@ -149,7 +149,7 @@ class FuncSAM:
         if not self.backend.all_finite(shards.all.grads):
             self._restore(shards)
             return self._skip(
-                rho, step, pass1_losses, losses_reduced, clock, "pass-2 gradient is not finite"
+                rho, step, pass1_losses, losses_reduced, "pass-2 gradient is not finite"
             )
 
         # The optimizer updates theta (never theta + eps) and copies it back to the model.
@@ -158,8 +158,16 @@ class FuncSAM:
             self._restore(shards)
         clock.lap("optimizer")
         self.iteration += 1
-        metrics = self._metrics(rho, step, pass1_losses, pass2_losses, clock, ok, num_zeros)
+        metrics = self._metrics(rho, step, pass1_losses, pass2_losses, ok, num_zeros)
         return ok, grad_norm, losses_reduced, metrics
+
+    def phase_times(self) -> dict[str, float]:
+        """Seconds of each phase of the last step (`time_pass1`, `time_perturb`, ...).
+
+        On a GPU the phases are timed with CUDA events and read only here, once per log
+        interval, so that timing never stalls a step.
+        """
+        return self._clock.seconds() if self._clock else {}
 
     # ----- checkpointing --------------------------------------------------------------
 
@@ -204,14 +212,13 @@ class FuncSAM:
         step: Ascent | None,
         losses: _LossCapture,
         losses_reduced: list[Any],
-        clock: _PhaseClock,
         reason: str,
     ) -> StepResult:
         if self.gate:
             self.gate.clear()
         logger.warning("megatron_fsam: skipping step %d: %s", self.iteration, reason)
         self.iteration += 1
-        return False, None, losses_reduced, self._metrics(rho, step, losses, None, clock, False)
+        return False, None, losses_reduced, self._metrics(rho, step, losses, None, False)
 
     def _metrics(
         self,
@@ -219,7 +226,6 @@ class FuncSAM:
         step: Ascent | None,
         clean: _LossCapture,
         perturbed: _LossCapture | None,
-        clock: _PhaseClock,
         ok: bool,
         num_zeros_in_grad: int | None = None,
     ) -> dict[str, float | None]:
@@ -230,9 +236,8 @@ class FuncSAM:
             "loss_clean": clean.mean(),
             "loss_perturbed": perturbed.mean() if perturbed else None,
             "skipped": float(not ok),
-            "passes": float(1 + ("time_pass2" in clock.seconds)),
+            "passes": 2.0 if step else 1.0,
             "num_zeros_in_grad": num_zeros_in_grad,
-            **clock.seconds,
         }
 
 
@@ -270,18 +275,36 @@ class _LossCapture:
 
 
 class _PhaseClock:
-    """Wall time of each phase of the step (synchronising the GPU at phase ends)."""
+    """Time of each phase of a step: host timestamps on the CPU, CUDA events on a GPU.
+
+    Events are recorded on the stream without waiting for it; `seconds()` waits for the
+    last one, so only the caller who reads the times pays for a synchronisation.
+    """
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self._events = torch.cuda.is_available()
+        self._marks: list[tuple[str, Any]] = [("start", self._now())]
 
     def lap(self, phase: str) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.seconds[f"time_{phase}"] = now - self._last
-        self._last = now
+        self._marks.append((phase, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        if self._events:
+            self._marks[-1][1].synchronize()
+        return {
+            f"time_{phase}": self._elapsed(start, end)
+            for (_, start), (phase, end) in itertools.pairwise(self._marks)
+        }
+
+    def _now(self) -> Any:
+        if not self._events:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _elapsed(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) / 1e3 if self._events else end - start
 
 
 def _device(model: list[torch.nn.Module]) -> torch.device:

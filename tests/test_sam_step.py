@@ -15,6 +15,8 @@ from megatron.core import parallel_state
 from megatron.core.utils import get_model_config, unwrap_model
 
 from megatron_fsam import FuncSAM, SAMConfig
+from megatron_fsam.backends.megatron import gather_params
+from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
 from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
 from megatron_fsam.models.weights import full_state, global_param_names
 from megatron_fsam.parallel import ParallelConfig, forward_backward_func
@@ -279,7 +281,38 @@ def _single_process(rank: int, world: int, path: str) -> dict:
     except ValueError as e:
         errors["no_logits"] = str(e)
     report["errors"] = errors
+    report["refused"] = _refusals(parallel, full)
     return report
+
+
+REFUSED = {
+    "fp8_param": lambda model, opt: setattr(get_model_config(model[0]), "fp8_param", True),
+    "mxfp8_reuse": lambda model, opt: setattr(
+        model[0].ddp_config, "reuse_grad_buf_for_mxfp8_param_ag", True
+    ),
+    "megatron_fsdp": lambda model, opt: setattr(model[0].ddp_config, "use_megatron_fsdp", True),
+    "cuda_graphs": lambda model, opt: setattr(
+        get_model_config(model[0]), "cuda_graph_impl", "local"
+    ),
+    "moe_expert_bias": lambda model, opt: setattr(
+        get_model_config(model[0]), "moe_router_enable_expert_bias", True
+    ),
+    "cpu_offload": lambda model, opt: setattr(opt.config, "optimizer_cpu_offload", True),
+}
+
+
+def _refusals(parallel, full) -> dict[str, str | None]:
+    """What the step cannot do right is refused when FuncSAM is built, before any pass."""
+    out = {}
+    for name, configure in REFUSED.items():
+        model, opt = build(parallel, full, ADAM)
+        configure(model, opt)
+        try:
+            FuncSAM(SAMConfig(mode="fsam"), model, opt)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -340,17 +373,86 @@ def test_bad_optimizer_or_model_raises_clear_error(single):
 
 # ----- parallel layouts: the same update as the single process -----------------------------
 
+OVERLAP = dict(distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
 LAYOUTS_2 = {
     "tp2": ParallelConfig(tensor_parallel=2),
     "tp2_sp": ParallelConfig(tensor_parallel=2, sequence_parallel=True),
     "pp2": ParallelConfig(pipeline_parallel=2),
     "pp2_vp2": ParallelConfig(pipeline_parallel=2, virtual_pipeline=2),
     "dp2_distopt": ParallelConfig(distributed_optimizer=True),
+    "dp2_distopt_overlap": ParallelConfig(**OVERLAP),
 }
 LAYOUTS_4 = {
     "tp2_pp2": ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
     "tp2_dp2_distopt": ParallelConfig(tensor_parallel=2, distributed_optimizer=True),
+    "pp2_vp2_dp2_distopt_overlap": ParallelConfig(
+        pipeline_parallel=2, virtual_pipeline=2, **OVERLAP
+    ),
 }
+
+
+def _check_overlap(parallel, full, batches, checkpoint_root: str) -> dict[str, bool]:
+    """Under overlap_param_gather: one param all-gather per pass (the forward pre-hooks or
+    the interleaved schedule gather theta + eps, nothing else does), and a checkpoint saved
+    right after a SAM step holds theta, not the other ranks' theta + eps."""
+    plain_model, plain_opt = build(parallel, full, ADAM)
+    plain = FuncSAM(SAMConfig(mode="adamw"), plain_model, plain_opt)
+    model, opt = build(parallel, full, ADAM)
+    sam = FuncSAM(SAMConfig(mode="fsam", rho=0.05, precond=True), model, opt)
+    for stepper in (plain, sam):  # the first step of a run gathers once more
+        assert sam_step(stepper, batches)[0]
+    with _counting_all_gathers() as plain_gathers:
+        assert sam_step(plain, batches)[0]
+    with _counting_all_gathers() as sam_gathers:
+        assert sam_step(sam, batches)[0]
+    save_checkpoint(checkpoint_root, 2, model, opt, extra={})
+    loaded_model, loaded_opt = build(parallel, full, ADAM)
+    load_checkpoint(checkpoint_root, loaded_model, loaded_opt)
+    gather_params(model)  # now every rank's model reads theta
+    return {
+        "gathers_per_pass": sam_gathers[0] == 2 * plain_gathers[0] > 0,
+        "saved_theta": _same(_params(model), _params(loaded_model)),
+    }
+
+
+@contextmanager
+def _counting_all_gathers():
+    from megatron.core.distributed import param_and_grad_buffer
+
+    count = [0]
+    gather = param_and_grad_buffer.dist_all_gather_func
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return gather(*args, **kwargs)
+
+    param_and_grad_buffer.dist_all_gather_func = counted
+    try:
+        yield count
+    finally:
+        param_and_grad_buffer.dist_all_gather_func = gather
+
+
+def _check_nan_check_skip(parallel, full, batches) -> dict[str, bool]:
+    """DDP's check_for_nan_in_grad on, NaN on rank 0 only in pass 2: a SAM skip on every
+    rank (Megatron's check would raise on rank 0 alone and leave rank 1 waiting)."""
+    model, opt = build(parallel, full, ADAM)
+    for chunk in model:
+        chunk.ddp_config.check_for_nan_in_grad = True
+    sam = FuncSAM(SAMConfig(mode="fsam", rho=0.05, precond=True), model, opt)
+    assert sam_step(sam, batches)[0]
+    mine = len(my_batches(batches))
+    before, state = _params(model), _optimizer_state(opt)
+    poisoned = range(mine, mine + 1) if torch.distributed.get_rank() == 0 else range(0)
+    with _poisoned(model, poisoned):
+        ok, _, losses, _ = sam_step(sam, batches)
+    return {
+        "skipped": not ok,
+        "pass1_losses_returned": len(losses) == mine,
+        "params_unchanged": _same(before, _params(model)),
+        "state_unchanged": _same(state, _optimizer_state(opt)),
+        "next_step_ok": sam_step(sam, batches)[0],
+    }
 
 
 def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
@@ -364,6 +466,8 @@ def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
             report[(name, mode, precond)] = relative_error(
                 received_gradients(model, opt), saved["outcomes"][(mode, precond)]
             )
+        if parallel.overlap_param_gather:
+            report[("overlap", name)] = _check_overlap(parallel, full, batches, path + name)
     if world == 2:
         distopt = ParallelConfig(distributed_optimizer=True)
         use_layout(distopt)
@@ -372,6 +476,7 @@ def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
             report[("dp2_distopt_triton", mode, precond)] = relative_error(
                 received_gradients(model, opt), saved["outcomes"][(mode, precond)]
             )
+        report["nan_check/pass2_one_rank"] = _check_nan_check_skip(distopt, full, batches)
         report["skip/distopt/fp32"] = _check_skips(distopt, full, batches, bf16=False)
         report["skip/distopt/bf16"] = _check_skips(distopt, full, batches, bf16=True)
         model, opt = build(distopt, full, ADAM)
@@ -412,6 +517,29 @@ def test_distributed_optimizer_skip_restores_every_rank(layouts_2, dtype):
     for rank_report in layouts_2:
         checks = rank_report[f"skip/distopt/{dtype}"]
         assert all(checks.values()), checks
+
+
+@pytest.mark.parametrize(
+    "layout", [name for name in {**LAYOUTS_2, **LAYOUTS_4} if "overlap" in name]
+)
+def test_overlapped_param_gather_gathers_once_per_pass_and_saves_theta(
+    layouts_2, layouts_4, layout
+):
+    for rank_report in layouts_2 if layout in LAYOUTS_2 else layouts_4:
+        checks = rank_report[("overlap", layout)]
+        assert all(checks.values()), checks
+
+
+def test_nan_check_in_pass2_on_one_rank_is_a_skip_on_every_rank(layouts_2):
+    for rank_report in layouts_2:
+        checks = rank_report["nan_check/pass2_one_rank"]
+        assert all(checks.values()), checks
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_unsupported_settings_are_refused_before_any_work(single, name):
+    error = single[1]["refused"][name]
+    assert error is not None and error.startswith("megatron_fsam:"), error
 
 
 def test_missing_grad_finalisation_is_refused(layouts_2):

@@ -33,7 +33,8 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.utils import get_model_config
 
-from megatron_fsam.kernels import Shards
+from megatron_fsam.kernels import Kernels, Shards
+from megatron_fsam.perturbation import NormSums
 
 logger = logging.getLogger("megatron_fsam")
 
@@ -88,10 +89,18 @@ class MegatronBackend:
 
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer) -> None:
         self.model_chunks = model_chunks
+        self.model_config = get_model_config(model_chunks[0])
+        _check_model(model_chunks, self.model_config)
         self.optimizers = _leaf_optimizers(optimizer)
         for opt in self.optimizers:
             _check_supported(opt)
         self.distributed = any(isinstance(o, DistributedOptimizer) for o in self.optimizers)
+        self.overlap_param_gather = self.distributed and any(
+            chunk.ddp_config.overlap_param_gather for chunk in model_chunks
+        )
+        # Where this rank's collectives run, also when it holds no shard at all.
+        self.device = next(model_chunks[0].parameters()).device
+        self._cached: tuple[tuple, RankShards, list[_Entry]] | None = None
         groups = {id(o.get_grad_stats_parallel_group()) for o in self.optimizers}
         if len(groups) > 1:
             raise ValueError(
@@ -99,7 +108,6 @@ class MegatronBackend:
                 "process groups (e.g. expert parallelism), which SAM does not support yet"
             )
         self.stats_group = self.optimizers[0].get_grad_stats_parallel_group()
-        self.model_config = get_model_config(model_chunks[0])
 
     # ----- checks that must hold before any work -------------------------------------
 
@@ -136,37 +144,89 @@ class MegatronBackend:
     # ----- shards ---------------------------------------------------------------------
 
     def shards(self, precondition: bool) -> RankShards:
-        """This rank's shards after pass 1; theta is copied where the model aliases it."""
+        """This rank's shards after pass 1; theta is copied where the model aliases it.
+
+        The shard lists are views into Megatron's buffers, built once and rebuilt only
+        when those buffers change; the copies of aliased theta are refreshed at each call.
+        """
+        rank_shards, entries = self._layout()
+        for theta, entry in zip(rank_shards.aliased.thetas, _aliased(entries), strict=True):
+            theta.copy_(entry.main.view(-1))
+        shards = rank_shards.all
+        if precondition:
+            self._attach_second_moments(shards, entries)
+        else:
+            shards.second_moments = shards.v_scales = shards.adam_eps = None
+        return rank_shards
+
+    def _layout(self) -> tuple[RankShards, list[_Entry]]:
+        key = self._layout_key()
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, *self._build_shards())
+        return self._cached[1], self._cached[2]
+
+    def _build_shards(self) -> tuple[RankShards, list[_Entry]]:
         entries = list(self._entries())
+        copies = {id(e): e.main.detach().view(-1).clone() for e in _aliased(entries)}
+        thetas = [copies.get(id(e), e.main.detach().view(-1)) for e in entries]
         shards = Shards(
-            thetas=[
-                e.main.detach().view(-1).clone() if e.aliased else e.main.view(-1) for e in entries
-            ],
+            thetas=thetas,
             grads=[e.grad for e in entries],
             targets=[e.target for e in entries],
             counted=[e.counted for e in entries],
         )
-        if precondition:
-            self._attach_second_moments(shards, entries)
-        keep = [i for i, e in enumerate(entries) if e.aliased]
         aliased = Shards(
-            thetas=[shards.thetas[i] for i in keep],
-            grads=[shards.grads[i] for i in keep],
-            targets=[shards.targets[i] for i in keep],
-            counted=[shards.counted[i] for i in keep],
+            thetas=[copies[id(e)] for e in _aliased(entries)],
+            grads=[e.grad for e in _aliased(entries)],
+            targets=[e.target for e in _aliased(entries)],
+            counted=[e.counted for e in _aliased(entries)],
         )
-        return RankShards(all=shards, aliased=aliased, spans=[e.span for e in entries])
+        spans = [e.span for e in entries]
+        return RankShards(all=shards, aliased=aliased, spans=spans), entries
+
+    def _layout_key(self) -> tuple:
+        """What the shard views depend on: Megatron's buffers and the optimizers' params."""
+        buffers = tuple(
+            (_address(buffer.grad_data), _address(buffer.param_data))
+            for chunk in self.model_chunks
+            for buffer in (*chunk.buffers, *chunk.expert_parallel_buffers)
+        )
+        params = tuple(
+            id(p) for o in self.optimizers for g in o.optimizer.param_groups for p in g["params"]
+        )
+        return buffers, params
 
     def main_params(self) -> tuple[list[torch.Tensor], list[bool]]:
         """This rank's fp32 theta shards (1-D views) and whether each enters global norms."""
-        entries = list(self._entries())
+        _, entries = self._layout()
         return [e.main.detach().view(-1) for e in entries], [e.counted for e in entries]
 
     def sync_params(self) -> None:
-        """Make every rank's model read the values just written into its own shards."""
+        """Every rank's model reads the values just written into its shards (blocking)."""
         if self.distributed:
-            for chunk in self.model_chunks:
-                chunk.start_param_sync(force_sync=True)
+            gather_params(self.model_chunks)
+
+    def publish_perturbation(self) -> None:
+        """Every rank's pass 2 reads theta + eps.
+
+        Under `overlap_param_gather` the forward pre-hooks of pass 2 (or the interleaved
+        schedule's `param_sync_func`) gather it, overlapped with compute; this only makes
+        sure they will. Otherwise, one blocking gather.
+        """
+        if self.overlap_param_gather and all(_pre_hooks_on(c) for c in self.model_chunks):
+            for group in _bucket_groups(self.model_chunks):
+                _wait_for_gather(group)
+                group.param_gather_dispatched = False
+        else:  # no overlap, or Megatron-LM's first iteration, which runs without the hooks
+            self.sync_params()
+
+    def reduced_norm_sums(self, kernels: Kernels, shards: Shards) -> NormSums:
+        """[||g||^2, ||P g||^2, g.P g] over the whole model: one all-reduce."""
+        if len(shards):
+            local = kernels.norm_sums(shards).to(self.device)
+        else:
+            local = torch.zeros(3, dtype=torch.float32, device=self.device)
+        return NormSums.from_tensor(self.all_reduce_sums(local))
 
     def all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
         """Sum the norm partials over the ranks that hold distinct shards."""
@@ -174,12 +234,12 @@ class MegatronBackend:
         return sums
 
     def all_finite(self, grads: list[torch.Tensor]) -> bool:
-        """Whether every rank's gradient shards are finite (one MAX all-reduce, one sync)."""
-        device = grads[0].device if grads else torch.device("cpu")
-        found = torch.zeros(1, dtype=torch.float32, device=device)
-        for g in grads:
-            if g.numel():
-                found = torch.maximum(found, (~torch.isfinite(g).all()).float())
+        """Whether every rank's gradient shards are finite: one fused max-norm, one MAX
+        all-reduce, one host sync."""
+        found = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if grads:
+            largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
+            found = (~torch.isfinite(largest)).float().view(1).to(self.device)
         torch.distributed.all_reduce(
             found, op=torch.distributed.ReduceOp.MAX, group=self.stats_group
         )
@@ -299,11 +359,92 @@ def _model_grad(param: torch.nn.Parameter) -> torch.Tensor:
     return grad.view(-1)
 
 
+def gather_params(model_chunks: list[torch.nn.Module]) -> None:
+    """Blocking all-gather of the distributed optimizer's param buffers.
+
+    For every read that bypasses the forward pre-hooks (a checkpoint save, diagnostics,
+    a restore): under `overlap_param_gather` the other ranks' slices still hold what the
+    last gather brought (theta + eps right after a SAM step). An outstanding asynchronous
+    gather is waited for first: `start_param_sync(force_sync=True)` alone would then
+    return without gathering the current values.
+    """
+    for group in _bucket_groups(model_chunks):
+        _wait_for_gather(group)
+    for chunk in model_chunks:
+        if chunk.ddp_config.use_distributed_optimizer:
+            chunk.start_param_sync(force_sync=True)
+
+
+def _bucket_groups(model_chunks: list[torch.nn.Module]) -> Iterator:
+    for chunk in model_chunks:
+        yield from (*chunk.bucket_groups, *chunk.expert_parallel_bucket_groups)
+
+
+def _pre_hooks_on(chunk: torch.nn.Module) -> bool:
+    return bool(getattr(chunk, "remove_forward_pre_hook_handles", None))
+
+
+def _wait_for_gather(group) -> None:
+    if group.param_gather_handle is not None:
+        group.param_gather_handle.wait()
+        group.param_gather_handle = None
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _aliased(entries: list[_Entry]) -> list[_Entry]:
+    return [e for e in entries if e.aliased]
+
+
+def _check_model(model_chunks: list[torch.nn.Module], config) -> None:
+    """Refuse, before any work and alike on every rank, what the step cannot do right."""
+    ddp = getattr(model_chunks[0], "ddp_config", None)
+    if ddp is None:
+        raise ValueError(
+            "megatron_fsam: wrap the model chunks in "
+            "megatron.core.distributed.DistributedDataParallel"
+        )
+    cuda_graph = getattr(config, "cuda_graph_impl", "none")
+    reasons = [
+        (
+            getattr(config, "fp8_param", False) or ddp.reuse_grad_buf_for_mxfp8_param_ag,
+            "fp8 / MXFP8 parameters (the perturbed weights are written as bf16/fp32 values)",
+        ),
+        (
+            getattr(ddp, "use_megatron_fsdp", False)
+            or "FullyShardedDataParallel" in type(model_chunks[0]).__name__,
+            "Megatron-FSDP / torch FSDP (SAM reads the distributed optimizer's shards)",
+        ),
+        (
+            cuda_graph != "none"
+            or getattr(config, "enable_cuda_graph", False)
+            or getattr(config, "external_cuda_graph", False),
+            f"CUDA graphs (cuda_graph_impl={cuda_graph!r}): a captured graph cannot run "
+            "the two passes",
+        ),
+        (
+            getattr(config, "moe_router_enable_expert_bias", False),
+            "moe_router_enable_expert_bias: finalize_model_grads would move the expert bias "
+            "in both passes",
+        ),
+    ]
+    for failed, reason in reasons:
+        if failed:
+            raise ValueError(f"megatron_fsam: the SAM step does not support {reason}")
+
+
 def _accept_result(*args, **kwargs) -> None:
     """Stands in for `RerunStateMachine.validate_result`: every result is accepted."""
 
 
 def _leaf_optimizers(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:
+    if type(optimizer).__name__ == "LayerWiseDistributedOptimizer":
+        raise ValueError(
+            "megatron_fsam: unsupported Megatron optimizer LayerWiseDistributedOptimizer "
+            "(whole parameters per rank); use the distributed optimizer"
+        )
     if isinstance(optimizer, ChainedOptimizer):
         return [
             o for o in optimizer.chained_optimizers if not getattr(o, "is_stub_optimizer", False)
@@ -319,6 +460,11 @@ def _check_supported(opt: MegatronOptimizer) -> None:
     if opt.config.fp16:
         raise ValueError(
             "megatron_fsam: fp16 with dynamic loss scaling is not supported; use bf16 or fp32"
+        )
+    if getattr(opt.config, "optimizer_cpu_offload", False):
+        raise ValueError(
+            "megatron_fsam: optimizer_cpu_offload keeps main params and Adam state on the "
+            "host, where the SAM kernels do not run; disable it"
         )
     if opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
         raise ValueError(

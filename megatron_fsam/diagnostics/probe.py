@@ -59,6 +59,7 @@ class ModelShards:
         self.kernels = get_kernels("auto")
 
     def __enter__(self) -> ModelShards:
+        self.backend.sync_params()  # the forward-free reads below see what the optimizer holds
         rank_shards = self.backend.shards(precondition=False)
         self.shards = rank_shards.all
         self.spans = _name_spans(rank_shards.spans, self.model_chunks)
