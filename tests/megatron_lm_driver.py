@@ -107,18 +107,18 @@ def _inject_nan_after_perturbation(iteration: int) -> None:
 
     from megatron_fsam.backends.megatron import MegatronBackend
 
-    sync_params = MegatronBackend.sync_params
+    publish = MegatronBackend.publish_perturbation
     injected = []
 
-    def sync_then_inject(self) -> None:
-        sync_params(self)
+    def publish_then_inject(self) -> None:
+        publish(self)
         if get_args().curr_iteration == iteration and not injected:
             injected.append(True)
             if torch.distributed.get_rank() == 0:
                 weight = next(self.model_chunks[0].parameters())
                 weight.data.fill_(float("nan"))
 
-    MegatronBackend.sync_params = sync_then_inject
+    MegatronBackend.publish_perturbation = publish_then_inject
 
 
 def _parameters(model) -> dict[str, torch.Tensor]:

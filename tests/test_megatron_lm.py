@@ -145,8 +145,10 @@ def test_without_sam_flags_the_patched_tree_is_plain_megatron_lm(tmp_path, patch
 
 
 LAYOUTS = {
-    "dp2-distopt-bf16-fsam-patched": (
-        "patched", ["--bf16", "--use-distributed-optimizer", *FSAM]
+    "dp2-distopt-bf16-overlap-fsam-patched": (
+        "patched",
+        ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+         "--overlap-param-gather", *FSAM],
     ),
     "tp2-fsam-nodiff": ("no-diff", ["--tensor-model-parallel-size", "2", *FSAM]),
     "pp2-sam-nodiff": (

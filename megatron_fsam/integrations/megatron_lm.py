@@ -127,10 +127,6 @@ def _unsupported(args: argparse.Namespace) -> str | None:
             "CUDA graphs (--cuda-graph-impl): a captured iteration cannot run two passes",
         ),
         (
-            on("overlap_param_gather"),
-            "--overlap-param-gather: the perturbed weights must be gathered before pass 2",
-        ),
-        (
             on("use_megatron_fsdp") or on("use_torch_fsdp2") or on("use_custom_fsdp"),
             "FSDP: SAM reads the distributed optimizer's or the plain optimizer's shards",
         ),
@@ -283,7 +279,8 @@ def _sam_training_log(training: ModuleType, training_log: Callable) -> Callable:
         iteration = signature.bind(*args, **kwargs).arguments["iteration"]
         if _session is None or iteration % get_args().log_interval != 0:
             return training_log(*args, **kwargs)
-        scalars = _sam_scalars(_session.metrics)  # a collective: every rank logs here
+        # A collective (every rank logs here), and the one read of the phase timers.
+        scalars = _sam_scalars({**_session.metrics, **_session.sam.phase_times()})
         writer = get_tensorboard_writer()
         if writer is not None:
             for name, value in scalars.items():
@@ -309,7 +306,7 @@ def _sam_scalars(metrics: dict[str, float | None]) -> dict[str, float]:
     pipeline stage's DP ranks)."""
     from megatron_fsam.monitor import mean_over_ranks
 
-    return mean_over_ranks({k: v for k, v in metrics.items() if k != "num_zeros_in_grad"})
+    return mean_over_ranks({**metrics, "num_zeros_in_grad": None})
 
 
 def _fmt(value: float) -> str:
