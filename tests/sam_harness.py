@@ -139,6 +139,20 @@ def received_gradients(model: list, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
+def model_is_cast_of_main(model, opt) -> bool:
+    """bf16 params equal cast(fp32 main params) exactly: nothing of eps remains."""
+    pieces = received_gradients(model, opt)  # gives each model param's flat range
+    for param_pieces in pieces.values():
+        for param, flat_range, _ in param_pieces:
+            main = param.main_param
+            model_values = param.detach().reshape(-1)
+            if flat_range is not None:
+                model_values = model_values[flat_range[0] : flat_range[1]]
+            if not torch.equal(model_values, main.detach().reshape(-1).to(param.dtype)):
+                return False
+    return True
+
+
 def relative_error(received: dict, reference: dict[str, torch.Tensor]) -> float:
     """||received - reference|| / ||reference|| over this rank's shards of every tensor."""
     diff_sq, ref_sq = 0.0, 0.0

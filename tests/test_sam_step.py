@@ -30,6 +30,7 @@ from tests.sam_harness import (
     build,
     data_iterator,
     make_batches,
+    model_is_cast_of_main,
     my_batches,
     received_gradients,
     relative_error,
@@ -134,22 +135,8 @@ def _check_skips(parallel, full, batches, *, bf16: bool) -> dict[str, bool]:
     out["next_step_ok"] = ok and not _same(before, after)
     out["next_step_finite"] = all(torch.isfinite(t).all() for t in after.values())
     if bf16:
-        out["model_is_cast_main"] = _model_is_cast_of_main(model, opt)
+        out["model_is_cast_main"] = model_is_cast_of_main(model, opt)
     return out
-
-
-def _model_is_cast_of_main(model, opt) -> bool:
-    """bf16 params equal cast(fp32 main params) exactly: nothing of eps remains."""
-    pieces = received_gradients(model, opt)  # gives each model param's flat range
-    for param_pieces in pieces.values():
-        for param, flat_range, _ in param_pieces:
-            main = param.main_param
-            model_values = param.detach().reshape(-1)
-            if flat_range is not None:
-                model_values = model_values[flat_range[0] : flat_range[1]]
-            if not torch.equal(model_values, main.detach().reshape(-1).to(param.dtype)):
-                return False
-    return True
 
 
 def _plain_megatron(model, opt, batches, steps: int) -> None:
