@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,6 +201,62 @@ def test_torch_kernels_chunking_does_not_change_results():
     expected = [t.clone() for t in shards.targets]
     torch_ops.perturb(shards, 0.3, chunk=100)
     assert all(torch.equal(a, b) for a, b in zip(shards.targets, expected, strict=True))
+
+
+@needs_triton
+def test_triton_launch_tables_are_built_once_per_set_of_shards(monkeypatch):
+    """The launch tables are cached on the shards' addresses, sizes and dtypes: a second step over
+    the same buffers (even through a new Shards) builds none, a replaced buffer rebuilds those
+    of the ops that read it, and results stay bit-identical throughout."""
+    from megatron_fsam.kernels import triton_ops
+
+    builds = []
+    real_plan = triton_ops._plan
+    monkeypatch.setattr(triton_ops, "_plan", lambda *a, **k: builds.append(1) or real_plan(*a, **k))
+    monkeypatch.setattr(triton_ops, "_plans", OrderedDict(), raising=False)  # an empty cache
+    norm_sums, perturb, restore = kernels_for("triton")
+    shards = make_shards("bf16", "bf16", True, device_for("triton"))
+
+    def step(shards: Shards) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        sums = norm_sums(shards)
+        perturb(shards, 0.1)
+        perturbed = [t.clone() for t in shards.targets]
+        restore(shards)
+        return sums, perturbed, [t.clone() for t in shards.targets]
+
+    def same(a, b) -> bool:
+        return torch.equal(a[0], b[0]) and all(
+            torch.equal(x, y) for x, y in zip(a[1] + a[2], b[1] + b[2], strict=True)
+        )
+
+    first = step(shards)
+    n_first = len(builds)
+    assert n_first >= 3  # at least one launch per op
+    assert same(step(shards), first) and len(builds) == n_first
+    again = Shards(
+        list(shards.thetas), list(shards.grads), list(shards.targets), list(shards.counted),
+        list(shards.second_moments), list(shards.v_scales), list(shards.adam_eps),
+    )  # fmt: skip
+    assert same(step(again), first) and len(builds) == n_first
+
+    # A new bias correction changes only the constants: no table build, new numbers.
+    again.v_scales = [2 * v for v in again.v_scales]
+    changed = step(again)
+    assert len(builds) == n_first and not torch.equal(changed[0], first[0])
+    again.v_scales = list(shards.v_scales)
+    assert same(step(again), first) and len(builds) == n_first
+
+    # A gradient moved to a new buffer (as unaligned as before): norm_sums and perturb rebuild,
+    # restore does not read it.
+    moved = torch.empty(SIZES[4] + 1, dtype=again.grads[4].dtype, device=again.grads[4].device)
+    moved[1:] = again.grads[4]
+    again.grads[4] = moved[1:]
+    assert same(step(again), first)
+    rebuilt = len(builds) - n_first
+    assert rebuilt >= 2
+    assert same(step(again), first) and len(builds) == n_first + rebuilt
+    triton_ops._plans.clear()  # built from scratch: the same bits
+    assert same(step(again), first)
 
 
 @pytest.mark.skipif(INTERPRET, reason="compiles kernels; the interpreter has none")

@@ -20,6 +20,7 @@ which is how the tests exercise them; each program then costs milliseconds, so B
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -164,6 +165,24 @@ def _restore_kernel(theta, target, table, tile_shard, ALIGNED: tl.constexpr, BLO
 
 
 @dataclass
+class _Plan:
+    """The tables of one launch over a dtype and alignment group of shards, kept across calls.
+
+    They depend only on the shards' pointers, sizes and dtypes (and the tile size), so a plan is
+    reused while those stay the same. It holds no shard tensor: the pointer bases are looked up
+    in the current shards, whose tensors then sit at the same addresses."""
+
+    first: int  # the group's first shard: its tensors are the pointer bases
+    members: list[int]
+    table: torch.Tensor  # as _Launch's, on the device
+    tile_shard: torch.Tensor
+    n_tiles: int
+    aligned: bool
+    consts: torch.Tensor | None = None  # built by _consts
+    consts_of: tuple | None = None  # the (v_scale, eps) values consts holds; None: placeholders
+
+
+@dataclass
 class _Launch:
     """Everything one launch over a dtype group of shards needs."""
 
@@ -173,6 +192,13 @@ class _Launch:
     tile_shard: torch.Tensor  # int32 [n_tiles]
     n_tiles: int
     aligned: bool
+
+
+# Plans by the identity of the shards they were built for, most recently used last. A step uses
+# a few keys (norm, perturb and restore over one or two shard lists); stale entries hold only
+# small device tables and are evicted.
+PLAN_CACHE_SIZE = 16
+_plans: OrderedDict[tuple, list[_Plan]] = OrderedDict()
 
 
 def norm_sums(shards: Shards, block: int = BLOCK) -> torch.Tensor:
@@ -253,17 +279,68 @@ def _launches(
     shards: Shards, indices: list[int], fields: list[str], block: int
 ) -> Iterator[_Launch]:
     """One launch per combination of the fields' dtypes and 16-byte alignment (usually one or
-    two): unaligned shards must not cost the aligned ones their vector loads."""
+    two): unaligned shards must not cost the aligned ones their vector loads.
+
+    The tables are built once per set of shard tensors: the key is every tensor's address, size
+    and dtype (with the shard list, fields and tile size), so a step over the same buffers only
+    pays for building the key, and for the preconditioner constants when they change."""
     columns = [getattr(shards, f) for f in fields]
+    key = _plan_key(shards, indices, fields, columns, block)
+    plans = _plans.get(key)
+    if plans is None:
+        plans = _plans[key] = _build_plans(shards, indices, columns, block)
+        while len(_plans) > PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    for plan in plans:
+        yield _Launch(
+            [column[plan.first] for column in columns],
+            plan.table,
+            _consts(shards, plan, "second_moments" in fields),
+            plan.tile_shard,
+            plan.n_tiles,
+            plan.aligned,
+        )
+
+
+def _plan_key(
+    shards: Shards,
+    indices: list[int],
+    fields: list[str],
+    columns: list[list[torch.Tensor]],
+    block: int,
+) -> tuple:
+    """What the tables depend on: (address, numel, dtype) of every tensor the launch reads."""
+    tensors = [column[i] for column in columns for i in indices]
+    return (
+        tuple(fields),
+        block,
+        _device(shards),
+        tuple(indices),
+        tuple([t.data_ptr() for t in tensors]),
+        tuple([t.numel() for t in tensors]),
+        tuple([t.dtype for t in tensors]),
+    )
+
+
+def _build_plans(
+    shards: Shards, indices: list[int], columns: list[list[torch.Tensor]], block: int
+) -> list[_Plan]:
+    if not indices:
+        return []
     pointers = torch.tensor([[column[i].data_ptr() for i in indices] for column in columns])
     aligned = (pointers % 16 == 0).all(dim=0).tolist()
     dtypes = [[column[i].dtype for i in indices] for column in columns]
     groups: dict[tuple, list[int]] = {}
     for position, key in enumerate(zip(*dtypes, aligned, strict=True)):
         groups.setdefault(key, []).append(position)
-    for key, positions in groups.items():
-        members = [indices[p] for p in positions]
-        yield _plan(shards, members, columns, pointers[:, positions], key[-1], block)
+    return [
+        _plan(
+            shards, [indices[p] for p in positions], columns, pointers[:, positions], key[-1], block
+        )
+        for key, positions in groups.items()
+    ]
 
 
 def _plan(
@@ -273,7 +350,7 @@ def _plan(
     pointers: torch.Tensor,
     aligned: bool,
     block: int,
-) -> _Launch:
+) -> _Plan:
     """The launch tables, built with a few whole-list operations (thousands of shards)."""
     bases = [column[members[0]] for column in columns]
     device = bases[0].device
@@ -288,25 +365,27 @@ def _plan(
     numels = torch.tensor([shards.grads[i].numel() for i in members])
     tiles = (numels + block - 1) // block
     table = torch.stack((numels, tiles.cumsum(0) - tiles, *(distances // element_sizes)), dim=1)
-    precond = shards.preconditioned
-    consts = torch.tensor(
-        [[shards.v_scales[i], shards.adam_eps[i]] if precond else [1.0, 0.0] for i in members],
-        dtype=torch.float32,
-    )
     n_tiles = int(tiles.sum())
     tile_shard = torch.repeat_interleave(
         torch.arange(len(members), dtype=torch.int32, device=device),
         _upload(tiles, device),
         output_size=n_tiles,
     )
-    return _Launch(
-        bases,
-        _upload(table.view(-1), device),
-        _upload(consts.view(-1), device),
-        tile_shard,
-        n_tiles,
-        aligned,
-    )
+    return _Plan(members[0], members, _upload(table.view(-1), device), tile_shard, n_tiles, aligned)
+
+
+def _consts(shards: Shards, plan: _Plan, preconditioned: bool) -> torch.Tensor:
+    """The plan's per-shard v_scale and eps on the device, rebuilt only when they change (the
+    bias correction v_scale changes every step). Without P they are never read: placeholders."""
+    values = None
+    if preconditioned:
+        values = tuple([(shards.v_scales[i], shards.adam_eps[i]) for i in plan.members])
+    if plan.consts is None or plan.consts_of != values:
+        rows = values or [(1.0, 0.0)] * len(plan.members)
+        consts = torch.tensor(rows, dtype=torch.float32).view(-1)
+        plan.consts = _upload(consts, plan.table.device)
+        plan.consts_of = values
+    return plan.consts
 
 
 def _upload(table: torch.Tensor, device: torch.device) -> torch.Tensor:
