@@ -27,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_fsam.kernels import Kernels, get_kernels, triton_kernels  # noqa: E402
+from megatron_fsam.kernels.self_check import max_ulps  # noqa: E402
 from megatron_fsam.kernels.shards import Shards  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -252,7 +253,7 @@ def check(device: torch.device, fused: Kernels | None) -> bool:
                     results.append((sums, perturbed, restored, torch.cat(shards.thetas)))
                 (s1, p1, r1, theta), (s2, p2, r2, _) = results
                 sums_rel = ((s1 - s2).abs() / s2.abs()).max().item()
-                ulps = _ulps(p1, p2)
+                ulps = max_ulps(p1, p2)
                 exact = (p1 == p2).float().mean().item()
                 restore_exact = torch.equal(r1, r2) and torch.equal(r1, theta.to(r1.dtype))
                 good = sums_rel < 1e-5 and ulps <= 1 and restore_exact
@@ -265,12 +266,6 @@ def check(device: torch.device, fused: Kernels | None) -> bool:
                     flush=True,
                 )
     return ok
-
-
-def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in units of the last place (same-sign values)."""
-    bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
-    return int((a.view(bits).long() - b.view(bits).long()).abs().max().item())
 
 
 # ----- the kernels as a fraction of a step -----------------------------------------------------

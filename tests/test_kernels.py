@@ -9,6 +9,7 @@ also built here for sm_90 (no GPU needed) and its PTX inspected.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import subprocess
@@ -201,6 +202,110 @@ def test_torch_kernels_chunking_does_not_change_results():
     expected = [t.clone() for t in shards.targets]
     torch_ops.perturb(shards, 0.3, chunk=100)
     assert all(torch.equal(a, b) for a, b in zip(shards.targets, expected, strict=True))
+
+
+# ----- the one-time self-check of the Triton kernels, and what "auto" and "triton" do with it -----
+
+
+class BrokenKernel:
+    """Stands in for a Triton kernel. "raises": its launch fails, as a kernel that cannot compile
+    does; "wrong": runs the real kernel, then skews its partial sums (_norm_kernel's 6th arg)."""
+
+    def __init__(self, kernel, how: str) -> None:
+        self.kernel, self.how = kernel, how
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.how == "raises":
+                raise RuntimeError("simulated compilation failure")
+            self.kernel[grid](*args, **kwargs)
+            args[5].mul_(1.0 + 1e-3)
+
+        return launch
+
+
+# breakage: (kernel replaced, op the self-check must name)
+BREAKAGES = {"raises": ("_perturb_kernel", "perturb"), "wrong": ("_norm_kernel", "norm_sums")}
+
+
+@pytest.fixture
+def checked_device(monkeypatch) -> torch.device:
+    """The device the Triton kernels run on here, with the self-check and "auto"'s choice
+    guarding it (on CPU: in the interpreter) and no verdict cached before or after the test."""
+    import megatron_fsam.kernels as kernels
+
+    on_cuda = device_for("triton") == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", (*kernels.TRITON_DEVICE_TYPES, "cpu"))
+    kernels.reset_self_check()
+    yield device
+    kernels.reset_self_check()
+
+
+def sam_warnings(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "megatron_fsam" and r.levelno >= logging.WARNING]
+
+
+@needs_triton
+def test_triton_self_check_passes_and_auto_uses_triton(checked_device, caplog):
+    from megatron_fsam.kernels import resolve_kernels
+    from megatron_fsam.kernels.self_check import self_check
+
+    assert self_check(checked_device) is None
+    caplog.set_level(logging.WARNING, logger="megatron_fsam")
+    assert resolve_kernels("auto", checked_device) is triton_kernels()
+    assert resolve_kernels("triton", checked_device) is triton_kernels()
+    shards = make_shards("bf16", "bf16", True, checked_device.type)
+    expected = make_shards("bf16", "bf16", True, checked_device.type)
+    for backend in ("auto", "triton"):
+        kernels = get_kernels(backend)
+        assert kernels.name == backend
+        assert torch.equal(kernels.norm_sums(shards), triton_kernels().norm_sums(expected))
+        kernels.perturb(shards, 0.1)
+        triton_kernels().perturb(expected, 0.1)
+        assert all(torch.equal(a, b) for a, b in zip(shards.targets, expected.targets, strict=True))
+    assert sam_warnings(caplog) == []
+
+
+@needs_triton
+@pytest.mark.parametrize("how", list(BREAKAGES))
+def test_triton_failing_self_check_auto_falls_back_triton_raises(
+    checked_device, caplog, monkeypatch, how: str
+):
+    """A Triton kernel that cannot compile (or computes wrong sums): the self-check names the op,
+    runs once per process, "auto" uses torch with one warning, "triton" raises."""
+    import megatron_fsam.kernels.self_check as check_module
+    from megatron_fsam.kernels import KernelSelfCheckError, resolve_kernels, triton_ops
+
+    kernel, op = BREAKAGES[how]
+    monkeypatch.setattr(triton_ops, kernel, BrokenKernel(getattr(triton_ops, kernel), how))
+    problem = check_module.self_check(checked_device)
+    assert problem is not None and problem.startswith(op), problem
+
+    runs = []
+    real_check = check_module.self_check
+    monkeypatch.setattr(check_module, "self_check", lambda d: runs.append(d) or real_check(d))
+    caplog.set_level(logging.WARNING, logger="megatron_fsam")
+    auto, plain = get_kernels("auto"), get_kernels("torch")
+    assert auto.name == "auto"
+    shards = make_shards("fp32", "bf16", True, checked_device.type)
+    expected = make_shards("fp32", "bf16", True, checked_device.type)
+    for _ in range(2):
+        assert torch.equal(auto.norm_sums(shards), plain.norm_sums(expected))
+        auto.perturb(shards, 0.1)
+        plain.perturb(expected, 0.1)
+        assert all(torch.equal(a, b) for a, b in zip(shards.targets, expected.targets, strict=True))
+        auto.restore(shards)
+    assert resolve_kernels("auto", checked_device) is resolve_kernels("torch", checked_device)
+    (warning,) = sam_warnings(caplog)
+    assert "self-check" in warning.getMessage() and problem in warning.getMessage()
+
+    triton = get_kernels("triton")  # chosen before any shards are seen: the check runs on use
+    for call in (triton.norm_sums, triton.restore):
+        with pytest.raises(KernelSelfCheckError, match=f"self-check on .*: {op}"):
+            call(shards)
+    assert len(runs) == 1  # one check per process and device, shared by "auto" and "triton"
+    assert len(sam_warnings(caplog)) == 1
 
 
 @needs_triton
