@@ -1,29 +1,60 @@
 #!/usr/bin/env bash
-# Check and time the SAM shard kernels on one GPU: compile the Triton kernels, compare them with
-# the torch fallback on CUDA (fp32 and bf16 params, preconditioning on and off, aligned and
-# unaligned shards), run the kernel tests on CUDA, then the benchmark and the step fraction.
+# Checks of the GPU path on one GPU: the environment, the Triton kernels' self-check (what
+# kernels="auto" decides at a run's first step), the compiled Triton kernels against the torch
+# fallback on CUDA (fp32 and bf16 params, preconditioning on and off, aligned and unaligned
+# shards), the kernel tests on CUDA, then the benchmark and the step fraction.
 # Needs torch with CUDA and triton, no network; everything goes to stdout. About 3-4 minutes on
-# one H100. Every step runs even if an earlier one fails; the exit status says whether all passed.
+# one H100. Every check runs even if an earlier one fails (except after a failed environment
+# check); at the end one summary line per check (PASS/FAIL, name, seconds, the check's last
+# output line), and the exit status is 1 when any check failed.
+#
+# Adding a check: one `check NAME SECONDS COMMAND...` line in the list at the bottom (a longer
+# check goes into a script or module of its own, like the ones below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-failed=()
-step() {  # step NAME SECONDS COMMAND...
+summary=()
+failures=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+check() { # check NAME SECONDS COMMAND...: run one check under a time limit, record its line
   local name=$1 seconds=$2
   shift 2
+  local command="$*"
   echo
-  echo "=== $name: $* (limit ${seconds}s)"
+  echo "=== $name: ${command%%$'\n'*} (limit ${seconds}s)"
   local start=$SECONDS
-  timeout "$seconds" "$@" || failed+=("$name")
-  echo "=== $name took $((SECONDS - start))s"
+  timeout "$seconds" "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local took=$((SECONDS - start)) verdict=PASS
+  local last
+  last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c1-200)
+  last=${last:-"(no output)"}
+  if ((rc != 0)); then
+    verdict=FAIL
+    failures=$((failures + 1))
+    ((rc == 124)) && last="timed out after ${seconds}s; last output: $last"
+  fi
+  echo "=== $name: $verdict (exit status $rc, ${took}s)"
+  summary+=("$(printf '%-4s  %-26s %5ss  %s' "$verdict" "$name" "$took" "$last")")
+  return "$rc"
 }
 
-echo "=== environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python -c "import triton" 2>/dev/null || pip install --quiet triton \
-  || echo "triton is missing and could not be installed: only the torch kernels can run"
-python - <<'EOF' || exit 1
+finish() { # the summary, one line per check; exit 1 if any failed
+  echo
+  echo "=== summary: ${#summary[@]} checks, $failures failed"
+  printf '%s\n' "${summary[@]}"
+  if ((failures)); then
+    echo "FAILED"
+    exit 1
+  fi
+  echo "all checks passed"
+  exit 0
+}
+
+read -r -d '' ENVIRONMENT <<'EOF'
 import sys
 
 import torch
@@ -42,17 +73,21 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
       f"triton {version}, device {torch.cuda.get_device_name()}")
 EOF
 
-step "compile and check vs torch" 180 python -m launch.bench_kernels --check --no-bench
+echo "=== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python -c "import triton" 2>/dev/null || pip install --quiet triton \
+  || echo "triton is missing and could not be installed: only the torch kernels can run"
+
+# ----- the checks ------------------------------------------------------------------------------
+check "environment" 120 python -c "$ENVIRONMENT" || finish # nothing else can run
+# A fresh process, as a run's first step: compile, compare with torch, print the verdict and
+# what kernels="auto" uses.
+check "triton self-check" 300 python -m megatron_fsam.kernels.self_check --device cuda
+check "compile and check vs torch" 180 python -m launch.bench_kernels --check --no-bench
 if python -c "import pytest" 2>/dev/null; then
-  step "kernel tests on CUDA" 120 python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+  check "kernel tests on CUDA" 180 python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
     -k "not subprocess"
 fi
-step "benchmark" 240 python -m launch.bench_kernels --sweep-blocks 1024 2048 4096 8192 16384
-step "step fraction" 120 python -m launch.bench_kernels --no-bench --step-model 1.3e9
-
-echo
-if ((${#failed[@]})); then
-  echo "FAILED: ${failed[*]}"
-  exit 1
-fi
-echo "all steps passed"
+check "benchmark" 240 python -m launch.bench_kernels --sweep-blocks 1024 2048 4096 8192 16384
+check "step fraction" 120 python -m launch.bench_kernels --no-bench --step-model 1.3e9
+finish
