@@ -2,40 +2,159 @@
 
 Func-SAM needs the backward pass at theta+eps to start from the clean logit
 cotangent c(theta) instead of its own. A forward hook on the module producing the
-logits routes them through `_Gate`, whose backward either records the incoming
+logits registers a gradient hook on its output, which either records the incoming
 cotangent or replaces it. Cotangents are keyed by micro-batch index (the order of
 the logits module's forward calls), which stays correct under 1F1B and
 interleaved schedules where backward order differs from forward order.
+
+The gate copies nothing logits-sized on the device:
+
+- The forward leaves the logits alone. A tensor hook needs no new autograd node, so
+  Megatron's vocab-parallel cross entropy may still edit the logits in place (an
+  identity autograd Function would have to clone them: autograd refuses in-place edits
+  of a view returned by a custom Function). A hook registered before an in-place edit
+  receives the gradient of the value before it, i.e. dL/dlogits.
+- Recording keeps the incoming cotangent itself. Autograd hands the hook the tensor
+  that the loss's backward produced; the only other user is the logits module's own
+  backward, which reads it (Megatron's linear layers never write to their grad_output).
+- The replay hands back the recorded tensor as it is when device and dtype match.
+
+With `offload`, CUDA cotangents wait in pinned host memory between the passes
+(`HostOffload`); CPU tensors are kept as they are.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import torch
 
 Rewrite = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-class _Gate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, gate: LogitGate, index: int) -> torch.Tensor:
-        ctx.gate, ctx.index = gate, index
-        # A new tensor, not a view: Megatron's vocab-parallel cross entropy edits it in place.
-        return logits.clone()
+class CudaOps:
+    """The CUDA calls `HostOffload` makes, in one place so tests can substitute fakes."""
 
-    @staticmethod
-    def backward(ctx, cotangent: torch.Tensor):
-        return ctx.gate._on_backward(ctx.index, cotangent), None, None
+    def handles(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` is offloaded (CUDA tensors; others stay where they are)."""
+        return tensor.is_cuda
+
+    def new_stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device=device)
+
+    def current_stream(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def use_stream(self, stream: Any) -> AbstractContextManager:
+        return torch.cuda.stream(stream)
+
+    def pinned_empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        tensor.record_stream(stream)
+
+
+class HostOffload:
+    """Recorded cotangents in pinned host memory, copied on a side stream.
+
+    `store` copies a cotangent device-to-host on a side stream that first waits for the
+    current (compute) stream; `record_stream` keeps the allocator from reusing the
+    device tensor before that copy has read it. `load` returns the device copy of
+    micro-batch i (prefetched on the side stream when possible), makes the current
+    stream wait for its copy event, and starts the host-to-device copy of micro-batch
+    i + 1, which then overlaps pass 2's work on micro-batch i. Both directions run on the
+    one side stream, so a replay's copy always follows the recording's copy into the
+    same buffer, and the next step's recording follows this step's replay.
+
+    Pinned buffers are allocated once per micro-batch index and reused while its shape
+    and dtype stay the same (`allocations` counts them).
+    """
+
+    def __init__(self, ops: CudaOps | None = None) -> None:
+        self.ops = ops or CudaOps()
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.allocations = 0
+        self._devices: dict[int, torch.device] = {}
+        self._streams: dict[torch.device, Any] = {}
+        self._fetched: dict[int, tuple[torch.Tensor, Any]] = {}
+
+    def handles(self, tensor: torch.Tensor) -> bool:
+        return self.ops.handles(tensor)
+
+    def holds(self, index: int) -> bool:
+        """Whether micro-batch `index`'s cotangent of this step is offloaded."""
+        return index in self._devices
+
+    def store(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
+        """Start the copy of `incoming` to pinned host memory; returns the host buffer."""
+        device = incoming.device
+        side = self._side(device)
+        host = self._buffer(index, incoming)
+        side.wait_stream(self.ops.current_stream(device))
+        with self.ops.use_stream(side):
+            host.copy_(incoming.detach(), non_blocking=True)
+        self.ops.record_stream(incoming, side)
+        self._devices[index] = device
+        return host
+
+    def prefetch(self, index: int) -> None:
+        """Start the host-to-device copy of micro-batch `index` (no-op if not held)."""
+        if index not in self._devices or index in self._fetched:
+            return
+        host, device = self.buffers[index], self._devices[index]
+        side = self._side(device)
+        with self.ops.use_stream(side):
+            # Allocated on the side stream, which also ordered the recording's copy.
+            on_device = torch.empty(host.shape, dtype=host.dtype, device=device)
+            on_device.copy_(host, non_blocking=True)
+            copied = side.record_event()
+        self._fetched[index] = (on_device, copied)
+
+    def load(self, index: int) -> torch.Tensor:
+        """The device copy of micro-batch `index`, ready on the current stream."""
+        self.prefetch(index)
+        on_device, copied = self._fetched.pop(index)
+        current = self.ops.current_stream(on_device.device)
+        current.wait_event(copied)
+        self.ops.record_stream(on_device, current)
+        self.prefetch(index + 1)
+        return on_device
+
+    def first(self) -> int | None:
+        return min(self._devices, default=None)
+
+    def clear(self) -> None:
+        """Forget this step's cotangents; the pinned buffers stay for the next step."""
+        self._devices.clear()
+        self._fetched.clear()
+
+    def _side(self, device: torch.device) -> Any:
+        if device not in self._streams:
+            self._streams[device] = self.ops.new_stream(device)
+        return self._streams[device]
+
+    def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers.get(index)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            buffer = self.ops.pinned_empty(like.shape, like.dtype)
+            self.buffers[index] = buffer
+            self.allocations += 1
+        return buffer
 
 
 class LogitGate:
     """Records or rewrites dL/dlogits per micro-batch; idle outside a pass."""
 
-    def __init__(self, module: torch.nn.Module, offload: bool = False) -> None:
+    def __init__(
+        self, module: torch.nn.Module, offload: bool = False, cuda_ops: CudaOps | None = None
+    ) -> None:
         self.module = module
         self.offload = offload
+        self.host = HostOffload(cuda_ops) if offload else None
         self.cotangents: dict[int, torch.Tensor] = {}
         self._rewrite: Rewrite | None = None
         self._active = False
@@ -44,30 +163,45 @@ class LogitGate:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Store each micro-batch's incoming cotangent (pass 1)."""
-        self.cotangents = {}
+        """Store each micro-batch's incoming cotangent (pass 1).
+
+        Offloaded cotangents sit in `cotangents` as pinned host buffers that the next
+        step overwrites; they are complete once the side stream's copies are (after a
+        `torch.cuda.synchronize()`).
+        """
+        self.clear()
         with self._pass(self._record):
             yield
 
     @contextmanager
     def rewriting(self, rewrite: Rewrite) -> Iterator[None]:
         """Back-propagate rewrite(index, incoming) instead of the incoming cotangent."""
+        if self.host is not None and rewrite == self.replay_recorded:
+            first = self.host.first()
+            if first is not None:  # the first replay's copy overlaps pass 2's forwards
+                self.host.prefetch(first)
         with self._pass(rewrite):
             yield
 
     def replay_recorded(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
         """Rewrite that substitutes the cotangent recorded for this micro-batch."""
-        try:
-            recorded = self.cotangents[index]
-        except KeyError:
+        if index not in self.cotangents:
             raise RuntimeError(
                 f"no recorded logit cotangent for micro-batch {index}: pass 2 saw more "
                 "micro-batches than pass 1"
-            ) from None
+            )
+        if self.host is not None and self.host.holds(index):
+            recorded = self.host.load(index)
+        else:
+            recorded = self.cotangents[index]
+        if recorded.device == incoming.device and recorded.dtype == incoming.dtype:
+            return recorded
         return recorded.to(device=incoming.device, dtype=incoming.dtype, non_blocking=True)
 
     def clear(self) -> None:
         self.cotangents = {}
+        if self.host is not None:
+            self.host.clear()
 
     def remove(self) -> None:
         self._handle.remove()
@@ -81,28 +215,27 @@ class LogitGate:
             self._rewrite, self._active = None, False
 
     def _record(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
-        if self.offload and incoming.is_cuda:
-            # Stream-ordered: the replay's host-to-device copy runs after this one.
-            stored = torch.empty(incoming.shape, dtype=incoming.dtype, pin_memory=True)
-            stored.copy_(incoming.detach(), non_blocking=True)
+        if self.host is not None and self.host.handles(incoming):
+            self.cotangents[index] = self.host.store(index, incoming)
         else:
-            stored = incoming.detach().clone()
-        self.cotangents[index] = stored
+            self.cotangents[index] = incoming.detach()  # no copy: see the module docstring
         return incoming
 
-    def _on_backward(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
+    def _on_backward(self, index: int, incoming: torch.Tensor) -> torch.Tensor | None:
         if self._rewrite is None:
-            return incoming
-        return self._rewrite(index, incoming)
-
-    def _on_forward(self, module: torch.nn.Module, args: tuple, output):
-        if not self._active or not torch.is_grad_enabled():
             return None
+        rewritten = self._rewrite(index, incoming)
+        return None if rewritten is incoming else rewritten
+
+    def _on_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if not self._active or not torch.is_grad_enabled():
+            return
         index = self._forward_count
         self._forward_count += 1
-        if isinstance(output, tuple):  # Megatron linear layers return (output, bias)
-            return (_Gate.apply(output[0], self, index), *output[1:])
-        return _Gate.apply(output, self, index)
+        # Megatron linear layers return (output, bias).
+        logits = output[0] if isinstance(output, tuple) else output
+        if logits.requires_grad:
+            logits.register_hook(functools.partial(self._on_backward, index))
 
 
 def find_logits_module(

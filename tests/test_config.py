@@ -1,12 +1,13 @@
-"""SAMConfig validation, rho schedules and the ascent scale: no Megatron needed."""
+"""SAMConfig validation, rho schedules, the ascent scale and the logit gate: no Megatron needed."""
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 from megatron_fsam import SAMConfig
-from megatron_fsam.gate import LogitGate
+from megatron_fsam.gate import CudaOps, LogitGate
 from megatron_fsam.perturbation import NormSums, ascent
 from megatron_fsam.schedules import rho_at
 
@@ -96,3 +97,259 @@ def test_gate_replays_recorded_cotangent_per_microbatch(device, offload):
     expected = [p.grad for p in net.parameters()]
     for got, want in zip(replayed, expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+class _InPlaceCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy that, like Megatron's vocab-parallel one, overwrites its logits
+    input with the softmax, saves that tensor and returns it (edited) as the gradient."""
+
+    returned: list[int] = []  # data_ptr of each gradient handed to autograd
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        logits -= logits.max(dim=-1, keepdim=True)[0]
+        torch.exp(logits, out=logits)
+        logits.div_(logits.sum(dim=-1, keepdim=True))
+        ctx.save_for_backward(logits, target)
+        return -torch.log(logits.gather(-1, target[:, None])).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        softmax, target = ctx.saved_tensors
+        softmax.scatter_add_(-1, target[:, None], -torch.ones_like(softmax[:, :1]))
+        softmax.mul_(grad_output)
+        _InPlaceCrossEntropy.returned.append(softmax.data_ptr())
+        return softmax, None
+
+
+def _clean_cotangent(logits, target):
+    """dL/dlogits of the summed cross entropy, computed on a separate copy."""
+    logits = logits.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(logits, target, reduction="sum").backward()
+    return logits.grad
+
+
+def _jvp_reference(net, inputs, cotangents):
+    """sum_i J_i^T c_i at the net's current weights (what pass 2 should accumulate)."""
+    net.zero_grad()
+    for x, c in zip(inputs, cotangents, strict=True):
+        net(x).backward(c)
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def _allclose(got, want):
+    return all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want, strict=True))
+
+
+def test_gate_copies_no_logits_under_an_in_place_cross_entropy():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 11))
+    raw = []  # what the logits module itself returned (this hook runs before the gate's)
+    net[2].register_forward_hook(lambda module, args, out: raw.append(out))
+    gate = LogitGate(net[2])
+    inputs = [torch.randn(4, 5) for _ in range(3)]
+    targets = [torch.randint(0, 11, (4,)) for _ in range(3)]
+    clean = [_clean_cotangent(net(x), t) for x, t in zip(inputs, targets, strict=True)]
+    expected_clean = _jvp_reference(net, inputs, clean)
+
+    net.zero_grad()
+    raw.clear()
+    _InPlaceCrossEntropy.returned.clear()
+    with gate.recording():
+        for x, t in zip(inputs, targets, strict=True):
+            logits = net(x)
+            assert logits is raw[-1]  # no forward copy: the loss edits the module's output
+            _InPlaceCrossEntropy.apply(logits, t).backward()
+    assert _allclose([p.grad for p in net.parameters()], expected_clean)
+    for i in range(3):  # recorded as handed over: the loss's own gradient tensor, no copy
+        assert gate.cotangents[i].data_ptr() == _InPlaceCrossEntropy.returned[i]
+        assert torch.allclose(gate.cotangents[i], clean[i], atol=1e-6)
+
+    # Pass 2 at perturbed weights: J(theta + eps)^T c(theta), with the loss again in place.
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    expected = _jvp_reference(net, inputs, clean)
+    net.zero_grad()
+    replayed = []
+
+    def replay(index, incoming):
+        replayed.append(gate.replay_recorded(index, incoming))
+        return replayed[-1]
+
+    with gate.rewriting(replay):
+        outputs = [net(x) for x in inputs]
+        for i in reversed(range(3)):  # backwards out of forward order, as interleaving may
+            _InPlaceCrossEntropy.apply(outputs[i], targets[i]).backward()
+    assert _allclose([p.grad for p in net.parameters()], expected)
+    assert all(r is gate.cotangents[i] for r, i in zip(replayed, (2, 1, 0), strict=True))
+
+
+class _FakeEvent:
+    def __init__(self, name):
+        self.name = name
+
+
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log, self.events = name, log, 0
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+    def record_event(self):
+        self.events += 1
+        event = _FakeEvent(f"{self.name}#{self.events}")
+        self.log.append(f"{self.name} records {event.name}")
+        return event
+
+    def wait_event(self, event):
+        self.log.append(f"{self.name} waits {event.name}")
+
+
+class _FakeCudaOps(CudaOps):
+    """CPU tensors treated as CUDA ones; streams and pinned allocations logged."""
+
+    def __init__(self):
+        self.log = []
+        self.compute = _FakeStream("compute", self.log)
+        self.pinned = []
+
+    def handles(self, tensor):
+        return True
+
+    def new_stream(self, device):
+        self.log.append("new side stream")
+        return _FakeStream("side", self.log)
+
+    def current_stream(self, device):
+        return self.compute
+
+    @contextmanager
+    def use_stream(self, stream):
+        self.log.append(f"enter {stream.name}")
+        yield
+        self.log.append(f"leave {stream.name}")
+
+    def pinned_empty(self, shape, dtype):
+        self.pinned.append(torch.empty(shape, dtype=dtype))
+        return self.pinned[-1]
+
+    def record_stream(self, tensor, stream):
+        self.log.append(f"record_stream {tuple(tensor.shape)} {stream.name}")
+
+
+def test_offload_reuses_pinned_buffers_and_orders_its_side_stream():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 11))
+    ops = _FakeCudaOps()
+    gate = LogitGate(net[2], offload=True, cuda_ops=ops)
+
+    def step(batch):
+        inputs = [torch.randn(batch, 5) for _ in range(3)]
+        targets = [torch.randint(0, 11, (batch,)) for _ in range(3)]
+        clean = [_clean_cotangent(net(x), t) for x, t in zip(inputs, targets, strict=True)]
+        ops.log.clear()
+        with gate.recording():
+            for x, t in zip(inputs, targets, strict=True):
+                _InPlaceCrossEntropy.apply(net(x), t).backward()
+        record_log = list(ops.log)
+        for i in range(3):
+            assert gate.cotangents[i] is gate.host.buffers[i]  # the host copy is what is kept
+            assert torch.allclose(gate.cotangents[i], clean[i], atol=1e-6)
+        expected = _jvp_reference(net, inputs, clean)
+        net.zero_grad()
+        ops.log.clear()
+        with gate.rewriting(gate.replay_recorded):
+            outputs = [net(x) for x in inputs]
+            for i in range(3):  # backwards in micro-batch order, as 1F1B runs them
+                _InPlaceCrossEntropy.apply(outputs[i], targets[i]).backward()
+        assert _allclose([p.grad for p in net.parameters()], expected)
+        replay_log = list(ops.log)
+        gate.clear()
+        return record_log, replay_log
+
+    record_log, replay_log = step(batch=4)
+    assert len(ops.pinned) == gate.host.allocations == 3
+    first_buffers = dict(gate.host.buffers)
+    shape = (4, 11)
+    one_copy_out = [
+        "side waits compute",  # the cotangent is complete before the side stream reads it
+        "enter side",
+        "leave side",
+        f"record_stream {shape} side",  # its memory is not reused before that read
+    ]
+    assert record_log == ["new side stream", *one_copy_out * 3]
+    assert replay_log == [
+        # Micro-batch 0's copy starts with pass 2, before its forwards.
+        *("enter side", "side records side#1", "leave side"),
+        # Each backward waits for its own copy, then starts the next micro-batch's.
+        *("compute waits side#1", f"record_stream {shape} compute"),
+        *("enter side", "side records side#2", "leave side"),
+        *("compute waits side#2", f"record_stream {shape} compute"),
+        *("enter side", "side records side#3", "leave side"),
+        *("compute waits side#3", f"record_stream {shape} compute"),
+    ]
+
+    record_log, _ = step(batch=4)  # same shapes: the same pinned buffers, no new stream
+    assert len(ops.pinned) == gate.host.allocations == 3
+    assert all(gate.host.buffers[i] is first_buffers[i] for i in range(3))
+    assert record_log == one_copy_out * 3
+
+    step(batch=6)  # new shapes: new buffers, once
+    assert len(ops.pinned) == gate.host.allocations == 6
+    step(batch=6)
+    assert len(ops.pinned) == gate.host.allocations == 6
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device: the offload's side-stream copies only run on CUDA tensors",
+)
+def test_offloaded_cotangent_replays_bit_exactly_on_cuda():
+    torch.manual_seed(0)
+    device, vocab, tokens, count = "cuda", 32_000, 512, 4
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, vocab)
+    )
+    net = net.to(device)
+    gate = LogitGate(net[2], offload=True)
+    incoming, replayed = {}, {}
+    record, load = gate._record, gate.host.load
+
+    def keep_incoming(index, cotangent):
+        incoming[index] = cotangent.clone()  # on the compute stream, before the copy out
+        return record(index, cotangent)
+
+    def keep_replayed(index):
+        replayed[index] = load(index).clone()  # after the compute stream waited for it
+        return replayed[index]
+
+    gate._record, gate.host.load = keep_incoming, keep_replayed
+    busy = torch.randn(4096, 4096, device=device)
+    for _ in range(2):  # the second step reuses the pinned buffers
+        inputs = [torch.randn(tokens, 64, device=device) for _ in range(count)]
+        targets = [torch.randint(0, vocab, (tokens,), device=device) for _ in range(count)]
+        incoming.clear()
+        replayed.clear()
+        with gate.recording():
+            for x, t in zip(inputs, targets, strict=True):
+                _InPlaceCrossEntropy.apply(net(x), t).backward()
+                busy = busy @ busy / 64  # keep the compute stream ahead of the copies
+        net.zero_grad()
+        with gate.rewriting(gate.replay_recorded):
+            outputs = [net(x) for x in inputs]
+            for i in range(count):
+                _InPlaceCrossEntropy.apply(outputs[i], targets[i]).backward()
+                busy = busy @ busy / 64
+        torch.cuda.synchronize()
+        assert sorted(replayed) == list(range(count))
+        for i in range(count):
+            assert torch.equal(replayed[i], incoming[i])
+            assert torch.equal(gate.cotangents[i], incoming[i].cpu())
+        replay_grads = [p.grad.clone() for p in net.parameters()]
+        assert _allclose(
+            replay_grads, _jvp_reference(net, inputs, [incoming[i] for i in range(count)])
+        )
+        gate.clear()
+    assert gate.host.allocations == count
