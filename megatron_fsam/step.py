@@ -30,7 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_fsam.backends.megatron import MegatronBackend, RankShards
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.gate import LogitGate, find_logits_module
-from megatron_fsam.kernels import get_kernels
+from megatron_fsam.kernels import get_kernels, resolve_kernels
 from megatron_fsam.perturbation import Ascent, ascent
 from megatron_fsam.replay import MicrobatchReplay, RNGState
 from megatron_fsam.schedules import rho_at
@@ -64,6 +64,7 @@ class FuncSAM:
         if config.precond and config.two_pass:
             self.backend.check_second_moments()
         self.kernels = get_kernels(config.kernels)
+        resolve_kernels(config.kernels, self.backend.device)  # Triton's self-check: now, once
         self.gate = self._attach_gate() if config.mode == "fsam" else None
         self.forward_backward_func = forward_backward_func or get_forward_backward_func()
         self.iteration = 0
