@@ -2,9 +2,11 @@
 # Checks of the GPU path on one GPU: the environment, the Triton kernels' self-check (what
 # kernels="auto" decides at a run's first step), the compiled Triton kernels against the torch
 # fallback on CUDA (fp32 and bf16 params, preconditioning on and off, aligned and unaligned
-# shards), the kernel tests on CUDA, then the benchmark and the step fraction.
-# Needs torch with CUDA and triton, no network; everything goes to stdout. About 3-4 minutes on
-# one H100. Every check runs even if an earlier one fails (except after a failed environment
+# shards), the kernel tests on CUDA, the SAM step on CUDA (tests/test_gpu.py: bf16 with the
+# distributed optimizer and overlapped grad reduce / param gather, its fp32 twin against the
+# reference; the gate's cotangent offload), the SAM / AdamW step-time ratio, then the kernel
+# bandwidth table and the step fraction. Needs torch with CUDA and triton, no network;
+# everything goes to stdout. Sized for under 8 minutes on one H100. Every check runs even if an earlier one fails (except after a failed environment
 # check); at the end one summary line per check (PASS/FAIL, name, seconds, the check's last
 # output line), and the exit status is 1 when any check failed.
 #
@@ -88,6 +90,15 @@ if python -c "import pytest" 2>/dev/null; then
   check "kernel tests on CUDA" 180 python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
     -k "not subprocess"
 fi
+if python -c "import pytest" 2>/dev/null; then
+  # The step on the GPU: bf16 with the distributed optimizer, overlap_grad_reduce and
+  # overlap_param_gather, its fp32 twin against the reference, graph-safe RNG replay, CUDA-event
+  # phase timers; the logit gate's cotangent offload on side streams.
+  check "SAM step on CUDA" 300 python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    tests/test_config.py
+fi
+check "step ratio (bf16)" 300 python -m launch.bench_step --bf16 --layers 8 --hidden 1024 \
+  --heads 8 --vocab 32768 --seq 1024 --micro-batch 4 --microbatches 4 --steps 5
 check "benchmark" 240 python -m launch.bench_kernels --sweep-blocks 1024 2048 4096 8192 16384
 check "step fraction" 120 python -m launch.bench_kernels --no-bench --step-model 1.3e9
 finish
