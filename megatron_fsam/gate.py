@@ -176,11 +176,15 @@ class LogitGate:
     @contextmanager
     def rewriting(self, rewrite: Rewrite) -> Iterator[None]:
         """Back-propagate rewrite(index, incoming) instead of the incoming cotangent."""
-        if self.host is not None and rewrite == self.replay_recorded:
-            first = self.host.first()
-            if first is not None:  # the first replay's copy overlaps pass 2's forwards
-                self.host.prefetch(first)
         with self._pass(rewrite):
+            yield
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Back-propagate the cotangents recorded in pass 1 (Func-SAM's pass 2)."""
+        if self.host is not None and (first := self.host.first()) is not None:
+            self.host.prefetch(first)  # the first replay's copy overlaps pass 2's forwards
+        with self.rewriting(self.replay_recorded):
             yield
 
     def replay_recorded(self, index: int, incoming: torch.Tensor) -> torch.Tensor:

@@ -139,8 +139,8 @@ class FuncSAM:
         # values are SAM's to handle (a skip), not Megatron's result validation's.
         self._zero_grads()
         rng_before.restore()
-        rewrite = self.gate.rewriting(self.gate.replay_recorded) if self.gate else nullcontext()
-        with rewrite, self.backend.validation_paused():
+        replay_cotangents = self.gate.replaying() if self.gate else nullcontext()
+        with replay_cotangents, self.backend.validation_paused():
             run_pass(pass2_losses, replay.replaying())
         rng_after.restore()
         if self.gate:

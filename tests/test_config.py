@@ -86,7 +86,7 @@ def test_gate_replays_recorded_cotangent_per_microbatch(device, offload):
 
     # Replay with forwards in order and backwards in reverse: each gets its own cotangent.
     net.zero_grad()
-    with gate.rewriting(gate.replay_recorded):
+    with gate.replaying():
         outputs = [net(x) for x in inputs]
         for i in reversed(range(3)):
             (outputs[i] * 0.0).sum().backward()  # incoming cotangent is zero, replaced
@@ -260,7 +260,7 @@ def test_offload_reuses_pinned_buffers_and_orders_its_side_stream():
         expected = _jvp_reference(net, inputs, clean)
         net.zero_grad()
         ops.log.clear()
-        with gate.rewriting(gate.replay_recorded):
+        with gate.replaying():
             outputs = [net(x) for x in inputs]
             for i in range(3):  # backwards in micro-batch order, as 1F1B runs them
                 _InPlaceCrossEntropy.apply(outputs[i], targets[i]).backward()
@@ -337,7 +337,7 @@ def test_offloaded_cotangent_replays_bit_exactly_on_cuda():
                 _InPlaceCrossEntropy.apply(net(x), t).backward()
                 busy = busy @ busy / 64  # keep the compute stream ahead of the copies
         net.zero_grad()
-        with gate.rewriting(gate.replay_recorded):
+        with gate.replaying():
             outputs = [net(x) for x in inputs]
             for i in range(count):
                 _InPlaceCrossEntropy.apply(outputs[i], targets[i]).backward()
