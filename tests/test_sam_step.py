@@ -269,7 +269,30 @@ def _single_process(rank: int, world: int, path: str) -> dict:
         errors["no_logits"] = str(e)
     report["errors"] = errors
     report["refused"] = _refusals(parallel, full)
+    report["shard_cache"] = _check_shard_cache(parallel, full, batches)
     return report
+
+
+def _check_shard_cache(parallel, full, batches) -> dict[str, bool]:
+    """The shard lists are built once and reused across steps; the copy of theta that fp32
+    params need is refreshed at every step; new buffers are noticed."""
+    model, opt = build(parallel, full, ADAM)
+    sam = FuncSAM(SAMConfig(mode="fsam", rho=0.05), model, opt)
+    first = sam.backend.shards(precondition=False)
+    assert sam_step(sam, batches)[0]
+    second = sam.backend.shards(precondition=False)
+    mains, _ = sam.backend.main_params()
+    refreshed = all(
+        torch.equal(theta, main) for theta, main in zip(second.all.thetas, mains, strict=True)
+    )
+    buffer = model[0].buffers[0]
+    buffer.grad_data = buffer.grad_data.clone()  # as if Megatron had reallocated it
+    third = sam.backend.shards(precondition=False)
+    return {
+        "reused": second is first and len(first.aliased) > 0,
+        "theta_copies_refreshed": refreshed,
+        "rebuilt_for_new_buffers": third is not first,
+    }
 
 
 REFUSED = {
@@ -521,6 +544,11 @@ def test_nan_check_in_pass2_on_one_rank_is_a_skip_on_every_rank(layouts_2):
     for rank_report in layouts_2:
         checks = rank_report["nan_check/pass2_one_rank"]
         assert all(checks.values()), checks
+
+
+def test_shard_lists_are_cached_across_steps(single):
+    checks = single[1]["shard_cache"]
+    assert all(checks.values()), checks
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
