@@ -19,11 +19,14 @@ TINY = "configs/tiny_test.yaml"
 
 
 def _pretrain(*args: str, cwd: Path, env: dict[str, str] | None = None, launcher=()):
+    """launch/pretrain.py in a child process; a single process gets a free rendezvous port
+    (the default, 29500, may be taken by another job on the machine)."""
     command = [*launcher] or [sys.executable]
+    port = {} if launcher else {"MASTER_PORT": str(free_port())}
     return subprocess.run(
         [*command, str(ROOT / "launch" / "pretrain.py"), *args],
         cwd=cwd,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **port, **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
