@@ -17,8 +17,13 @@ from megatron.core.tensor_parallel import random as mp_random
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.models.gpt import build_model_chunks, transformer_config
-from megatron_fsam.models.weights import full_state
-from megatron_fsam.parallel import ParallelConfig, destroy_distributed
+from megatron_fsam.models.weights import full_state, load_full_state
+from megatron_fsam.parallel import (
+    ParallelConfig,
+    build_optimizer,
+    destroy_distributed,
+    wrap_model,
+)
 from megatron_fsam.replay import RNGState
 from tests import reference
 from tests.sam_harness import (
@@ -97,3 +102,43 @@ def test_graph_safe_rng_tracker_replays_dropout_masks(gpu_process):
     before.restore()
     second = masks()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def _transformer_engine_gpt(bf16: bool):
+    """The tiny GPT with Megatron's Transformer Engine layer spec (skips without TE)."""
+    pytest.importorskip("transformer_engine")
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    config = transformer_config(TINY, GPU_LAYOUT, bf16=bf16)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_with_transformer_engine_spec(),
+        vocab_size=TINY.vocab_size,
+        max_sequence_length=TINY.seq_length,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="learned_absolute",
+    )
+    return gpt.cuda(), config
+
+
+def test_transformer_engine_spec_bf16_step_and_its_fp32_twin(gpu_process):
+    """bf16 with TE layers, distributed optimizer and both overlaps ends at cast(main); the
+    same step in fp32 equals the reference."""
+    _, _, batches = gpu_process
+    reference_gpt, _ = _transformer_engine_gpt(bf16=False)
+    full = full_state([reference_gpt])
+    for bf16 in (False, True):
+        gpt, config = _transformer_engine_gpt(bf16)
+        load_full_state([gpt], full)
+        model = wrap_model([gpt], config, GPU_LAYOUT)
+        opt = build_optimizer(model, bf16=bf16, distributed_optimizer=True, **ADAM)
+        ok, _, _, metrics = sam_step(FuncSAM(SAMConfig(mode="fsam", rho=0.05), model, opt), batches)
+        assert ok and math.isfinite(metrics["loss_perturbed"])
+        if bf16:
+            assert model_is_cast_of_main(model, opt)
+        else:
+            want = reference.sam_gradient(reference_gpt, full, batches, mode="fsam", rho=0.05)
+            assert relative_error(received_gradients(model, opt), want) < 1e-5
