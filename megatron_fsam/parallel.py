@@ -172,13 +172,19 @@ def build_optimizer(
         use_distributed_optimizer=distributed_optimizer,
         overlap_param_gather=ddp_chunks[0].ddp_config.overlap_param_gather,
     )
+    # The optimizer is named explicitly: from megatron-core 0.18 on, AdamOptimizerConfig and
+    # SGDOptimizerConfig are both aliases of OptimizerConfig, whose default is 'adam'.
     config: OptimizerConfig
     if name == "adam":
         config = AdamOptimizerConfig(
-            adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps, **common
+            optimizer="adam",
+            adam_beta1=adam_beta1,
+            adam_beta2=adam_beta2,
+            adam_eps=adam_eps,
+            **common,
         )
     elif name == "sgd":
-        config = SGDOptimizerConfig(sgd_momentum=sgd_momentum, **common)
+        config = SGDOptimizerConfig(optimizer="sgd", sgd_momentum=sgd_momentum, **common)
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected 'adam' or 'sgd'")
     optimizer = get_megatron_optimizer(config, ddp_chunks)
