@@ -242,7 +242,7 @@ def _read_common(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # megatron-core 0.19 reads it through torch DCP
         raise CheckpointError(f"cannot read {path}: {_summary(e)}") from e
     required = ("layout", "distributed_optimizer", "sharding_type", "adam_step", "extra")
     if not isinstance(common, dict) or any(k not in common for k in required):

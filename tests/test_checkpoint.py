@@ -229,9 +229,6 @@ def _corruptions(tmp: str, good: str, run: _Run) -> dict[str, str]:
             return str(e)
         return "loaded"
 
-    def truncate(path: Path) -> None:
-        path.write_bytes(path.read_bytes()[:64])
-
     def interrupted_replace(root: Path, directory: Path) -> None:
         directory.rename(directory.with_name(directory.name + ".old"))
 
@@ -241,9 +238,51 @@ def _corruptions(tmp: str, good: str, run: _Run) -> dict[str, str]:
         "bad_latest": broken("bad_latest", lambda r, d: (r / ckpt.LATEST).write_text("three")),
         "latest_to_nothing": broken("nothing", lambda r, d: shutil.rmtree(d)),
         "no_metadata": broken("no_metadata", lambda r, d: (d / "metadata.json").unlink()),
-        "bad_common": broken("bad_common", lambda r, d: truncate(d / "common.pt")),
-        "bad_shard": broken("bad_shard", lambda r, d: [truncate(p) for p in d.glob("*.distcp")]),
+        "bad_common": broken("bad_common", lambda r, d: _damage_common_state(d)),
+        "bad_shard": broken("bad_shard", lambda r, d: _damage_shards(d)),
     }
+
+
+def _truncate(path: Path, size: int = 64) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def _embedded_common_state(directory: Path) -> tuple[Path, int, int] | None:
+    """Where the common (non-sharded) state lies inside the torch_dist files: (file, offset,
+    length); None when it has a file of its own (common.pt, megatron-core 0.16)."""
+    if (directory / "common.pt").is_file():
+        return None
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(directory)).read_metadata()
+    for index, info in metadata.storage_data.items():
+        if index.fqn.startswith("common_state/"):
+            return directory / info.relative_path, info.offset, info.length
+    raise AssertionError(f"{directory} has neither common.pt nor a common_state object")
+
+
+def _damage_common_state(directory: Path) -> None:
+    """Break the common state and nothing else: common.pt (megatron-core 0.16), or the
+    common_state object's bytes inside the torch_dist shard file (0.19)."""
+    embedded = _embedded_common_state(directory)
+    if embedded is None:
+        _truncate(directory / "common.pt")
+        return
+    path, offset, length = embedded
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * length)
+
+
+def _damage_shards(directory: Path) -> None:
+    """Cut the tensor data off the torch_dist shard files; where the common state is embedded
+    (0.19: written ahead of the tensors), the file keeps it, so only the shards are broken."""
+    embedded = _embedded_common_state(directory)
+    for path in directory.glob("*.distcp"):
+        if embedded is not None and path == embedded[0]:
+            _truncate(path, embedded[1] + embedded[2])
+        else:
+            _truncate(path)
 
 
 @pytest.fixture(scope="module")
