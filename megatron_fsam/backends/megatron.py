@@ -11,6 +11,12 @@ theta + eps without disturbing any of them:
 
 Where the optimizer's params alias what the model reads (fp32 params), theta is
 copied before perturbing so that the restore is exact.
+
+megatron-core versions: everything read here exists with the same meaning from 0.16.1 to
+0.19.x (measured on 0.16.1 and 0.19.2). Settings that only newer versions have are read with
+a default, so one check covers both: 0.19's `optimizer_cuda_graph` and GTP weight
+rematerialization (`gtp_weight_remat_size`) are refused like the other CUDA-graph and
+sharding settings SAM cannot run under.
 """
 
 from __future__ import annotations
@@ -409,8 +415,17 @@ def _check_model(model_chunks: list[torch.nn.Module], config) -> None:
     cuda_graph = getattr(config, "cuda_graph_impl", "none")
     reasons = [
         (
-            getattr(config, "fp8_param", False) or ddp.reuse_grad_buf_for_mxfp8_param_ag,
-            "fp8 / MXFP8 parameters (the perturbed weights are written as bf16/fp32 values)",
+            getattr(config, "fp8_param", False)
+            or getattr(config, "fp4_param", False)
+            or ddp.reuse_grad_buf_for_mxfp8_param_ag,
+            "fp8 / fp4 / MXFP8 parameters (the perturbed weights are written as bf16/fp32 values)",
+        ),
+        (
+            # megatron-core >= 0.19: weights sharded beyond TP, re-gathered at every use.
+            getattr(config, "gtp_weight_remat_size", 1) > 1,
+            "GTP weight rematerialization (tensor_parallel_num_weight_shards > "
+            "tensor_model_parallel_size): its weight shards and their norm reduction are "
+            "untested with SAM",
         ),
         (
             getattr(ddp, "use_megatron_fsdp", False)
@@ -465,6 +480,11 @@ def _check_supported(opt: MegatronOptimizer) -> None:
         raise ValueError(
             "megatron_fsam: optimizer_cpu_offload keeps main params and Adam state on the "
             "host, where the SAM kernels do not run; disable it"
+        )
+    if getattr(opt.config, "optimizer_cuda_graph", False):  # megatron-core >= 0.19
+        raise ValueError(
+            "megatron_fsam: optimizer_cuda_graph replays a captured optimizer step, which "
+            "cannot report or undo a SAM step; disable it"
         )
     if opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
         raise ValueError(

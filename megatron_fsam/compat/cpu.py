@@ -1,4 +1,4 @@
-"""Run megatron-core 0.16.1 on CPU-only machines (tests and demos).
+"""Run megatron-core (0.16.1 to 0.19.x) on CPU-only machines (tests and demos).
 
 Megatron-core assumes CUDA in a handful of places: it uses
 ``torch.cuda.current_device()`` as a device, creates tensors with ``device="cuda"``,
@@ -7,6 +7,8 @@ RNG states in the CUDA generator, and its optimizers check
 ``param.type() == "torch.cuda.FloatTensor"``. ``enable_cpu_emulation`` redirects
 exactly those spots to the CPU, once per process. It is never switched on implicitly
 and refuses to run where a GPU is present, so no emulation reaches real runs.
+The same redirections cover megatron-core 0.19 (measured: the whole suite, and Megatron-LM
+core_v0.19.0's loop with `megatron_lm_cpu`); nothing here depends on the version.
 """
 
 import contextlib
