@@ -3,7 +3,13 @@
 Each run is Megatron-LM's real training loop on 2 gloo CPU ranks with --mock-data, started
 by torchrun (or the deepspeed launcher) through tests/megatron_lm_driver.py, which records
 every iteration's losses, skipped flag, learning rate and parameters.
-MEGATRON_LM_DIR overrides the tree (default: ../shared/megatron-lm beside the checkout).
+
+The tree is the Megatron-LM tag that goes with the installed megatron-core
+(`megatron_fsam.compat.versions.megatron_lm_tag`): ../shared/megatron-lm (core_v0.16.1) for
+megatron-core 0.16, ../shared/megatron-lm-core_v0.19.0 for 0.19; the patch is that tag's.
+MEGATRON_LM_DIR overrides the tree. MEGATRON_LM_TESTS=essential (the second CI environment)
+runs only the tests marked essential: one 5-iteration Func-SAM run per route, the update
+against FuncSAM.train_step, the NaN skip, flag checking and the patches.
 """
 
 from __future__ import annotations
@@ -19,17 +25,36 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_fsam.compat.versions import megatron_core_version, megatron_lm_tag
 from tests.spawn import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-TREE = Path(os.environ.get("MEGATRON_LM_DIR", ROOT.parent / "shared" / "megatron-lm"))
-PATCH = ROOT / "patches" / "megatron-lm-core_v0.16.1.patch"
+SHARED = ROOT.parent / "shared"
+TREES = {
+    "core_v0.16.1": SHARED / "megatron-lm",
+    "core_v0.19.0": SHARED / "megatron-lm-core_v0.19.0",
+}
+TAG = megatron_lm_tag()
+TREE = Path(os.environ.get("MEGATRON_LM_DIR", TREES.get(TAG, SHARED / "no-megatron-lm")))
+PATCH = ROOT / "patches" / f"megatron-lm-{TAG}.patch"
 DRIVER = ROOT / "tests" / "megatron_lm_driver.py"
+ESSENTIAL_ONLY = os.environ.get("MEGATRON_LM_TESTS", "all") == "essential"
 
 pytestmark = pytest.mark.skipif(
-    not (TREE / "pretrain_gpt.py").is_file(),
-    reason=f"no Megatron-LM tree at {TREE} (set MEGATRON_LM_DIR)",
+    TAG is None or not (TREE / "pretrain_gpt.py").is_file(),
+    reason=f"no Megatron-LM tree for megatron-core {megatron_core_version()} at {TREE} "
+    "(set MEGATRON_LM_DIR)",
 )
+
+# Runs in every environment, also under MEGATRON_LM_TESTS=essential.
+essential = pytest.mark.essential
+
+
+@pytest.fixture(autouse=True)
+def _essential_only(request):
+    if ESSENTIAL_ONLY and request.node.get_closest_marker("essential") is None:
+        pytest.skip("MEGATRON_LM_TESTS=essential runs the tests marked essential only")
+
 
 MODEL = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -112,11 +137,9 @@ def patched_tree(tmp_path_factory) -> Path:
     return tree
 
 
+@essential
 def test_patches_apply_to_their_trees(tmp_path):
-    trees = {
-        "core_v0.16.1": TREE,
-        "core_v0.19.0": TREE.parent / "megatron-lm-core_v0.19.0",
-    }
+    trees = {**TREES, **({TAG: TREE} if TAG else {})}
     for tag, tree in trees.items():
         if not tree.is_dir():
             continue
@@ -157,7 +180,16 @@ LAYOUTS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+ESSENTIAL_LAYOUTS = ("dp2-distopt-bf16-overlap-fsam-patched", "tp2-fsam-nodiff")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(name, marks=[essential] if name in ESSENTIAL_LAYOUTS else [])
+        for name in LAYOUTS
+    ],
+)
 def test_sam_trains_in_every_layout_and_logs_to_tensorboard(tmp_path, patched_tree, layout):
     route, args = LAYOUTS[layout]
     tree, driver = (patched_tree, ()) if route == "patched" else (TREE, ("--no-diff",))
@@ -182,6 +214,7 @@ def test_sam_trains_in_every_layout_and_logs_to_tensorboard(tmp_path, patched_tr
     assert pass1_loss == pytest.approx(losses, rel=1e-6)  # pass 1's loss is Megatron-LM's
 
 
+@essential
 def test_update_equals_funcsam_train_step_on_the_same_model(tmp_path):
     """One SAM iteration through Megatron-LM's train_step vs FuncSAM.train_step called
     directly on the model, optimizer and data Megatron-LM built (fp32, DP=2, distributed
@@ -203,6 +236,7 @@ def test_update_equals_funcsam_train_step_on_the_same_model(tmp_path):
         assert direct_update.norm() > 0 and error <= 1e-5, error
 
 
+@essential
 def test_nonfinite_pass2_is_a_counted_skip_with_nan_checks_on(tmp_path):
     """Rank 0's weights turn NaN after the perturbation of iteration 2: Megatron-LM's loss and
     DDP grad NaN checks (on by default) would abort one rank; SAM skips on every rank."""
@@ -246,6 +280,7 @@ def test_resume_continues_the_run_and_the_rho_warmup(tmp_path, patched_tree):
         _assert_same_params(rank_straight["after"], rank_resumed["after"])
 
 
+@essential
 def test_flags_are_checked_at_parsing(tmp_path):
     cases = {
         ("--sam-mode", "fsam", "--sam-rho", "-1"): "SAMConfig.rho must be",
@@ -266,6 +301,29 @@ def test_flags_are_checked_at_parsing(tmp_path):
         assert len(errors) == 1 and message in errors[0], (flags, errors)
 
 
+@essential
+def test_settings_of_newer_megatron_lm_are_refused():
+    """core_v0.19's --optimizer-cuda-graph, --fp4-param-gather and GTP weight shards."""
+    from megatron_fsam.integrations.megatron_lm import sam_config_from_args
+
+    cases = [
+        (dict(optimizer_cuda_graph=True), "--optimizer-cuda-graph"),
+        (dict(fp4_param_gather=True), "--fp4-param-gather"),
+        (
+            dict(tensor_parallel_num_weight_shards=4, tensor_model_parallel_size=2),
+            "--tensor-parallel-num-weight-shards",
+        ),
+    ]
+    for settings, message in cases:
+        args = types.SimpleNamespace(sam_mode="fsam", **settings)
+        with pytest.raises(ValueError, match=message):
+            sam_config_from_args(args)
+    plain = types.SimpleNamespace(sam_mode="fsam", tensor_parallel_num_weight_shards=2,
+                                  tensor_model_parallel_size=2)  # fmt: skip
+    assert sam_config_from_args(plain).mode == "fsam"
+
+
+@essential
 def test_flop_count_includes_both_passes():
     from megatron_fsam.integrations import megatron_lm
 

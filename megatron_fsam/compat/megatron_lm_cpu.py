@@ -6,6 +6,9 @@ four more redirections before it starts: ``initialize_megatron`` asserts CUDA un
 model-parallel groups and the RNG tracker; ``_compile_dependencies`` runs make and nvcc;
 and argument validation asks the GPU's architecture (TP > 1). Megatron-LM's modules must be
 importable (its tree on ``sys.path``). Tests and demos only: refused where a GPU exists.
+Measured with Megatron-LM core_v0.16.1 and core_v0.19.0: the same four redirections suffice
+for both (core_v0.19.0 moved argument parsing out of ``initialize_megatron``, which changes
+nothing here: ``initialize_megatron`` still asserts CUDA and still counts devices).
 """
 
 from __future__ import annotations

@@ -14,6 +14,13 @@ pass 1's losses, and an optimizer whose `step()` returns that step's result. Eve
 after the step (update/grad-norm reduction, LR schedule, `skipped_iter`, loss averaging,
 `num_zeros_in_grad`, the rerun state machine) is Megatron-LM's own code. Without a
 `--sam-mode` flag every hook calls straight through to Megatron-LM.
+
+Megatron-LM versions (`megatron_lm_layout`): core_v0.16.1 parses its arguments inside
+`initialize_megatron` (`initialize.parse_args`) and its `train_step` takes `iteration` last;
+core_v0.19.0 parses them in `pretrain_gpt.py`'s `parse_and_validate_args`
+(`arguments.parse_args`), its `train_step` also takes `pg_collection` and `p2p_communicator`,
+and its FLOP count takes packed-sequence statistics. The hooks bind Megatron-LM's own
+signatures by name, so both run the same code.
 """
 
 from __future__ import annotations
@@ -131,8 +138,18 @@ def _unsupported(args: argparse.Namespace) -> str | None:
             "FSDP: SAM reads the distributed optimizer's or the plain optimizer's shards",
         ),
         (
-            on("fp8_param_gather") or on("fp4_param"),
-            "--fp8-param-gather: perturbed weights are written as bf16/fp32",
+            on("fp8_param_gather") or on("fp4_param") or on("fp4_param_gather"),
+            "--fp8-param-gather / --fp4-param-gather: perturbed weights are written as bf16/fp32",
+        ),
+        (
+            on("optimizer_cuda_graph"),
+            "--optimizer-cuda-graph: a captured optimizer step cannot report or undo a SAM step",
+        ),
+        (
+            int(getattr(args, "tensor_parallel_num_weight_shards", None) or 1)
+            > int(getattr(args, "tensor_model_parallel_size", 1) or 1),
+            "--tensor-parallel-num-weight-shards above the tensor-parallel size (GTP weight "
+            "rematerialization): untested with SAM",
         ),
         (
             on("moe_router_enable_expert_bias"),
@@ -144,6 +161,37 @@ def _unsupported(args: argparse.Namespace) -> str | None:
         ),
     ]
     return next((reason for failed, reason in checks if failed), None)
+
+
+# ----- Megatron-LM versions -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MegatronLMLayout:
+    """Where a Megatron-LM tree keeps what the hooks wrap.
+
+    `tag`: the release line ("core_v0.16" or "core_v0.19"); `parse_args_module`: the module
+    whose global `parse_args` builds the parser at run time (core_v0.16: `initialize`,
+    which imported it by name; core_v0.19: `arguments`, called by `parse_and_validate_args`);
+    `cross_grid`: whether `train_step` takes `pg_collection` / `p2p_communicator`.
+    """
+
+    tag: str
+    parse_args_module: str
+    cross_grid: bool
+
+
+def megatron_lm_layout(training: ModuleType | None = None) -> MegatronLMLayout:
+    """Detect the Megatron-LM version in use from `megatron.training`'s own signatures."""
+    if training is None:
+        from megatron.training import training
+    from megatron.training import arguments
+
+    parameters = inspect.signature(training.train_step).parameters
+    cross_grid = "pg_collection" in parameters
+    if hasattr(arguments, "parse_and_validate_args"):
+        return MegatronLMLayout("core_v0.19", "arguments", cross_grid)
+    return MegatronLMLayout("core_v0.16", "initialize", cross_grid)
 
 
 # ----- hooks ----------------------------------------------------------------------------
@@ -229,41 +277,55 @@ _session: _Session | None = None
 
 
 def _sam_train_step(train_step: Callable) -> Callable:
+    """train_step with the SAM stand-ins for `optimizer` and `forward_backward_func`.
+
+    Arguments are bound to Megatron-LM's own signature, so the extra ones of a version
+    (core_v0.19's `pg_collection`, `p2p_communicator`) pass through untouched.
+    """
+    signature = inspect.signature(train_step)
+
     @functools.wraps(train_step)
-    def sam_train_step(
-        forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config,
-        forward_backward_func, *args, **kwargs,
-    ):  # fmt: skip
+    def sam_train_step(*args, **kwargs):
         global _session
         from megatron.training.global_vars import get_args
 
         megatron_args = get_args()
         sam_config = sam_config_from_args(megatron_args)
         if sam_config is None:
-            return train_step(
-                forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config,
-                forward_backward_func, *args, **kwargs,
-            )  # fmt: skip
+            return train_step(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        step_args = bound.arguments
+        _refuse_cross_grid(step_args)
+        model, optimizer = step_args["model"], step_args["optimizer"]
         if _session is None:
-            _session = _Session(sam_config, model, optimizer, forward_backward_func)
+            _session = _Session(sam_config, model, optimizer, step_args["forward_backward_func"])
         # The schedule position is Megatron-LM's iteration: resume continues the warm-up.
         _session.sam.iteration = megatron_args.curr_iteration
         sam_forward_backward, stepped = _session.step_stand_ins(optimizer)
-        return train_step(
-            forward_step_func, data_iterator, model, stepped, opt_param_scheduler, config,
-            sam_forward_backward, *args, **kwargs,
-        )  # fmt: skip
+        step_args["optimizer"], step_args["forward_backward_func"] = stepped, sam_forward_backward
+        return train_step(*bound.args, **bound.kwargs)
 
     return sam_train_step
 
 
+def _refuse_cross_grid(step_args: dict[str, Any]) -> None:
+    """core_v0.19's cross-grid schedules (multi-module process groups) are not SAM's."""
+    for name in ("pg_collection", "p2p_communicator"):
+        if step_args.get(name) is not None:
+            raise RuntimeError(
+                f"megatron_fsam: train_step got a {name} (a cross-grid / multi-module "
+                "schedule); the SAM step reduces over Megatron's default process groups only"
+            )
+
+
 def _all_passes(num_floating_point_operations: Callable) -> Callable:
-    """Megatron-LM's FLOPs of one iteration, times the forward/backward passes it ran."""
+    """Megatron-LM's FLOPs of one iteration, times the forward/backward passes it ran
+    (core_v0.19 also passes packed-sequence statistics, by keyword)."""
 
     @functools.wraps(num_floating_point_operations)
-    def counted(args, batch_size):
+    def counted(args, batch_size, *more, **kwargs):
         passes = _session.passes if _session is not None else 1
-        return num_floating_point_operations(args, batch_size) * passes
+        return num_floating_point_operations(args, batch_size, *more, **kwargs) * passes
 
     return counted
 
@@ -316,12 +378,19 @@ def _fmt(value: float) -> str:
 # ----- the no-diff route ----------------------------------------------------------------
 
 
-def install(tree: str) -> None:
-    """Make the Megatron-LM tree at `tree` importable and install the flags and hooks."""
-    add_to_path(tree)
-    from megatron.training import initialize, training
+def install(tree: str) -> MegatronLMLayout:
+    """Make the Megatron-LM tree at `tree` importable and install the flags and hooks.
 
-    parse_args = initialize.parse_args
+    Returns the detected layout; the flags go into the `parse_args` its version calls.
+    """
+    add_to_path(tree)
+    import importlib
+
+    from megatron.training import training
+
+    layout = megatron_lm_layout(training)
+    module = importlib.import_module(f"megatron.training.{layout.parse_args_module}")
+    parse_args = module.parse_args
     if not getattr(parse_args, _HOOKED, False):
 
         @functools.wraps(parse_args)
@@ -334,14 +403,25 @@ def install(tree: str) -> None:
             return parse_args(provider, *args, **kwargs)
 
         setattr(parse_args_with_sam, _HOOKED, True)
-        initialize.parse_args = parse_args_with_sam
+        module.parse_args = parse_args_with_sam
     install_training_hooks(training)
+    return layout
 
 
 def add_to_path(tree: str) -> None:
-    """Append, not prepend: `megatron.core` must stay the installed megatron-core."""
-    if tree not in sys.path:
-        sys.path.append(tree)
+    """Make the tree's Megatron-LM importable as `python pretrain_gpt.py` would: ahead of
+    everything, so its `megatron.training` (patched or not) is the one that runs; megatron-core
+    wheels from 0.17 on ship a `megatron/training` of their own, which would otherwise shadow it.
+    `megatron.core` stays the installed megatron-core: it is imported before the tree joins
+    the path (a full Megatron-LM checkout has its own `megatron/core`, with unbuilt helpers).
+    """
+    if tree in sys.path:
+        return
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:  # no megatron-core installed: the tree's own, if it has one
+        pass
+    sys.path.insert(0, tree)
 
 
 def run_script(script: str, args: list[str]) -> None:
