@@ -302,6 +302,27 @@ def test_flags_are_checked_at_parsing(tmp_path):
 
 
 @essential
+def test_the_adapter_detects_the_megatron_lm_version():
+    code = (
+        "import sys; from megatron_fsam.integrations.megatron_lm import install; "
+        "layout = install(sys.argv[1]); print(layout.tag, layout.parse_args_module, "
+        "','.join(layout.train_step_args))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(TREE)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag, module, step_args = result.stdout.strip().splitlines()[-1].split()
+    assert TAG.startswith(tag)
+    cross_grid = {"pg_collection", "p2p_communicator"} <= set(step_args.split(","))
+    assert (module, cross_grid) == {
+        "core_v0.16": ("initialize", False),
+        "core_v0.19": ("arguments", True),
+    }[tag]
+
+
+@essential
 def test_settings_of_newer_megatron_lm_are_refused():
     """core_v0.19's --optimizer-cuda-graph, --fp4-param-gather and GTP weight shards."""
     from megatron_fsam.integrations.megatron_lm import sam_config_from_args

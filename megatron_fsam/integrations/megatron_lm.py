@@ -173,25 +173,26 @@ class MegatronLMLayout:
     `tag`: the release line ("core_v0.16" or "core_v0.19"); `parse_args_module`: the module
     whose global `parse_args` builds the parser at run time (core_v0.16: `initialize`,
     which imported it by name; core_v0.19: `arguments`, called by `parse_and_validate_args`);
-    `cross_grid`: whether `train_step` takes `pg_collection` / `p2p_communicator`.
+    `train_step_args`: the parameters of its `train_step` (core_v0.19 adds `pg_collection`
+    and `p2p_communicator`), which the hook binds by name.
     """
 
     tag: str
     parse_args_module: str
-    cross_grid: bool
+    train_step_args: tuple[str, ...]
 
 
 def megatron_lm_layout(training: ModuleType | None = None) -> MegatronLMLayout:
-    """Detect the Megatron-LM version in use from `megatron.training`'s own signatures."""
+    """Detect the Megatron-LM version in use from `megatron.training` itself."""
     if training is None:
         from megatron.training import training
     from megatron.training import arguments
 
-    parameters = inspect.signature(training.train_step).parameters
-    cross_grid = "pg_collection" in parameters
+    step = getattr(training.train_step, "__wrapped__", training.train_step)
+    parameters = tuple(inspect.signature(step).parameters)
     if hasattr(arguments, "parse_and_validate_args"):
-        return MegatronLMLayout("core_v0.19", "arguments", cross_grid)
-    return MegatronLMLayout("core_v0.16", "initialize", cross_grid)
+        return MegatronLMLayout("core_v0.19", "arguments", parameters)
+    return MegatronLMLayout("core_v0.16", "initialize", parameters)
 
 
 # ----- hooks ----------------------------------------------------------------------------
