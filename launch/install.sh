@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Installs megatron_fsam with everything the demo and the tests need.
+# Installs megatron_fsam with everything the demo and the tests need, into the environment of
+# $PYTHON (default: python). Whatever torch and megatron-core that environment already has
+# stay in place (both are ranges in pyproject.toml).
 # A machine without torch gets the CPU build 2.13.0 first (a bare `torch` requirement
 # would pull a multi-GB CUDA build); GPU machines keep the CUDA torch they have.
+# MEGATRON_CORE, if set, is a requirement installed first when megatron-core is missing,
+# e.g. MEGATRON_CORE="megatron-core>=0.19,<0.20" for the Python 3.12 test environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python -c "import torch" 2>/dev/null; then
-    python -m pip install --quiet torch==2.13.0
+PYTHON="${PYTHON:-python}"
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet torch==2.13.0
 fi
-DS_BUILD_OPS=0 python -m pip install --quiet -e ".[train,kernels,megatron-lm,test]"
+if [[ -n "${MEGATRON_CORE:-}" ]] && ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet "$MEGATRON_CORE"
+fi
+DS_BUILD_OPS=0 "$PYTHON" -m pip install --quiet -e ".[train,kernels,megatron-lm,test]"
