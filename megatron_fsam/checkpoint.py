@@ -6,7 +6,9 @@ LR schedule, data position, config). It is written into ``iter_XXXXXXX.tmp``, re
 place once every rank has finished, and only then named in ``root/latest``, so a crash
 mid-save leaves the last good checkpoint the one that loads.
 
-megatron-core 0.16.1 gaps closed here, all with torch's Adam (no apex/TE):
+megatron-core 0.16.1 gaps closed here, all with torch's Adam (no apex/TE); the same code
+resumes bit-identically under 0.19.2 (measured), whose torch_dist files also hold the common
+state (0.16-0.18 write it to common.pt):
 
 - an optimizer that has not stepped has no state to load into (the distributed one cannot
   even describe itself): it gets Adam's exact initial state first;
