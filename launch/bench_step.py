@@ -3,9 +3,11 @@
     python launch/bench_step.py [--layers 4 --hidden 256 --heads 4 --seq 256 --vocab 8192 ...]
 
 Runs as one process (on the CPU under the emulation when there is no GPU) and prints,
-for every SAM mode, the median step time and its ratio to the AdamW step measured in the
-same run, plus the split of the SAM step into pass 1 / perturb / pass 2 / optimizer. The
-ideal ratio is about 2 (two forward-backward passes); what exceeds it is SAM's own cost.
+for every SAM mode, the median and the mean step time and their ratios to the AdamW step
+measured in the same run, plus the split of the SAM step into pass 1 / perturb / pass 2 /
+(pass 3) / optimizer. The ideal ratio is about 2 (two forward-backward passes); what exceeds
+it is SAM's own cost. Modes that thin out SAM steps (`fsam every 4`: sam_interval=4) are
+judged by the mean over many steps (--steps 40: ideally 1.25).
 The last line is Func-SAM's own cost over SAM: the median over rounds of fsam's step time
 minus sam's in the same round, in ms and as a fraction of that round's AdamW step.
 """
@@ -35,12 +37,15 @@ from megatron_fsam.parallel import (
     wrap_model,
 )
 
-PHASES = ("time_pass1", "time_perturb", "time_pass2", "time_optimizer")
+PHASES = ("time_pass1", "time_perturb", "time_pass2", "time_pass3", "time_optimizer")
 MODES = {
     "adamw": SAMConfig(mode="adamw"),
     "sam": SAMConfig(mode="sam"),
     "fsam": SAMConfig(mode="fsam"),
     "fsam precond": SAMConfig(mode="fsam", precond=True),
+    "angle 45": SAMConfig(mode="angle", angle=45.0),
+    "angle 45 exact": SAMConfig(mode="angle", angle=45.0, angle_impl="exact"),
+    "fsam every 4": SAMConfig(mode="fsam", sam_interval=4),
 }
 
 
@@ -79,15 +84,17 @@ def main() -> None:
                     if p in seconds:
                         phases[name][p].append(seconds[p])
     baseline = statistics.median(times["adamw"])
+    baseline_mean = statistics.mean(times["adamw"])
     for name in sams:
-        median = statistics.median(times[name])
+        median, mean = statistics.median(times[name]), statistics.mean(times[name])
         split = " ".join(
             f"{p.removeprefix('time_')} {statistics.median(v) * 1e3:.1f}"
             for p, v in phases[name].items()
             if v
         )
         print(
-            f"{name:>13}: {median * 1e3:8.1f} ms/step  x{median / baseline:.2f} of adamw"
+            f"{name:>14}: median {median * 1e3:8.1f} ms/step x{median / baseline:.2f}, "
+            f"mean {mean * 1e3:8.1f} ms/step x{mean / baseline_mean:.2f} of adamw"
             f"  ({split} ms)"
         )
     if "fsam" in times and "sam" in times:

@@ -1,6 +1,10 @@
 """Final eval loss of AdamW, SAM and Func-SAM (plain and preconditioned) over several seeds.
 
     python launch/compare_modes.py --config configs/demo_cpu.yaml --seeds 1 2 3 [--nproc 2]
+    python launch/compare_modes.py --modes adamw "precond fsam" "precond angle 45" logit
+
+--modes picks among the modes below (default: the paper's Table 1 five); every other
+`sam.*` setting comes from the config or the trailing overrides.
 
 Trains one run per (mode, seed) with torchrun, each with its own TensorBoard directory
 under --out, and prints the final eval loss per mode as mean and spread: the small-scale
@@ -22,7 +26,13 @@ MODES = {
     "precond sam": ["sam.mode=sam", "sam.precond=true"],
     "fsam": ["sam.mode=fsam", "sam.precond=false"],
     "precond fsam": ["sam.mode=fsam", "sam.precond=true"],
+    "angle 45": ["sam.mode=angle", "sam.angle=45", "sam.precond=false"],
+    "precond angle 45": ["sam.mode=angle", "sam.angle=45", "sam.precond=true"],
+    "logit": ["sam.mode=logit", "sam.precond=false"],
+    "precond logit": ["sam.mode=logit", "sam.precond=true"],
+    "precond fsam every 4": ["sam.mode=fsam", "sam.precond=true", "sam.sam_interval=4"],
 }
+TABLE_1 = ["adamw", "sam", "precond sam", "fsam", "precond fsam"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,20 +40,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo_cpu.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=TABLE_1)
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun)")
     parser.add_argument("--out", default="runs/compare", help="TensorBoard root")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = parser.parse_args()
-    losses: dict[str, list[float]] = {mode: [] for mode in MODES}
+    losses: dict[str, list[float]] = {mode: [] for mode in args.modes}
     for seed in args.seeds:
-        for mode, settings in MODES.items():
-            loss = _final_eval_loss(args, mode, seed, settings)
+        for mode in args.modes:
+            loss = _final_eval_loss(args, mode, seed, MODES[mode])
             losses[mode].append(loss)
-            print(f"{mode:>13}  seed {seed}: eval loss {loss:.4f}", flush=True)
-    print(f"\n{'mode':>13}  final eval loss over seeds {args.seeds}")
+            print(f"{mode:>20}  seed {seed}: eval loss {loss:.4f}", flush=True)
+    print(f"\n{'mode':>20}  final eval loss over seeds {args.seeds}")
     for mode, values in losses.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"{mode:>13}  {statistics.mean(values):.4f} +- {spread:.4f}")
+        print(f"{mode:>20}  {statistics.mean(values):.4f} +- {spread:.4f}")
     return 0
 
 

@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def taus(run: Run, args: argparse.Namespace) -> dict[str, float]:
     batches, schedule = _batches(run, args.split, args.microbatches)
+    sam = run.cfg.sam
     return sharpness_composition(
-        run.model, run.optimizer, forward_step, batches, h=args.h, central=args.central, **schedule
-    )
+        run.model, run.optimizer, forward_step, batches, h=args.h, central=args.central,
+        angle=sam.angle_degrees if sam.sam_enabled else None, **schedule,
+    )  # fmt: skip
 
 
 def hessian(run: Run, args: argparse.Namespace) -> dict[str, Any]:
@@ -134,6 +136,7 @@ def _summary_taus(record: dict) -> str:
         f"tau_func {r['tau_func']:.4f} | tau_cross {r['tau_cross']:+.4f} | "
         f"|g| {r['grad_norm']:.4g} | u'H_G u {r['curvature_logit']:.4g} | "
         f"u'H_F u {r['curvature_func']:+.4g}"
+        + "".join(f" | {k} {r[k]:+.4f}" for k in r if k.startswith("angle_tau_"))
     )
 
 

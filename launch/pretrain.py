@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # megatron-core announces at import that apex / Transformer Engine are absent; on machines
 # without them (any CPU run) that is expected, and it would bury the run's own output.
@@ -149,7 +149,8 @@ def setup(config_path: str, overrides: list[str]) -> Run:
         wd_incr_steps=steps,
         wd_incr_style="constant",
     )
-    sam = FuncSAM(cfg.sam, model, optimizer)
+    sam_cfg = cfg.sam if cfg.sam.seed is not None else replace(cfg.sam, seed=train.seed)
+    sam = FuncSAM(sam_cfg, model, optimizer)
     run = Run(
         cfg=cfg,
         model=model,
@@ -181,8 +182,8 @@ def train(run: Run) -> None:
     run.monitor.message(
         f"training {run.train_steps} steps: TP {p.tensor_parallel} x PP {p.pipeline_parallel} "
         f"x DP {run.dp_size}, {run.num_microbatches} micro-batches of "
-        f"{train_cfg.micro_batch_size} per step; SAM mode {sam.mode} (rho {sam.rho}, "
-        f"precond {sam.precond} / {sam.precond_norm}, kernels {run.sam.kernels.name})"
+        f"{train_cfg.micro_batch_size} per step; SAM {sam.describe()}, "
+        f"kernels {run.sam.kernels.name}"
     )
     batches = _train_iterators(run)
     update_norm = UpdateNorm(run.sam.backend)
@@ -201,6 +202,7 @@ def train(run: Run) -> None:
             num_microbatches=run.num_microbatches,
             seq_length=cfg.data.seq_length,
             micro_batch_size=train_cfg.micro_batch_size,
+            log_step=logging_step,
         )
         step_time = time.perf_counter() - start
         if ok:
@@ -227,9 +229,9 @@ def train(run: Run) -> None:
         if interval and step % interval == 0:
             taus = measure_sharpness(run)
             run.monitor.scalars(step, taus, prefix="sharpness")
+            shown = (k for k in taus if k.startswith(("tau_", "angle_tau_")))
             run.monitor.message(
-                f"step {step:>6} | tau_logit {taus['tau_logit']:.3f} | "
-                f"tau_func {taus['tau_func']:.3f} | tau_cross {taus['tau_cross']:.3f}"
+                f"step {step:>6} | " + " | ".join(f"{k} {taus[k]:.3f}" for k in shown)
             )
         if step % train_cfg.eval_interval == 0 or step == run.train_steps:
             eval_loss = evaluate(run)
@@ -287,6 +289,7 @@ def measure_sharpness(run: Run) -> dict[str, float]:
         h=diagnostics.sharpness_h,
         central=diagnostics.sharpness_central,
         logits_module=run.cfg.sam.logits_module,
+        angle=run.cfg.sam.angle_degrees if run.cfg.sam.sam_enabled else None,
     )
 
 
@@ -345,6 +348,9 @@ def _console_fields(scalars: dict[str, float]) -> dict[str, float]:
         "rho",
         "grad_norm",
         "eps_norm",
+        "eps_top_share",
+        "sam_step",
+        "fallback_steps",
         "update_norm",
         "tokens_per_second",
     )

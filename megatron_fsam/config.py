@@ -5,15 +5,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MODES = ("adamw", "sam", "fsam")
+MODES = ("adamw", "sam", "fsam", "angle", "logit")
+ANGLE_IMPLS = ("first_order", "exact")
 PRECOND_NORMS = ("grad", "perturbation", "dual")
 RHO_SCHEDULES = ("constant", "linear_warmup", "cosine_warmup")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+ON_NONFINITE = ("skip", "fallback")
 CHOICES = {
     "mode": MODES,
+    "angle_impl": ANGLE_IMPLS,
     "precond_norm": PRECOND_NORMS,
     "rho_schedule": RHO_SCHEDULES,
     "kernels": KERNEL_BACKENDS,
+    "on_nonfinite": ON_NONFINITE,
 }
 
 
@@ -22,28 +26,50 @@ class SAMConfig:
     """Settings of the SAM step (names follow the paper, Singh et al. 2025).
 
     mode: "adamw" (plain step, the baseline), "sam" (Eq. 2: gradient at theta+eps),
-        "fsam" (Eq. 11: J(theta+eps)^T c(theta), the clean logit cotangent replayed).
+        "fsam" (Eq. 11: J(theta+eps)^T c(theta), the clean logit cotangent replayed),
+        "angle" (App. D, Eq. 19: the functional and logit sharpness paths mixed at
+        `angle`), "logit" (angle 90: only the logit path, LOGIT-SAM).
+    angle: phi in degrees (0..90) for mode "angle": 0 is fsam, 90 is logit, 45 is SAM to
+        first order (at radius rho / sqrt 2).
+    angle_impl: "first_order" (two passes, the cost of SAM; agrees with Eq. 19 up to
+        O(rho^2)) or "exact" (Eq. 19 with a third pass at theta).
     rho: perturbation radius after warm-up.
     precond: precondition the ascent direction with the optimizer's own Adam
-        second moment, P = 1 / (sqrt(v_hat) + adam_eps).
+        second moment, P = 1 / (max(sqrt(v_hat), precond_floor) + adam_eps).
     precond_norm: how eps = rho * P g / N is normalised: N = ||g|| ("grad", Eq. 12
         read literally), ||P g|| ("perturbation": ||eps|| = rho exactly), or
         sqrt(g.P g) ("dual": steepest ascent in the optimizer's norm).
+    precond_floor: lower bound on sqrt(v_hat) in P, so that coordinates whose second
+        moment decayed to ~0 (rare-token embedding rows) cannot take most of the radius.
     rho_schedule / rho_warmup_steps: rho ramps from 0 over the first steps.
+    sam_interval: a SAM step every sam_interval-th step (0, k, 2k, ...), plain steps between.
+    sam_probability: each step is a SAM step with this probability (randomized sharpness
+        training), drawn from (seed, step): every rank draws the same without talking.
+    seed: seed of the sam_probability draws; None takes the run's seed where an entry point
+        knows it (launch/pretrain.py's train.seed, Megatron-LM's --seed), else 0.
+    on_nonfinite: a step whose SAM gradient is not finite while g is: "skip" it (nothing
+        changes) or "fallback" (apply g as a plain optimizer step).
     logits_module: name (or dotted suffix) of the module whose output is the logits;
         None finds Megatron's `output_layer`.
     kernels: "auto", "torch" or "triton" implementation of norm/perturb/restore.
-    cotangent_offload: keep fsam's recorded logit cotangents (seq x micro-batch x vocab/TP
+    cotangent_offload: keep the recorded logit cotangents (seq x micro-batch x vocab/TP
         per micro-batch, gigabytes at scale) in pinned host memory between the passes,
         copied asynchronously, instead of on the GPU.
     """
 
     mode: str = "fsam"
+    angle: float = 45.0
+    angle_impl: str = "first_order"
     rho: float = 0.05
     precond: bool = False
     precond_norm: str = "perturbation"
+    precond_floor: float = 0.0
     rho_schedule: str = "constant"
     rho_warmup_steps: int = 0
+    sam_interval: int = 1
+    sam_probability: float = 1.0
+    seed: int | None = None
+    on_nonfinite: str = "skip"
     logits_module: str | None = None
     kernels: str = "auto"
     cotangent_offload: bool = False
@@ -54,8 +80,10 @@ class SAMConfig:
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
             _one_of(name, getattr(self, name), allowed)
-        if not isinstance(self.rho, (int, float)) or not math.isfinite(self.rho) or self.rho < 0:
-            raise ValueError(f"SAMConfig.rho must be a finite number >= 0, got {self.rho!r}")
+        _number("rho", self.rho, low=0.0)
+        _number("angle", self.angle, low=0.0, high=90.0)
+        _number("precond_floor", self.precond_floor, low=0.0)
+        _number("sam_probability", self.sam_probability, low=0.0, high=1.0)
         if self.rho_schedule != "constant" and (
             not isinstance(self.rho_warmup_steps, int) or self.rho_warmup_steps <= 0
         ):
@@ -63,12 +91,52 @@ class SAMConfig:
                 f"SAMConfig.rho_warmup_steps must be a positive integer for "
                 f"rho_schedule={self.rho_schedule!r}, got {self.rho_warmup_steps!r}"
             )
+        if not isinstance(self.sam_interval, int) or self.sam_interval < 1:
+            raise ValueError(
+                f"SAMConfig.sam_interval must be a positive integer, got {self.sam_interval!r}"
+            )
+        if self.sam_interval > 1 and self.sam_probability < 1.0:
+            raise ValueError(
+                "SAMConfig: sam_interval and sam_probability both thin out SAM steps; set one "
+                f"(got sam_interval={self.sam_interval}, sam_probability={self.sam_probability})"
+            )
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"SAMConfig.seed must be an integer, got {self.seed!r}")
 
     @property
-    def two_pass(self) -> bool:
+    def sam_enabled(self) -> bool:
+        """Whether SAM steps happen at all (mode is not the plain baseline)."""
         return self.mode != "adamw"
+
+    def describe(self) -> str:
+        """One line for the logs: what a step does and how often."""
+        if not self.sam_enabled:
+            return "mode adamw (plain optimizer steps)"
+        parts = [f"mode {self.mode}", f"rho {self.rho:g}"]
+        if self.mode in ("angle", "logit"):
+            parts.append(f"angle {self.angle_degrees:g} deg ({self.angle_impl})")
+        if self.precond:
+            parts.append(f"precond {self.precond_norm}, floor {self.precond_floor:g}")
+        if self.sam_interval > 1:
+            parts.append(f"SAM every {self.sam_interval} steps")
+        if self.sam_probability < 1.0:
+            parts.append(f"SAM with probability {self.sam_probability:g}")
+        parts.append(f"non-finite SAM gradient: {self.on_nonfinite}")
+        return ", ".join(parts)
+
+    @property
+    def angle_degrees(self) -> float:
+        """phi of the step, in degrees: fsam 0, logit 90, angle its setting, sam 45."""
+        return {"fsam": 0.0, "logit": 90.0, "angle": float(self.angle)}.get(self.mode, 45.0)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"SAMConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _number(name: str, value: object, low: float, high: float = math.inf) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not low <= value <= high:
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"SAMConfig.{name} must be a finite number {bounds}, got {value!r}")

@@ -20,7 +20,8 @@ The gate copies nothing logits-sized on the device:
 - The replay hands back the recorded tensor as it is when device and dtype match.
 
 With `offload`, CUDA cotangents wait in pinned host memory between the passes
-(`HostOffload`); CPU tensors are kept as they are.
+(`HostOffload`); CPU tensors are kept as they are. ANGLE-SAM's pass 2 mixes the recorded
+cotangent with its own (`mixing`), which costs one logits-sized tensor per micro-batch.
 """
 
 from __future__ import annotations
@@ -146,16 +147,64 @@ class HostOffload:
         return buffer
 
 
+class CotangentStore:
+    """One cotangent per micro-batch index, on the device or (offload) in pinned host memory.
+
+    Offloaded cotangents sit in `cotangents` as pinned host buffers that the next step
+    overwrites; they are complete once the side stream's copies are (after a
+    `torch.cuda.synchronize()`).
+    """
+
+    def __init__(self, offload: bool = False, cuda_ops: CudaOps | None = None) -> None:
+        self.host = HostOffload(cuda_ops) if offload else None
+        self.cotangents: dict[int, torch.Tensor] = {}
+
+    def keep(self, index: int, incoming: torch.Tensor) -> None:
+        if self.host is not None and self.host.handles(incoming):
+            self.cotangents[index] = self.host.store(index, incoming)
+        else:
+            self.cotangents[index] = incoming.detach()  # no copy: see the module docstring
+
+    def load(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """Micro-batch `index`'s cotangent on `like`'s device and dtype."""
+        if index not in self.cotangents:
+            raise RuntimeError(
+                f"no recorded logit cotangent for micro-batch {index}: this pass saw more "
+                "micro-batches than the one that recorded them"
+            )
+        if self.host is not None and self.host.holds(index):
+            kept = self.host.load(index)
+        else:
+            kept = self.cotangents[index]
+        if kept.device == like.device and kept.dtype == like.dtype:
+            return kept
+        return kept.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+    def prefetch_first(self) -> None:
+        """Start bringing the first offloaded cotangent back before a replaying pass."""
+        if self.host is not None and (first := self.host.first()) is not None:
+            self.host.prefetch(first)
+
+    def clear(self) -> None:
+        self.cotangents = {}
+        if self.host is not None:
+            self.host.clear()
+
+
 class LogitGate:
-    """Records or rewrites dL/dlogits per micro-batch; idle outside a pass."""
+    """Records or rewrites dL/dlogits per micro-batch; idle outside a pass.
+
+    `clean` holds c(theta) recorded in pass 1; `perturbed` holds c(theta + eps) when pass 2
+    records it for a third pass (ANGLE-SAM's exact form).
+    """
 
     def __init__(
         self, module: torch.nn.Module, offload: bool = False, cuda_ops: CudaOps | None = None
     ) -> None:
         self.module = module
         self.offload = offload
-        self.host = HostOffload(cuda_ops) if offload else None
-        self.cotangents: dict[int, torch.Tensor] = {}
+        self.clean = CotangentStore(offload, cuda_ops)
+        self.perturbed = CotangentStore(offload, cuda_ops)
         self._rewrite: Rewrite | None = None
         self._active = False
         self._forward_count = 0
@@ -163,14 +212,9 @@ class LogitGate:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Store each micro-batch's incoming cotangent (pass 1).
-
-        Offloaded cotangents sit in `cotangents` as pinned host buffers that the next
-        step overwrites; they are complete once the side stream's copies are (after a
-        `torch.cuda.synchronize()`).
-        """
+        """Keep each micro-batch's incoming cotangent c(theta) (pass 1)."""
         self.clear()
-        with self._pass(self._record):
+        with self._pass(self._record_clean):
             yield
 
     @contextmanager
@@ -180,32 +224,44 @@ class LogitGate:
             yield
 
     @contextmanager
-    def replaying(self) -> Iterator[None]:
-        """Back-propagate the cotangents recorded in pass 1 (Func-SAM's pass 2)."""
-        if self.host is not None and (first := self.host.first()) is not None:
-            self.host.prefetch(first)  # the first replay's copy overlaps pass 2's forwards
-        with self.rewriting(self.replay_recorded):
+    def mixing(
+        self, perturbed: float, clean: float, keep_perturbed: bool = False
+    ) -> Iterator[None]:
+        """Back-propagate perturbed * incoming + clean * c(theta) (pass 2 at theta + eps);
+        with keep_perturbed, also keep the incoming c(theta + eps) for `replaying_perturbed`.
+
+        (0, 1) hands back the recorded tensor itself and (1, 0) the incoming one: Func-SAM
+        and SAM do no arithmetic on cotangents.
+        """
+
+        def mix(index: int, incoming: torch.Tensor) -> torch.Tensor:
+            if keep_perturbed:
+                self.perturbed.keep(index, incoming)
+            if clean == 0.0 and perturbed == 1.0:
+                return incoming
+            recorded = self.clean.load(index, incoming)
+            if perturbed == 0.0 and clean == 1.0:
+                return recorded
+            return torch.add(recorded * clean, incoming, alpha=perturbed)
+
+        self.clean.prefetch_first()  # the first replay's copy overlaps the pass's forwards
+        with self.rewriting(mix):
             yield
 
-    def replay_recorded(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
-        """Rewrite that substitutes the cotangent recorded for this micro-batch."""
-        if index not in self.cotangents:
-            raise RuntimeError(
-                f"no recorded logit cotangent for micro-batch {index}: pass 2 saw more "
-                "micro-batches than pass 1"
-            )
-        if self.host is not None and self.host.holds(index):
-            recorded = self.host.load(index)
-        else:
-            recorded = self.cotangents[index]
-        if recorded.device == incoming.device and recorded.dtype == incoming.dtype:
-            return recorded
-        return recorded.to(device=incoming.device, dtype=incoming.dtype, non_blocking=True)
+    def replaying(self) -> AbstractContextManager[None]:
+        """Back-propagate the cotangents recorded in pass 1 (Func-SAM's pass 2)."""
+        return self.mixing(perturbed=0.0, clean=1.0)
+
+    @contextmanager
+    def replaying_perturbed(self) -> Iterator[None]:
+        """Back-propagate c(theta + eps) kept in pass 2 (the exact form's pass 3 at theta)."""
+        self.perturbed.prefetch_first()
+        with self.rewriting(lambda index, incoming: self.perturbed.load(index, incoming)):
+            yield
 
     def clear(self) -> None:
-        self.cotangents = {}
-        if self.host is not None:
-            self.host.clear()
+        self.clean.clear()
+        self.perturbed.clear()
 
     def remove(self) -> None:
         self._handle.remove()
@@ -218,11 +274,8 @@ class LogitGate:
         finally:
             self._rewrite, self._active = None, False
 
-    def _record(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
-        if self.host is not None and self.host.handles(incoming):
-            self.cotangents[index] = self.host.store(index, incoming)
-        else:
-            self.cotangents[index] = incoming.detach()  # no copy: see the module docstring
+    def _record_clean(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
+        self.clean.keep(index, incoming)
         return incoming
 
     def _on_backward(self, index: int, incoming: torch.Tensor) -> torch.Tensor | None:

@@ -1,7 +1,12 @@
-"""Rho schedules: rho_t as a function of the number of SAM steps already taken."""
+"""Per-step schedules: the radius rho_t and whether step t is a SAM step.
+
+Both are functions of the configuration and the step number only, so every rank (and a
+resumed run) decides the same without a collective.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 from megatron_fsam.config import SAMConfig
@@ -21,3 +26,21 @@ def rho_at(cfg: SAMConfig, step: int) -> float:
     if cfg.rho_schedule == "cosine_warmup":
         return cfg.rho * 0.5 * (1.0 - math.cos(math.pi * progress))
     raise ValueError(f"unknown rho_schedule {cfg.rho_schedule!r}")
+
+
+def is_sam_step(cfg: SAMConfig, step: int) -> bool:
+    """Whether step `step` takes the SAM gradient (else a plain optimizer step).
+
+    sam_interval=k: steps 0, k, 2k, ...; sam_probability=p: a Bernoulli(p) draw from
+    (seed, step), the same on every rank and after a resume.
+    """
+    if not cfg.sam_enabled or step % cfg.sam_interval:
+        return False
+    return cfg.sam_probability >= 1.0 or uniform_draw(cfg.seed or 0, step) < cfg.sam_probability
+
+
+def uniform_draw(seed: int, step: int) -> float:
+    """A number in [0, 1) determined by (seed, step) alone: the top 53 bits of a hash, so no
+    generator state is shared with (or disturbed by) anything else in the run."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 11) / float(1 << 53)

@@ -1,15 +1,20 @@
-"""FuncSAM: the two-pass SAM / Func-SAM step around Megatron's forward_backward_func.
+"""FuncSAM: the SAM / Func-SAM / ANGLE-SAM step around Megatron's forward_backward_func.
 
-One step, as in the paper (Singh et al. 2025, Eq. 2 and Eq. 11):
+One step, as in the paper (Singh et al. 2025, Eq. 2, Eq. 11 and App. D):
 
     pass 1   g = J(theta)^T c(theta)          record micro-batches, RNG, c(theta)
     ascent   eps = rho * P g / N              three sums, one all-reduce
     perturb  model <- theta + eps             written from fp32 theta, all-gathered
-    pass 2   sam:  J(theta+eps)^T c(theta+eps)
-             fsam: J(theta+eps)^T c(theta)    the recorded cotangent replayed
+    pass 2   sam:   J(theta+eps)^T c(theta+eps)
+             fsam:  J(theta+eps)^T c(theta)   the recorded cotangent replayed
+             angle: J(theta+eps)^T [sin c(theta+eps) + (cos - sin) c(theta)] + (1 - cos) g
+    [pass 3  angle, exact: J(theta)^T c(theta+eps) at theta, mixed per Eq. 19]
     update   optimizer.step() on theta        copying main -> model restores theta
 
-A non-finite gradient in either pass skips the step and leaves the model at theta.
+`modes.py` holds what each mode back-propagates and mixes. A non-finite g skips the step; a
+non-finite SAM gradient skips it too, or (on_nonfinite="fallback") applies g as a plain step.
+The model is left at theta either way. `sam_interval` / `sam_probability` make some steps
+plain optimizer steps on g.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -31,13 +36,16 @@ from megatron_fsam.backends.megatron import MegatronBackend, RankShards
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.gate import LogitGate, find_logits_module
 from megatron_fsam.kernels import get_kernels, resolve_kernels
+from megatron_fsam.kernels.concentration import top_share
+from megatron_fsam.modes import recipe_for
 from megatron_fsam.perturbation import Ascent, ascent
 from megatron_fsam.replay import MicrobatchReplay, RNGState
-from megatron_fsam.schedules import rho_at
+from megatron_fsam.schedules import is_sam_step, rho_at
 
 logger = logging.getLogger("megatron_fsam")
 
 StepResult = tuple[bool, float | None, list[Any], dict[str, float | None]]
+TOP_FRACTION = 1e-3  # eps_top_share: the share of ||eps||^2 in the largest 0.1% of coordinates
 
 
 class FuncSAM:
@@ -57,17 +65,19 @@ class FuncSAM:
     ) -> None:
         config.validate()
         self.config = config
+        self.recipe = recipe_for(config) if config.sam_enabled else None
         self.model = list(model)
         self.optimizer = optimizer
         self.backend = MegatronBackend(self.model, optimizer)
         self.backend.check_grad_reduction()
-        if config.precond and config.two_pass:
+        if config.precond and config.sam_enabled:
             self.backend.check_second_moments()
         self.kernels = get_kernels(config.kernels)
         resolve_kernels(config.kernels, self.backend.device)  # Triton's self-check: now, once
-        self.gate = self._attach_gate() if config.mode == "fsam" else None
+        self.gate = self._attach_gate() if self.recipe and self.recipe.needs_gate else None
         self.forward_backward_func = forward_backward_func or get_forward_backward_func()
         self.iteration = 0
+        self.fallback_steps = 0
         self._clock: _PhaseClock | None = None
 
     # ----- the step -------------------------------------------------------------------
@@ -81,11 +91,13 @@ class FuncSAM:
         seq_length: int,
         micro_batch_size: int,
         decoder_seq_length: int | None = None,
+        log_step: bool = False,
         **schedule_kwargs: Any,
     ) -> StepResult:
         """One optimizer step; returns (update_successful, grad_norm, losses_reduced, metrics).
 
-        `losses_reduced` are pass 1's (the clean loss), also on a skipped step.
+        `losses_reduced` are pass 1's (the clean loss), also on a skipped step. `log_step`
+        adds the metrics that cost a little (`eps_top_share`: a few small all-reduces).
         `schedule_kwargs` go to every `forward_backward_func` call unchanged.
         """
         rho = rho_at(self.config, self.iteration)
@@ -93,6 +105,7 @@ class FuncSAM:
         pass1_losses, pass2_losses = _LossCapture(), _LossCapture()
 
         def run_pass(losses: _LossCapture, batches: Any) -> list[Any]:
+            self._zero_grads()
             return self.forward_backward_func(
                 forward_step_func=losses.wrap(forward_step_func),
                 data_iterator=batches,
@@ -105,52 +118,73 @@ class FuncSAM:
                 **schedule_kwargs,
             )
 
-        self._zero_grads()
-        if not self.config.two_pass or rho == 0.0:
+        if rho == 0.0 or not is_sam_step(self.config, self.iteration):
             losses_reduced = run_pass(pass1_losses, data_iterator)
             clock.lap("pass1")
             ok, grad_norm, num_zeros = self.optimizer.step()
             clock.lap("optimizer")
-            self.iteration += 1
-            metrics = self._metrics(rho, None, pass1_losses, None, ok, num_zeros)
-            return ok, grad_norm, losses_reduced, metrics
+            return self._finish(ok, grad_norm, losses_reduced, rho, None, pass1_losses, num_zeros)
 
-        # Pass 1 at theta: g, and (fsam) the clean logit cotangent c(theta).
+        # Pass 1 at theta: g, and the clean logit cotangent c(theta) where the mode needs it.
+        recipe = self.recipe
         replay = MicrobatchReplay(data_iterator)
-        rng_before = RNGState.capture()
+        rng = _RandomnessReplay()
         with self.gate.recording() if self.gate else nullcontext():
             losses_reduced = run_pass(pass1_losses, replay.recording())
-        rng_after = RNGState.capture()
+        rng.recorded()
         clock.lap("pass1")
 
         # Ascent direction from the reduced sums; a non-finite g skips the step.
-        shards = self.backend.shards(precondition=self.config.precond)
+        shards = self.backend.shards(self.config.precond, self.config.precond_floor)
         sums = self.backend.reduced_norm_sums(self.kernels, shards.all)
         if not sums.finite:
-            return self._skip(
-                rho, None, pass1_losses, losses_reduced, "pass-1 gradient is not finite"
-            )
+            return self._skip(rho, None, pass1_losses, losses_reduced, "pass-1 gradient")
         step = ascent(sums, rho, self.config.precond_norm)
+        measured = {"eps_top_share": self._eps_top_share(shards)} if log_step else {}
+        g = _copies(shards.all.grads) if self._keeps_gradient() else None  # this rank's shard
         self.kernels.perturb(shards.all, step.scale)
-        self.backend.publish_perturbation()
+        self.backend.publish_params()
         clock.lap("perturb")
 
         # Pass 2 at theta + eps on the same micro-batches and dropout masks. Its non-finite
-        # values are SAM's to handle (a skip), not Megatron's result validation's.
-        self._zero_grads()
-        rng_before.restore()
-        replay_cotangents = self.gate.replaying() if self.gate else nullcontext()
-        with replay_cotangents, self.backend.validation_paused():
+        # values are SAM's to handle (a skip or fallback), not Megatron's result validation's.
+        cotangent = (
+            self.gate.mixing(recipe.perturbed, recipe.clean, keep_perturbed=recipe.pass3 != 0)
+            if self.gate
+            else nullcontext()
+        )
+        with cotangent, rng.replayed(), self.backend.validation_paused():
             run_pass(pass2_losses, replay.replaying())
-        rng_after.restore()
+        clock.lap("pass2")
+        if recipe.pass3:
+            # Pass 3 at theta: J(theta)^T c(theta+eps), the logit term of Eq. 19 taken exactly.
+            earlier = _mixed(recipe.pass2, shards.all.grads, recipe.grad, g)
+            self.kernels.restore(shards.all)
+            self.backend.publish_params()
+            perturbed_cotangent = self.gate.replaying_perturbed() if self.gate else nullcontext()
+            with perturbed_cotangent, rng.replayed(), self.backend.validation_paused():
+                run_pass(_LossCapture(), replay.replaying())
+            _scale_add_(shards.all.grads, recipe.pass3, earlier)
+            clock.lap("pass3")
+        elif recipe.grad:
+            torch._foreach_add_(shards.all.grads, g, alpha=recipe.grad)
         if self.gate:
             self.gate.clear()
         self.kernels.restore(shards.aliased)  # theta back where the optimizer reads it
-        clock.lap("pass2")
+
+        fallback = False
         if not self.backend.all_finite(shards.all.grads):
-            self._restore(shards)
-            return self._skip(
-                rho, step, pass1_losses, losses_reduced, "pass-2 gradient is not finite"
+            if self.config.on_nonfinite == "skip":
+                self._restore(shards)
+                return self._skip(rho, step, pass1_losses, losses_reduced, "SAM gradient")
+            torch._foreach_copy_(shards.all.grads, g)  # a plain step on g instead
+            fallback = True
+            self.fallback_steps += 1
+            logger.warning(
+                "megatron_fsam: step %d: SAM gradient is not finite, applying the pass-1 "
+                "gradient as a plain step (fallback %d)",
+                self.iteration,
+                self.fallback_steps,
             )
 
         # The optimizer updates theta (never theta + eps) and copies it back to the model.
@@ -158,9 +192,11 @@ class FuncSAM:
         if not ok:
             self._restore(shards)
         clock.lap("optimizer")
-        self.iteration += 1
-        metrics = self._metrics(rho, step, pass1_losses, pass2_losses, ok, num_zeros)
-        return ok, grad_norm, losses_reduced, metrics
+        metrics_of_step = dict(measured, fallback=float(fallback))
+        return self._finish(
+            ok, grad_norm, losses_reduced, rho, step, pass1_losses, num_zeros,
+            perturbed=None if fallback else pass2_losses, **metrics_of_step,
+        )  # fmt: skip
 
     def phase_times(self) -> dict[str, float]:
         """Seconds of each phase of the last step (`time_pass1`, `time_perturb`, ...).
@@ -173,10 +209,11 @@ class FuncSAM:
     # ----- checkpointing --------------------------------------------------------------
 
     def state_dict(self) -> dict[str, int]:
-        return {"iteration": self.iteration}
+        return {"iteration": self.iteration, "fallback_steps": self.fallback_steps}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.iteration = int(state["iteration"])
+        self.fallback_steps = int(state.get("fallback_steps", 0))
 
     # ----- internals ------------------------------------------------------------------
 
@@ -190,13 +227,22 @@ class FuncSAM:
         if flag.item() > 0:
             name = self.config.logits_module or "output_layer"
             raise ValueError(
-                f"megatron_fsam: mode='fsam' needs the module producing the logits, but no "
-                f"module named {name!r} was found on the last pipeline stage; set "
-                "SAMConfig.logits_module"
+                f"megatron_fsam: mode={self.config.mode!r} needs the module producing the "
+                f"logits, but no module named {name!r} was found on the last pipeline stage; "
+                "set SAMConfig.logits_module"
             )
         if module is None:
             return None
         return LogitGate(module, offload=self.config.cotangent_offload)
+
+    def _keeps_gradient(self) -> bool:
+        """Whether this rank's shard of g is kept past pass 1 (mixed in, or the fallback)."""
+        return self.recipe.grad != 0.0 or self.config.on_nonfinite == "fallback"
+
+    def _eps_top_share(self, shards: RankShards) -> float:
+        return top_share(
+            shards.all, TOP_FRACTION, group=self.backend.stats_group, device=self.backend.device
+        )
 
     def _zero_grads(self) -> None:
         for chunk in self.model:
@@ -213,33 +259,81 @@ class FuncSAM:
         step: Ascent | None,
         losses: _LossCapture,
         losses_reduced: list[Any],
-        reason: str,
+        what: str,
     ) -> StepResult:
         if self.gate:
             self.gate.clear()
-        logger.warning("megatron_fsam: skipping step %d: %s", self.iteration, reason)
-        self.iteration += 1
-        return False, None, losses_reduced, self._metrics(rho, step, losses, None, False)
+        logger.warning("megatron_fsam: skipping step %d: %s is not finite", self.iteration, what)
+        return self._finish(False, None, losses_reduced, rho, step, losses, None)
 
-    def _metrics(
+    def _finish(
         self,
+        ok: bool,
+        grad_norm: float | None,
+        losses_reduced: list[Any],
         rho: float,
         step: Ascent | None,
         clean: _LossCapture,
-        perturbed: _LossCapture | None,
-        ok: bool,
-        num_zeros_in_grad: int | None = None,
-    ) -> dict[str, float | None]:
-        return {
+        num_zeros_in_grad: int | None,
+        perturbed: _LossCapture | None = None,
+        **measured: float,
+    ) -> StepResult:
+        """Count the step and say what it was."""
+        self.iteration += 1
+        metrics = {
             "rho": rho,
             "grad_norm": step.grad_norm if step else None,
             "eps_norm": step.eps_norm if step else 0.0,
             "loss_clean": clean.mean(),
             "loss_perturbed": perturbed.mean() if perturbed else None,
             "skipped": float(not ok),
-            "passes": 2.0 if step else 1.0,
+            "sam_step": float(step is not None),
+            "passes": float(self.recipe.passes if step else 1),
+            "fallback": 0.0,
+            "fallback_steps": float(self.fallback_steps),
             "num_zeros_in_grad": num_zeros_in_grad,
+            **measured,
         }
+        return ok, grad_norm, losses_reduced, metrics
+
+
+class _RandomnessReplay:
+    """The RNG states around pass 1, so every later pass draws the same dropout masks."""
+
+    def __init__(self) -> None:
+        self.before = RNGState.capture()
+        self.after: RNGState | None = None
+
+    def recorded(self) -> None:
+        self.after = RNGState.capture()
+
+    @contextmanager
+    def replayed(self) -> Iterator[None]:
+        self.before.restore()
+        try:
+            yield
+        finally:
+            self.after.restore()
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
+
+
+def _mixed(
+    a: float, xs: list[torch.Tensor], b: float, ys: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """a * xs + b * ys as new tensors (ys may be None when b is 0)."""
+    out = torch._foreach_mul(xs, a)
+    if b:
+        torch._foreach_add_(out, ys, alpha=b)
+    return out
+
+
+def _scale_add_(xs: list[torch.Tensor], a: float, ys: list[torch.Tensor]) -> None:
+    """xs <- a * xs + ys, in place."""
+    torch._foreach_mul_(xs, a)
+    torch._foreach_add_(xs, ys)
 
 
 class _LossCapture:

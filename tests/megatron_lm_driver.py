@@ -107,7 +107,7 @@ def _inject_nan_after_perturbation(iteration: int) -> None:
 
     from megatron_fsam.backends.megatron import MegatronBackend
 
-    publish = MegatronBackend.publish_perturbation
+    publish = MegatronBackend.publish_params
     injected = []
 
     def publish_then_inject(self) -> None:
@@ -118,7 +118,7 @@ def _inject_nan_after_perturbation(iteration: int) -> None:
                 weight = next(self.model_chunks[0].parameters())
                 weight.data.fill_(float("nan"))
 
-    MegatronBackend.publish_perturbation = publish_then_inject
+    MegatronBackend.publish_params = publish_then_inject
 
 
 def _parameters(model) -> dict[str, torch.Tensor]:

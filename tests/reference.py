@@ -4,10 +4,12 @@ Uses `torch.func.functional_call` to evaluate the model at any parameter values
 and `torch.autograd.grad` for vector-Jacobian products (Megatron's custom autograd
 functions reject torch.func transforms). Mirrors the paper's Listing 1: fsam is the
 VJP at theta + eps of the clean cotangent dL/dlogits(theta); sam the gradient at
-theta + eps.
+theta + eps; ANGLE-SAM (App. D) mixes both VJPs of both cotangents.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -53,17 +55,16 @@ def gradient(model: torch.nn.Module, theta: Params, batches: list[dict]) -> Para
     return total
 
 
-def sam_gradient(
+def perturbed_weights(
     model: torch.nn.Module,
     theta: Params,
     batches: list[dict],
     *,
-    mode: str,
     rho: float,
     precond: Params | None = None,
     precond_norm: str = "perturbation",
-) -> Params:
-    """The gradient a SAM step hands to the optimizer (paper Eq. 2, 11 and 12).
+) -> tuple[Params, Params]:
+    """g and theta + eps, eps = rho * P g / N (paper Eq. 12; N per precond_norm).
 
     precond: P per parameter (1 / (sqrt(v_hat) + adam_eps)), or None for P = 1.
     """
@@ -75,19 +76,54 @@ def sam_gradient(
         "dual": sum((g[n] * pg[n]).sum() for n in g),
     }
     scale = rho / sums[precond_norm].sqrt()
-    perturbed = _leaves({n: theta[n] + scale * pg[n] for n in theta})
-    clean = _leaves(theta)
+    return g, {n: theta[n] + scale * pg[n] for n in theta}
+
+
+def _cotangent(model: torch.nn.Module, params: Params, batch: dict, count: int) -> torch.Tensor:
+    """dL/dlogits of one micro-batch at `params`."""
+    logits = logits_at(model, params, batch).detach().requires_grad_(True)
+    (cotangent,) = torch.autograd.grad(loss_of_logits(logits, batch, count), logits)
+    return cotangent
+
+
+def sam_gradient(
+    model: torch.nn.Module, theta: Params, batches: list[dict], *, mode: str, **ascent
+) -> Params:
+    """The gradient a SAM step hands to the optimizer (paper Eq. 2 and 11): sam is the
+    gradient at theta + eps, fsam the VJP at theta + eps of the clean cotangent."""
+    _, at_eps = perturbed_weights(model, theta, batches, **ascent)
+    perturbed, clean = _leaves(at_eps), _leaves(theta)
     total = None
     for batch in batches:
         logits = logits_at(model, perturbed, batch)
         if mode == "sam":
             part = _grad(loss_of_logits(logits, batch, len(batches)), perturbed)
         elif mode == "fsam":
-            clean_logits = logits_at(model, clean, batch).detach().requires_grad_(True)
-            loss = loss_of_logits(clean_logits, batch, len(batches))
-            (cotangent,) = torch.autograd.grad(loss, clean_logits)
-            part = _grad(logits, perturbed, cotangent)
+            part = _grad(logits, perturbed, _cotangent(model, clean, batch, len(batches)))
         else:
             raise ValueError(mode)
         total = _accumulate(total, part)
     return total
+
+
+def angle_gradient(
+    model: torch.nn.Module, theta: Params, batches: list[dict], *, degrees: float, **ascent
+) -> Params:
+    """ANGLE-SAM's gradient, App. D Eq. 19, taken exactly:
+
+    g + sin(phi) [J(theta)^T c(theta+eps) - g] + cos(phi) [J(theta+eps)^T c(theta) - g].
+    """
+    g, at_eps = perturbed_weights(model, theta, batches, **ascent)
+    sin, cos = math.sin(math.radians(degrees)), math.cos(math.radians(degrees))
+    logit_term = func_term = None
+    for batch in batches:
+        clean, perturbed = _leaves(theta), _leaves(at_eps)
+        c_clean = _cotangent(model, clean, batch, len(batches))
+        c_perturbed = _cotangent(model, perturbed, batch, len(batches))
+        logit_term = _accumulate(
+            logit_term, _grad(logits_at(model, clean, batch), clean, c_perturbed)
+        )
+        func_term = _accumulate(
+            func_term, _grad(logits_at(model, perturbed, batch), perturbed, c_clean)
+        )
+    return {n: g[n] + sin * (logit_term[n] - g[n]) + cos * (func_term[n] - g[n]) for n in g}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+from megatron.core.utils import unwrap_model
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
@@ -88,7 +92,7 @@ def data_iterator(model: list, batches: list[dict]):
     return iter(batches)
 
 
-def sam_step(sam: FuncSAM, batches: list[dict]):
+def sam_step(sam: FuncSAM, batches: list[dict], **step_kwargs):
     mine = my_batches(batches)
     return sam.train_step(
         forward_step,
@@ -96,6 +100,7 @@ def sam_step(sam: FuncSAM, batches: list[dict]):
         num_microbatches=len(mine),
         seq_length=TINY.seq_length,
         micro_batch_size=MICRO_BATCH,
+        **step_kwargs,
     )
 
 
@@ -186,3 +191,45 @@ def sam_config(
             kernels=kernels,
         )
     return SAMConfig(mode=mode, rho=rho, kernels=kernels)
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in global_param_names(model).items()}
+
+
+def optimizer_state(opt) -> list[torch.Tensor]:
+    state = copy.deepcopy(opt.optimizer.state_dict()["state"])
+    tensors = [t for s in state.values() for t in s.values() if torch.is_tensor(t)]
+    mains = [p.detach().clone() for g in opt.optimizer.param_groups for p in g["params"]]
+    return tensors + mains
+
+
+def same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@contextmanager
+def poisoned(model, calls_to_poison: range):
+    """NaN hidden states on the given forward calls of the first layer (pass 1: 0..M-1).
+
+    Poisoning activations rather than the loss reaches pass 2 of fsam too, whose backward
+    starts from the recorded clean cotangent and never reads the perturbed loss.
+    """
+    count = [0]
+
+    def hook(module, args, output):
+        hit = count[0] in calls_to_poison
+        count[0] += 1
+        if hit:
+            return (output[0] * float("nan"), *output[1:])
+        return None
+
+    gpt = unwrap_model(model[0])
+    handle = gpt.decoder.layers[0].register_forward_hook(hook) if gpt.pre_process else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -1,15 +1,16 @@
 """SAMConfig validation, rho schedules, the ascent scale and the logit gate: no Megatron needed."""
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
 
 from megatron_fsam import SAMConfig
 from megatron_fsam.gate import CudaOps, LogitGate
+from megatron_fsam.modes import recipe_for
 from megatron_fsam.perturbation import NormSums, ascent
-from megatron_fsam.schedules import rho_at
+from megatron_fsam.schedules import is_sam_step, rho_at
 
 
 @pytest.mark.parametrize(
@@ -24,6 +25,16 @@ from megatron_fsam.schedules import rho_at
         ({"kernels": "cuda"}, "kernels must be one of"),
         ({"rho_schedule": "linear_warmup", "rho_warmup_steps": 0}, "rho_warmup_steps"),
         ({"rho_schedule": "cosine_warmup", "rho_warmup_steps": -5}, "rho_warmup_steps"),
+        ({"mode": "angle", "angle": 120.0}, r"angle must be a finite number in \[0, 90\]"),
+        ({"angle": -1.0}, r"angle must be a finite number in \[0, 90\]"),
+        ({"angle_impl": "second_order"}, "angle_impl must be one of"),
+        ({"precond_floor": -1e-8}, "precond_floor must be a finite number >= 0"),
+        ({"sam_interval": 0}, "sam_interval must be a positive integer"),
+        ({"sam_interval": 2.5}, "sam_interval must be a positive integer"),
+        ({"sam_probability": 1.5}, r"sam_probability must be a finite number in \[0, 1\]"),
+        ({"sam_interval": 2, "sam_probability": 0.5}, "set one"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of"),
+        ({"seed": "7"}, "seed must be an integer"),
     ],
 )
 def test_bad_config_raises_clear_error(kwargs, message):
@@ -40,6 +51,41 @@ def test_rho_schedules():
     values = [rho_at(cosine, t) for t in range(6)]
     assert values[0] == 0.0 and values[2] == pytest.approx(0.05) and values[4:] == [0.1, 0.1]
     assert all(a < b for a, b in zip(values[:4], values[1:5], strict=True))
+
+
+def test_sam_step_schedules():
+    every_third = SAMConfig(sam_interval=3)
+    assert [is_sam_step(every_third, t) for t in range(7)] == [1, 0, 0, 1, 0, 0, 1]
+    assert not any(is_sam_step(SAMConfig(mode="adamw"), t) for t in range(4))
+    # Bernoulli(p) draws: a function of (seed, step) only, near p on average, seed-dependent.
+    quarter = SAMConfig(sam_probability=0.25, seed=11)
+    draws = [is_sam_step(quarter, t) for t in range(4000)]
+    assert draws == [is_sam_step(quarter, t) for t in range(4000)]
+    assert abs(sum(draws) / len(draws) - 0.25) < 0.03  # 4.5 standard deviations
+    other_seed = [is_sam_step(SAMConfig(sam_probability=0.25, seed=12), t) for t in range(4000)]
+    assert draws != other_seed
+    assert not any(is_sam_step(SAMConfig(sam_probability=0.0), t) for t in range(100))
+
+
+def test_angle_recipes():
+    """What pass 2 back-propagates and how the gradient is mixed (modes.py's table)."""
+    sin30, cos30 = 0.5, math.sqrt(3) / 2
+    first_order = recipe_for(SAMConfig(mode="angle", angle=30.0))
+    assert (first_order.perturbed, first_order.clean, first_order.grad) == pytest.approx(
+        (sin30, cos30 - sin30, 1 - cos30), abs=1e-12
+    )
+    exact = recipe_for(SAMConfig(mode="angle", angle=30.0, angle_impl="exact"))
+    assert (exact.pass2, exact.pass3, exact.grad) == pytest.approx(
+        (cos30, sin30, 1 - sin30 - cos30), abs=1e-12
+    )
+    assert exact.passes == 3 and first_order.passes == 2
+    # The special angles need no arithmetic on cotangents and no kept g.
+    assert recipe_for(SAMConfig(mode="fsam")) == recipe_for(SAMConfig(mode="angle", angle=0.0))
+    logit = recipe_for(SAMConfig(mode="logit"))
+    assert (logit.perturbed, logit.clean, logit.grad) == (1.0, -1.0, 1.0)
+    assert recipe_for(SAMConfig(mode="angle", angle=45.0)).clean == 0.0
+    sam = recipe_for(SAMConfig(mode="sam"))
+    assert not sam.needs_gate and (sam.perturbed, sam.clean, sam.grad) == (1.0, 0.0, 0.0)
 
 
 def test_ascent_normalisations():
@@ -76,9 +122,9 @@ def test_gate_replays_recorded_cotangent_per_microbatch(device, offload):
             loss(i).backward()
     if device == "cuda":
         torch.cuda.synchronize()
-    stored_on = {c.device.type for c in gate.cotangents.values()}
+    stored_on = {c.device.type for c in gate.clean.cotangents.values()}
     assert stored_on == {"cpu" if offload else device}
-    recorded = {i: c.to(device) for i, c in gate.cotangents.items()}
+    recorded = {i: c.to(device) for i, c in gate.clean.cotangents.items()}
     assert sorted(recorded) == [0, 1, 2]
     for i in range(3):  # the recorded cotangent is dL/dlogits of micro-batch i
         logits = net(inputs[i]).detach()
@@ -97,6 +143,50 @@ def test_gate_replays_recorded_cotangent_per_microbatch(device, offload):
     expected = [p.grad for p in net.parameters()]
     for got, want in zip(replayed, expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_gate_mixes_cotangents_and_replays_the_perturbed_ones():
+    """Pass 2: a * c(theta+eps) + b * c(theta), keeping c(theta+eps); pass 3 replays it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    gate = LogitGate(net[2])
+    inputs = [torch.randn(4, 5) for _ in range(3)]
+    targets = [torch.randn(4, 3) for _ in range(3)]
+
+    def cotangent(i):  # dL/dlogits of ((logits - target)^2).sum() at the current weights
+        return 2 * (net(inputs[i]).detach() - targets[i])
+
+    def vjp(cotangents):
+        net.zero_grad()
+        for i in range(3):
+            net(inputs[i]).backward(cotangents[i])
+        return [p.grad.clone() for p in net.parameters()]
+
+    def passes(context):
+        net.zero_grad()
+        with context:
+            for i in range(3):
+                ((net(inputs[i]) - targets[i]) ** 2).sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    clean = [cotangent(i) for i in range(3)]
+    passes(gate.recording())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    perturbed = [cotangent(i) for i in range(3)]
+    mixed = passes(gate.mixing(perturbed=0.5, clean=-0.25, keep_perturbed=True))
+    want = vjp([0.5 * perturbed[i] - 0.25 * clean[i] for i in range(3)])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mixed, want, strict=True))
+    assert all(torch.allclose(gate.perturbed.cotangents[i], perturbed[i]) for i in range(3))
+    replayed = passes(gate.replaying_perturbed())
+    assert all(
+        torch.allclose(a, b, atol=1e-6) for a, b in zip(replayed, vjp(perturbed), strict=True)
+    )
+    own = passes(gate.mixing(perturbed=1.0, clean=0.0))  # SAM's pass 2: untouched
+    assert all(torch.equal(a, b) for a, b in zip(own, passes(nullcontext()), strict=True))
+    gate.clear()
+    assert not gate.clean.cotangents and not gate.perturbed.cotangents
 
 
 class _InPlaceCrossEntropy(torch.autograd.Function):
@@ -162,8 +252,8 @@ def test_gate_copies_no_logits_under_an_in_place_cross_entropy():
             _InPlaceCrossEntropy.apply(logits, t).backward()
     assert _allclose([p.grad for p in net.parameters()], expected_clean)
     for i in range(3):  # recorded as handed over: the loss's own gradient tensor, no copy
-        assert gate.cotangents[i].data_ptr() == _InPlaceCrossEntropy.returned[i]
-        assert torch.allclose(gate.cotangents[i], clean[i], atol=1e-6)
+        assert gate.clean.cotangents[i].data_ptr() == _InPlaceCrossEntropy.returned[i]
+        assert torch.allclose(gate.clean.cotangents[i], clean[i], atol=1e-6)
 
     # Pass 2 at perturbed weights: J(theta + eps)^T c(theta), with the loss again in place.
     with torch.no_grad():
@@ -174,7 +264,7 @@ def test_gate_copies_no_logits_under_an_in_place_cross_entropy():
     replayed = []
 
     def replay(index, incoming):
-        replayed.append(gate.replay_recorded(index, incoming))
+        replayed.append(gate.clean.load(index, incoming))
         return replayed[-1]
 
     with gate.rewriting(replay):
@@ -182,7 +272,7 @@ def test_gate_copies_no_logits_under_an_in_place_cross_entropy():
         for i in reversed(range(3)):  # backwards out of forward order, as interleaving may
             _InPlaceCrossEntropy.apply(outputs[i], targets[i]).backward()
     assert _allclose([p.grad for p in net.parameters()], expected)
-    assert all(r is gate.cotangents[i] for r, i in zip(replayed, (2, 1, 0), strict=True))
+    assert all(r is gate.clean.cotangents[i] for r, i in zip(replayed, (2, 1, 0), strict=True))
 
 
 class _FakeEvent:
@@ -255,8 +345,8 @@ def test_offload_reuses_pinned_buffers_and_orders_its_side_stream():
                 _InPlaceCrossEntropy.apply(net(x), t).backward()
         record_log = list(ops.log)
         for i in range(3):
-            assert gate.cotangents[i] is gate.host.buffers[i]  # the host copy is what is kept
-            assert torch.allclose(gate.cotangents[i], clean[i], atol=1e-6)
+            assert gate.clean.cotangents[i] is gate.clean.host.buffers[i]  # the host copy is kept
+            assert torch.allclose(gate.clean.cotangents[i], clean[i], atol=1e-6)
         expected = _jvp_reference(net, inputs, clean)
         net.zero_grad()
         ops.log.clear()
@@ -270,8 +360,8 @@ def test_offload_reuses_pinned_buffers_and_orders_its_side_stream():
         return record_log, replay_log
 
     record_log, replay_log = step(batch=4)
-    assert len(ops.pinned) == gate.host.allocations == 3
-    first_buffers = dict(gate.host.buffers)
+    assert len(ops.pinned) == gate.clean.host.allocations == 3
+    first_buffers = dict(gate.clean.host.buffers)
     shape = (4, 11)
     one_copy_out = [
         "side waits compute",  # the cotangent is complete before the side stream reads it
@@ -292,14 +382,14 @@ def test_offload_reuses_pinned_buffers_and_orders_its_side_stream():
     ]
 
     record_log, _ = step(batch=4)  # same shapes: the same pinned buffers, no new stream
-    assert len(ops.pinned) == gate.host.allocations == 3
-    assert all(gate.host.buffers[i] is first_buffers[i] for i in range(3))
+    assert len(ops.pinned) == gate.clean.host.allocations == 3
+    assert all(gate.clean.host.buffers[i] is first_buffers[i] for i in range(3))
     assert record_log == one_copy_out * 3
 
     step(batch=6)  # new shapes: new buffers, once
-    assert len(ops.pinned) == gate.host.allocations == 6
+    assert len(ops.pinned) == gate.clean.host.allocations == 6
     step(batch=6)
-    assert len(ops.pinned) == gate.host.allocations == 6
+    assert len(ops.pinned) == gate.clean.host.allocations == 6
 
 
 @pytest.mark.skipif(
@@ -315,7 +405,7 @@ def test_offloaded_cotangent_replays_bit_exactly_on_cuda():
     net = net.to(device)
     gate = LogitGate(net[2], offload=True)
     incoming, replayed = {}, {}
-    record, load = gate._record, gate.host.load
+    record, load = gate._record_clean, gate.clean.host.load
 
     def keep_incoming(index, cotangent):
         incoming[index] = cotangent.clone()  # on the compute stream, before the copy out
@@ -325,7 +415,7 @@ def test_offloaded_cotangent_replays_bit_exactly_on_cuda():
         replayed[index] = load(index).clone()  # after the compute stream waited for it
         return replayed[index]
 
-    gate._record, gate.host.load = keep_incoming, keep_replayed
+    gate._record_clean, gate.clean.host.load = keep_incoming, keep_replayed
     busy = torch.randn(4096, 4096, device=device)
     for _ in range(2):  # the second step reuses the pinned buffers
         inputs = [torch.randn(tokens, 64, device=device) for _ in range(count)]
@@ -346,10 +436,10 @@ def test_offloaded_cotangent_replays_bit_exactly_on_cuda():
         assert sorted(replayed) == list(range(count))
         for i in range(count):
             assert torch.equal(replayed[i], incoming[i])
-            assert torch.equal(gate.cotangents[i], incoming[i].cpu())
+            assert torch.equal(gate.clean.cotangents[i], incoming[i].cpu())
         replay_grads = [p.grad.clone() for p in net.parameters()]
         assert _allclose(
             replay_grads, _jvp_reference(net, inputs, [incoming[i] for i in range(count)])
         )
         gate.clear()
-    assert gate.host.allocations == count
+    assert gate.clean.host.allocations == count

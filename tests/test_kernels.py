@@ -8,6 +8,7 @@ also built here for sm_90 (no GPU needed) and its PTX inspected.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -21,13 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_fsam.kernels import get_kernels, triton_kernels
+from megatron_fsam.kernels import get_kernels, torch_ops, triton_kernels
+from megatron_fsam.kernels.self_check import max_ulps
 from megatron_fsam.kernels.shards import Shards
 
 SIZES = (1, 7, 0, 1000, 12345)
 COUNTED = (True, False, True, True, True)
 TRITON_BLOCK = 1024  # several tiles and a masked tail per large shard, few interpreted programs
 RHO = 0.05
+# Above sqrt(v * v_scale) for part of make_shards' coordinates (which spans 0 to ~0.3).
+FLOOR = 0.1
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -81,7 +85,7 @@ def precond64(shards: Shards, i: int) -> torch.Tensor:
     if not shards.preconditioned:
         return torch.ones(SIZES[i], dtype=torch.float64)
     v = shards.second_moments[i].cpu().double() * shards.v_scales[i]
-    return 1.0 / (v.sqrt() + shards.adam_eps[i])
+    return 1.0 / (v.sqrt().clamp_min(shards.precond_floor) + shards.adam_eps[i])
 
 
 def reference_sums(shards: Shards) -> torch.Tensor:
@@ -158,6 +162,65 @@ def test_shards_of_mixed_dtypes(backend: str):
     restore(shards)
     for theta, target in zip(shards.thetas, shards.targets, strict=True):
         assert torch.equal(target, theta.to(target.dtype))
+
+
+def roots(shards: Shards) -> torch.Tensor:
+    """sqrt(v * v_scale) of every coordinate, float64."""
+    moments = zip(shards.second_moments, shards.v_scales, strict=True)
+    return torch.cat([(v.cpu().double() * v_scale).sqrt() for v, v_scale in moments])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precond_floor_matches_float64_reference(backend: str):
+    """norm_sums and perturb follow P = 1 / (max(sqrt(v * v_scale), floor) + eps), with a floor
+    that binds on part of the coordinates and changes ||P g||^2 well beyond the tolerance."""
+    norm_sums, perturb, _ = kernels_for(backend)
+    shards = make_shards("fp32", "bf16", True, device_for(backend))
+    shards.precond_floor = FLOOR
+    binds = roots(shards) < FLOOR
+    assert binds.any() and not binds.all()
+    reference = reference_sums(shards)
+    assert reference[1] < 0.9 * reference_sums(dataclasses.replace(shards, precond_floor=0.0))[1]
+    torch.testing.assert_close(norm_sums(shards).cpu().double(), reference, rtol=1e-5, atol=0)
+    perturb(shards, 0.1)
+    assert_close_to_reference(shards, 0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precond_floor_zero_changes_no_bits(backend: str, monkeypatch):
+    """A floor of 0 gives P without a floor, bit for bit: the bits of a floor below every
+    sqrt(v * v_scale) (which max and clamp_min return unchanged); the torch kernels skip the
+    clamp altogether, so they run the ops they ran before the floor existed."""
+    norm_sums, perturb, _ = kernels_for(backend)
+    shards = make_shards("fp32", "bf16", True, device_for(backend))
+    below = dataclasses.replace(shards, precond_floor=0.5 * roots(shards).min().item())
+    with monkeypatch.context() as patch:
+        if backend == "torch":
+            patch.setattr(torch, "_foreach_clamp_min_", None)  # calling it would raise
+        sums = norm_sums(shards)
+        perturb(shards, 0.1)
+        targets = [t.clone() for t in shards.targets]
+    assert torch.equal(norm_sums(below), sums)
+    perturb(below, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(below.targets, targets, strict=True))
+
+
+def test_precond_floor_must_not_be_negative():
+    with pytest.raises(ValueError, match="precond_floor"):
+        dataclasses.replace(make_shards("fp32", "fp32", True, "cpu"), precond_floor=-1e-3)
+
+
+@needs_triton
+def test_triton_matches_torch_with_precond_floor():
+    """The floor is the same in both: sums within 1e-5, targets within 1 ulp (0 on CUDA)."""
+    norm_sums, perturb, _ = kernels_for("triton")
+    shards = make_shards("fp32", "bf16", True, device_for("triton"))
+    shards.precond_floor = FLOOR
+    expected = dataclasses.replace(shards, targets=[t.clone() for t in shards.targets])
+    torch.testing.assert_close(norm_sums(shards), torch_ops.norm_sums(expected), rtol=1e-5, atol=0)
+    perturb(shards, 0.1)
+    torch_ops.perturb(expected, 0.1)
+    assert max(map(max_ulps, shards.targets, expected.targets)) <= 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -378,7 +441,7 @@ def test_perturb_compiles_for_sm90(dtype: str, aligned: bool):
     pointers = ("theta", "grad", "target", "moment", "table", "consts", "tile_shard")
     kinds = ("fp32", dtype, dtype, "fp32", "i64", "fp32", "i32")
     signature = {name: f"*{kind}" for name, kind in zip(pointers, kinds, strict=True)}
-    signature |= {"scale": "fp32", "PRECOND": "constexpr", "ALIGNED": "constexpr"}
+    signature |= {"scale": "fp32", "floor": "fp32", "PRECOND": "constexpr", "ALIGNED": "constexpr"}
     signature |= {"BLOCK": "constexpr"}
     source = compiler.ASTSource(
         triton_ops._perturb_kernel,

@@ -6,19 +6,18 @@ seconds of start-up: one single-process spawn, one of 2 ranks and one of 4.
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 
 import pytest
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import get_model_config, unwrap_model
+from megatron.core.utils import get_model_config
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.backends.megatron import gather_params
 from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
 from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
-from megatron_fsam.models.weights import full_state, global_param_names
+from megatron_fsam.models.weights import full_state
 from megatron_fsam.parallel import ParallelConfig, forward_backward_func
 from tests import reference
 from tests.sam_harness import (
@@ -32,10 +31,14 @@ from tests.sam_harness import (
     make_batches,
     model_is_cast_of_main,
     my_batches,
+    optimizer_state,
+    params_of,
+    poisoned,
     received_gradients,
     relative_error,
     sam_config,
     sam_step,
+    same,
     use_layout,
 )
 from tests.spawn import run_ranks
@@ -73,48 +76,6 @@ def _run_variant(
     return model, opt, metrics
 
 
-def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in global_param_names(model).items()}
-
-
-def _optimizer_state(opt) -> list[torch.Tensor]:
-    state = copy.deepcopy(opt.optimizer.state_dict()["state"])
-    tensors = [t for s in state.values() for t in s.values() if torch.is_tensor(t)]
-    mains = [p.detach().clone() for g in opt.optimizer.param_groups for p in g["params"]]
-    return tensors + mains
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-@contextmanager
-def _poisoned(model, calls_to_poison: range):
-    """NaN hidden states on the given forward calls of the first layer (pass 1: 0..M-1).
-
-    Poisoning activations rather than the loss reaches pass 2 of fsam too, whose backward
-    starts from the recorded clean cotangent and never reads the perturbed loss.
-    """
-    count = [0]
-
-    def hook(module, args, output):
-        hit = count[0] in calls_to_poison
-        count[0] += 1
-        if hit:
-            return (output[0] * float("nan"), *output[1:])
-        return None
-
-    gpt = unwrap_model(model[0])
-    handle = gpt.decoder.layers[0].register_forward_hook(hook) if gpt.pre_process else None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
 def _check_skips(parallel, full, batches, *, bf16: bool) -> dict[str, bool]:
     """Inject NaN in pass 1, then pass 2: each step is skipped with nothing changed."""
     model, opt = build(parallel, full, ADAM, bf16=bf16)
@@ -123,16 +84,16 @@ def _check_skips(parallel, full, batches, *, bf16: bool) -> dict[str, bool]:
     mine = len(my_batches(batches))
     out = {}
     for where, calls in (("pass1", range(0, 1)), ("pass2", range(mine, mine + 1))):
-        before, state = _params(model), _optimizer_state(opt)
-        with _poisoned(model, calls):
+        before, state = params_of(model), optimizer_state(opt)
+        with poisoned(model, calls):
             ok, *_ = sam_step(sam, batches)
         out[f"skipped_{where}"] = not ok
-        out[f"params_unchanged_{where}"] = _same(before, _params(model))
-        out[f"state_unchanged_{where}"] = _same(state, _optimizer_state(opt))
-    before = _params(model)
+        out[f"params_unchanged_{where}"] = same(before, params_of(model))
+        out[f"state_unchanged_{where}"] = same(state, optimizer_state(opt))
+    before = params_of(model)
     ok, _, _, metrics = sam_step(sam, batches)
-    after = _params(model)
-    out["next_step_ok"] = ok and not _same(before, after)
+    after = params_of(model)
+    out["next_step_ok"] = ok and not same(before, after)
     out["next_step_finite"] = all(torch.isfinite(t).all() for t in after.values())
     if bf16:
         out["model_is_cast_main"] = model_is_cast_of_main(model, opt)
@@ -220,7 +181,7 @@ def _single_process(rank: int, world: int, path: str) -> dict:
             # theta1: rebuild the plain first step to read the weights the SAM step started from.
             first, first_opt = build(parallel, full, ADAM)
             sam_step(FuncSAM(sam_config(mode, True, norm), first, first_opt), batches)
-            theta1 = _params(first)
+            theta1 = params_of(first)
             want = reference.sam_gradient(
                 gpt, theta1, batches, mode=mode, rho=0.05, precond=precond, precond_norm=norm
             )
@@ -246,7 +207,7 @@ def _single_process(rank: int, world: int, path: str) -> dict:
         sam = FuncSAM(cfg, model, opt)
         for _ in range(2):
             sam_step(sam, batches)
-        report[f"bitwise/{name}"] = _same(_params(plain), _params(model))
+        report[f"bitwise/{name}"] = same(params_of(plain), params_of(model))
 
     report["skip/fp32"] = _check_skips(parallel, full, batches, bf16=False)
     report["skip/bf16"] = _check_skips(parallel, full, batches, bf16=True)
@@ -281,7 +242,7 @@ def _check_shard_cache(parallel, full, batches) -> dict[str, bool]:
     first = sam.backend.shards(precondition=False)
     assert sam_step(sam, batches)[0]
     second = sam.backend.shards(precondition=False)
-    mains, _ = sam.backend.main_params()
+    mains, _ = sam.backend.mainparams_of()
     refreshed = all(
         torch.equal(theta, main) for theta, main in zip(second.all.thetas, mains, strict=True)
     )
@@ -427,7 +388,7 @@ def _check_overlap(parallel, full, batches, checkpoint_root: str) -> dict[str, b
     gather_params(model)  # now every rank's model reads theta
     return {
         "gathers_per_pass": sam_gathers[0] == 2 * plain_gathers[0] > 0,
-        "saved_theta": _same(_params(model), _params(loaded_model)),
+        "saved_theta": same(params_of(model), params_of(loaded_model)),
     }
 
 
@@ -458,15 +419,15 @@ def _check_nan_check_skip(parallel, full, batches) -> dict[str, bool]:
     sam = FuncSAM(SAMConfig(mode="fsam", rho=0.05, precond=True), model, opt)
     assert sam_step(sam, batches)[0]
     mine = len(my_batches(batches))
-    before, state = _params(model), _optimizer_state(opt)
+    before, state = params_of(model), optimizer_state(opt)
     poisoned = range(mine, mine + 1) if torch.distributed.get_rank() == 0 else range(0)
-    with _poisoned(model, poisoned):
+    with poisoned(model, poisoned):
         ok, _, losses, _ = sam_step(sam, batches)
     return {
         "skipped": not ok,
         "pass1_losses_returned": len(losses) == mine,
-        "params_unchanged": _same(before, _params(model)),
-        "state_unchanged": _same(state, _optimizer_state(opt)),
+        "params_unchanged": same(before, params_of(model)),
+        "state_unchanged": same(state, optimizer_state(opt)),
         "next_step_ok": sam_step(sam, batches)[0],
     }
 

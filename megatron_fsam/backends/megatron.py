@@ -149,7 +149,7 @@ class MegatronBackend:
 
     # ----- shards ---------------------------------------------------------------------
 
-    def shards(self, precondition: bool) -> RankShards:
+    def shards(self, precondition: bool, floor: float = 0.0) -> RankShards:
         """This rank's shards after pass 1; theta is copied where the model aliases it.
 
         The shard lists are views into Megatron's buffers, built once and rebuilt only
@@ -161,6 +161,7 @@ class MegatronBackend:
         shards = rank_shards.all
         if precondition:
             self._attach_second_moments(shards, entries)
+            shards.precond_floor = floor
         else:
             shards.second_moments = shards.v_scales = shards.adam_eps = None
         return rank_shards
@@ -212,11 +213,12 @@ class MegatronBackend:
         if self.distributed:
             gather_params(self.model_chunks)
 
-    def publish_perturbation(self) -> None:
-        """Every rank's pass 2 reads theta + eps.
+    def publish_params(self) -> None:
+        """Every rank's next pass reads the values just written into the shards (theta + eps
+        for pass 2, theta for the exact ANGLE-SAM's pass 3).
 
-        Under `overlap_param_gather` the forward pre-hooks of pass 2 (or the interleaved
-        schedule's `param_sync_func`) gather it, overlapped with compute; this only makes
+        Under `overlap_param_gather` the forward pre-hooks of that pass (or the interleaved
+        schedule's `param_sync_func`) gather them, overlapped with compute; this only makes
         sure they will. Otherwise, one blocking gather.
         """
         if self.overlap_param_gather and all(_pre_hooks_on(c) for c in self.model_chunks):

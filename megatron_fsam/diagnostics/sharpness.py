@@ -11,6 +11,10 @@ and tau_logit = |delta_logit|^2 / |delta_logit + delta_func|^2, tau_func likewis
 tau_cross = 2 <delta_logit, delta_func> / |delta_logit + delta_func|^2 (they sum to 1).
 The logit term back-propagates the cotangent difference in one pass at theta instead of
 subtracting two gradients: the same quantity by linearity, without the cancellation.
+
+ANGLE-SAM at angle phi (App. D) follows sin(phi) H_G u + cos(phi) H_F u to first order; given
+the run's angle, the same split of that vector is reported as angle_tau_* (fsam: all
+functional, logit: all logit, sam at 45 degrees: the plain taus).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from megatron_fsam.diagnostics.probe import (
     combine,
     scaled,
 )
+from megatron_fsam.modes import sin_cos
 
 
 @dataclass
@@ -80,8 +85,10 @@ def sharpness_composition(
     h: float = 1e-3,
     central: bool = False,
     logits_module: str | None = None,
+    angle: float | None = None,
 ) -> dict[str, float]:
-    """tau_logit, tau_func, tau_cross at the current weights, on this rank's `batches`.
+    """tau_logit, tau_func, tau_cross at the current weights, on this rank's `batches`;
+    with `angle` (degrees), also angle_tau_* of the sharpness gradient that angle follows.
 
     Costs 3 forward-backward passes (4 with central differences); h is the Euclidean
     length of the step along u. The model is restored bit for bit, the gradient buffers
@@ -108,14 +115,25 @@ def sharpness_composition(
                 (d.grad, d.delta_func),
             ]
         )
-    total_sq = logit_sq + func_sq + 2.0 * cross
+    taus = _taus(logit_sq, func_sq, cross, "tau")
+    if angle is not None:
+        sin, cos = sin_cos(angle)
+        taus |= _taus(sin * sin * logit_sq, cos * cos * func_sq, sin * cos * cross, "angle_tau")
     return {
-        "tau_logit": logit_sq / total_sq,
-        "tau_func": func_sq / total_sq,
-        "tau_cross": 2.0 * cross / total_sq,
+        **taus,
         "grad_norm": d.grad_norm,
         "delta_logit_norm": math.sqrt(logit_sq),
         "delta_func_norm": math.sqrt(func_sq),
         "curvature_logit": g_logit / d.grad_norm,  # u^T H_G u
         "curvature_func": g_func / d.grad_norm,  # u^T H_F u
+    }
+
+
+def _taus(logit_sq: float, func_sq: float, cross: float, prefix: str) -> dict[str, float]:
+    """Shares of |a + b|^2 = |a|^2 + |b|^2 + 2 <a, b> (they sum to 1)."""
+    total_sq = logit_sq + func_sq + 2.0 * cross
+    return {
+        f"{prefix}_logit": logit_sq / total_sq,
+        f"{prefix}_func": func_sq / total_sq,
+        f"{prefix}_cross": 2.0 * cross / total_sq,
     }

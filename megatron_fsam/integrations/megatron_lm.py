@@ -62,7 +62,7 @@ def add_sam_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         if field.type == "bool":
             group.add_argument(flag, action="store_true", default=None, help=f"(default {default})")
             continue
-        kind = {"int": int, "float": float}.get(field.type, str)
+        kind = {"int": int, "float": float}.get(field.type.removesuffix(" | None"), str)
         group.add_argument(
             flag, type=kind, choices=CHOICES.get(field.name), default=None,
             help=f"(default {default})",
@@ -94,8 +94,9 @@ def sam_config_from_args(args: argparse.Namespace) -> SAMConfig | None:
             flags = ", ".join(FLAG_PREFIX + name.replace("_", "-") for name in given)
             raise ValueError(f"{flags} given without --sam-mode, which turns SAM on")
         return None
+    given.setdefault("seed", getattr(args, "seed", None))  # sam_probability draws: the run's seed
     config = SAMConfig(**given)
-    if config.two_pass:
+    if config.sam_enabled:
         reason = _unsupported(args)
         if reason:
             raise ValueError(f"--sam-mode {config.mode} does not work with {reason}")
@@ -241,6 +242,9 @@ class _Session:
         ) -> list:
             if forward_only:
                 raise RuntimeError("megatron_fsam: train_step asked for a forward-only pass")
+            from megatron.training.global_vars import get_args
+
+            args = get_args()  # training_log reports the iteration after this one's increment
             ok, grad_norm, losses, metrics = self.sam.train_step(
                 forward_step_func,
                 data_iterator,
@@ -248,6 +252,7 @@ class _Session:
                 seq_length=seq_length,
                 micro_batch_size=micro_batch_size,
                 decoder_seq_length=decoder_seq_length,
+                log_step=(args.curr_iteration + 1) % args.log_interval == 0,
                 **schedule_kwargs,
             )
             stepped.result = (ok, grad_norm, metrics.pop("num_zeros_in_grad"))

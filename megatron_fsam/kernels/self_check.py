@@ -5,10 +5,11 @@ not support shows up only when a kernel is first compiled and run. Before the Tr
 used on a device, `self_check(device)` compiles and runs norm_sums, perturb and restore on a few
 tiny shards (fp32 gradients with fp32 or bf16 targets, bf16 gradients with bf16 targets, with
 and without preconditioning, each with aligned and unaligned shards: the kernel variants a step
-with fp32 or bf16 params launches) and compares them with the torch kernels: norm sums within a
-relative 1e-5, perturb within 1 ulp of the target dtype (on CUDA both should give the same bits;
-on CPU torch's sqrt is not correctly rounded), restore bit-identical to cast(theta). Its cost is
-compiling those variants (which Triton caches on disk); in the CPU interpreter it takes ~4 s.
+with fp32 or bf16 params launches; once more with a preconditioner floor) and compares them with
+the torch kernels: norm sums within a relative 1e-5, perturb within 1 ulp of the target dtype (on
+CUDA both should give the same bits; on CPU torch's sqrt is not correctly rounded), restore
+bit-identical to cast(theta). Its cost is compiling those variants (which Triton caches on
+disk); in the CPU interpreter it takes ~4 s.
 
 The data comes from a private generator: the global RNG, which a SAM step records and replays,
 is never touched. Run it by hand with `python -m megatron_fsam.kernels.self_check`.
@@ -40,8 +41,12 @@ COUNTED = (True, True, True, False, True)
 # distributed optimizer's shards of the model's buffers can be): a separate, unaligned launch.
 UNALIGNED = (False, False, False, True, True)
 F32, BF16 = torch.float32, torch.bfloat16
-# (gradient dtype, target dtype, preconditioned)
-CASES = tuple((g, t, p) for g, t in ((F32, F32), (F32, BF16), (BF16, BF16)) for p in (False, True))
+# (gradient dtype, target dtype, preconditioned, precond_floor). The floor is a kernel argument,
+# not a variant: one case checks it, at a value above sqrt(v * v_scale) for part of the shards.
+FLOOR = 1e-4
+CASES = tuple(
+    (g, t, p, 0.0) for g, t in ((F32, F32), (F32, BF16), (BF16, BF16)) for p in (False, True)
+) + ((F32, BF16, True, FLOOR),)
 SUMS_RTOL = 1e-5
 RHO = 0.05
 
@@ -62,12 +67,12 @@ def self_check(device: torch.device | str, kernels: Kernels | None = None) -> st
                 return "the triton package is not importable"
         generator = torch.Generator().manual_seed(1234)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            for grad_dtype, target_dtype, precond in CASES:
+            for grad_dtype, target_dtype, precond, floor in CASES:
                 case = (
                     f"grads {_name(grad_dtype)}, targets {_name(target_dtype)}, "
-                    f"P {'on' if precond else 'off'}"
+                    f"P {'on' if precond else 'off'}{f', floor {floor:g}' if floor else ''}"
                 )
-                shards = _tiny_shards(grad_dtype, target_dtype, precond, device, generator)
+                shards = _tiny_shards(grad_dtype, target_dtype, precond, floor, device, generator)
                 for op in ("norm_sums", "perturb", "restore"):
                     where = f"{op} ({case})"
                     problem = _CHECKS[op](kernels, shards, device)
@@ -142,6 +147,7 @@ def _tiny_shards(
     grad_dtype: torch.dtype,
     target_dtype: torch.dtype,
     precond: bool,
+    floor: float,
     device: torch.device,
     generator: torch.Generator,
 ) -> Shards:
@@ -161,6 +167,7 @@ def _tiny_shards(
         ]
         shards.v_scales = [1.0 / (1.0 - 0.999**t) for t in range(1, len(SIZES) + 1)]
         shards.adam_eps = [1e-8] * len(SIZES)
+        shards.precond_floor = floor
     return shards
 
 

@@ -25,6 +25,10 @@ class Shards:
     second_moments: Adam exp_avg_sq per shard, or None for P = 1.
     v_scales: 1 / (1 - beta2^t) per shard (bias correction of the second moment).
     adam_eps: Adam's eps per shard.
+    precond_floor: lower bound on sqrt(v * v_scale) in P = 1 / (max(sqrt(v * v_scale), floor)
+        + eps), one value for all shards: caps P at 1 / floor where v is tiny (coordinates
+        whose gradients have stayed near zero), which Adam's far smaller eps hardly does.
+        0 leaves P as Adam has it. Only read when preconditioned.
     """
 
     thetas: list[torch.Tensor]
@@ -34,11 +38,14 @@ class Shards:
     second_moments: list[torch.Tensor] | None = None
     v_scales: list[float] | None = None
     adam_eps: list[float] | None = None
+    precond_floor: float = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.thetas)
         if not (len(self.grads) == len(self.targets) == len(self.counted) == n):
             raise ValueError("Shards: thetas, grads, targets and counted must align")
+        if not self.precond_floor >= 0.0:
+            raise ValueError(f"Shards: precond_floor must be >= 0, got {self.precond_floor}")
         if self.second_moments is not None:
             if self.v_scales is None or self.adam_eps is None:
                 raise ValueError("Shards: second_moments need v_scales and adam_eps")

@@ -5,7 +5,7 @@ torch._foreach_* ops: a model of thousands of shards costs a few multi-tensor op
 (fused launches on CUDA) instead of a few ops per shard, and the only temporaries are fp32
 buffers of a batch's size, never the model's. On CPU the batches are small enough for the
 buffers to stay in cache across the ops (measured 2x and more faster than 16M-element ones).
-Arithmetic is fp32 in the reference order: P = 1 / (sqrt(v * v_scale) + eps),
+Arithmetic is fp32 in the reference order: P = 1 / (max(sqrt(v * v_scale), floor) + eps),
 target = cast(theta + scale * (P * g)).
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from megatron_fsam.kernels.shards import Shards
 
-__all__ = ["CHUNK_NUMEL", "norm_sums", "perturb", "restore"]
+__all__ = ["CHUNK_NUMEL", "counted_directions", "norm_sums", "perturb", "restore"]
 
 CHUNK_NUMEL = {"cuda": 1 << 24, "cpu": 1 << 18}
 
@@ -28,7 +28,7 @@ _Piece = tuple[int, int, int]
 @torch.no_grad()
 def norm_sums(shards: Shards, chunk: int | None = None) -> torch.Tensor:
     """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32."""
-    counted = [i for i in _nonempty(shards) if shards.counted[i]]
+    counted = _counted(shards)
     sums = torch.zeros(3, dtype=torch.float64, device=_device(shards))
     chunk = chunk or _chunk(shards)
     g_buffer, product = _buffer(shards, counted, chunk), _buffer(shards, counted, chunk)
@@ -69,6 +69,20 @@ def restore(shards: Shards) -> None:
         )
 
 
+@torch.no_grad()
+def counted_directions(shards: Shards, chunk: int | None = None) -> Iterator[torch.Tensor]:
+    """P g (or g) of the counted shards in fp32, one flat batch of at most chunk elements at a
+    time, all in one buffer (a batch is overwritten by the next): statistics of P g over the
+    model without a temporary of the model's size."""
+    counted = _counted(shards)
+    chunk = chunk or _chunk(shards)
+    buffer = _buffer(shards, counted, chunk)
+    for batch in _batches(shards, counted, chunk):
+        flat = _flat(buffer, batch)
+        _direction(shards, batch, flat)
+        yield flat
+
+
 def _direction(shards: Shards, batch: list[_Piece], out: torch.Tensor) -> list[torch.Tensor]:
     """P g (or g) of a batch in fp32, written into out and returned as one view per piece."""
     direction = list(out.split(_sizes(batch)))
@@ -79,6 +93,8 @@ def _direction(shards: Shards, batch: list[_Piece], out: torch.Tensor) -> list[t
     torch._foreach_copy_(direction, _views(shards.second_moments, batch))
     torch._foreach_mul_(direction, [shards.v_scales[i] for i, _, _ in batch])
     torch._foreach_sqrt_(direction)
+    if shards.precond_floor:  # skipped at 0: P keeps the bits it has without a floor
+        torch._foreach_clamp_min_(direction, shards.precond_floor)
     torch._foreach_add_(direction, [shards.adam_eps[i] for i, _, _ in batch])
     torch._foreach_reciprocal_(direction)
     torch._foreach_mul_(direction, grads)
@@ -129,6 +145,10 @@ def _buffer(shards: Shards, indices: list[int], chunk: int) -> torch.Tensor:
 
 def _chunk(shards: Shards) -> int:
     return CHUNK_NUMEL.get(_device(shards).type, CHUNK_NUMEL["cuda"])
+
+
+def _counted(shards: Shards) -> list[int]:
+    return [i for i in _nonempty(shards) if shards.counted[i]]
 
 
 def _nonempty(shards: Shards) -> list[int]:

@@ -92,12 +92,14 @@ def _tile(table, tile_shard, COLS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _precond(v, shard, consts):
-    """P = 1 / (sqrt(v * v_scale) + eps)."""
+def _precond(v, shard, consts, floor):
+    """P = 1 / (max(sqrt(v * v_scale), floor) + eps); NaN propagates, as in torch's clamp_min
+    (a floor of 0 then changes no bits)."""
     v_scale = tl.load(consts + 2 * shard)
     eps = tl.load(consts + 2 * shard + 1)
     one = tl.full(v.shape, 1.0, tl.float32)
-    return tl.div_rn(one, tl.sqrt_rn(v * v_scale) + eps)
+    root = tl.maximum(tl.sqrt_rn(v * v_scale), floor, propagate_nan=tl.PropagateNan.ALL)
+    return tl.div_rn(one, root + eps)
 
 
 @triton.jit
@@ -109,6 +111,7 @@ def _norm_kernel(
     tile_shard,
     partials,
     n_tiles,
+    floor,
     PRECOND: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -120,7 +123,7 @@ def _norm_kernel(
     gg = tl.sum(g * g)
     if PRECOND:
         v = _load_f32(_shard_pointer(moment, row, 3, ALIGNED), offs, numel, full)
-        pg = _precond(v, shard, consts) * g
+        pg = _precond(v, shard, consts, floor) * g
         pgpg = tl.sum(pg * pg)
         gpg = tl.sum(g * pg)
     else:
@@ -141,6 +144,7 @@ def _perturb_kernel(
     consts,
     tile_shard,
     scale,
+    floor,
     PRECOND: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -151,7 +155,7 @@ def _perturb_kernel(
     d = _load_f32(_shard_pointer(grad, row, 3, ALIGNED), offs, numel, full)
     if PRECOND:
         v = _load_f32(_shard_pointer(moment, row, 5, ALIGNED), offs, numel, full)
-        d = _precond(v, shard, consts) * d
+        d = _precond(v, shard, consts, floor) * d
     t = _load_f32(_shard_pointer(theta, row, 2, ALIGNED), offs, numel, full)
     _store_cast(_shard_pointer(target, row, 4, ALIGNED), t + scale * d, offs, numel, full)
 
@@ -217,6 +221,7 @@ def norm_sums(shards: Shards, block: int = BLOCK) -> torch.Tensor:
             launch.tile_shard,
             partials,
             launch.n_tiles,
+            float(shards.precond_floor),
             PRECOND=shards.preconditioned,
             ALIGNED=launch.aligned,
             BLOCK=block,
@@ -242,6 +247,7 @@ def perturb(shards: Shards, scale: float, block: int = BLOCK) -> None:
             launch.consts,
             launch.tile_shard,
             float(scale),
+            float(shards.precond_floor),
             PRECOND=shards.preconditioned,
             ALIGNED=launch.aligned,
             BLOCK=block,
