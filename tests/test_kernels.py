@@ -432,7 +432,8 @@ def test_triton_launch_tables_are_built_once_per_set_of_shards(monkeypatch):
 @pytest.mark.parametrize(("dtype", "aligned"), [("bf16", True), ("fp32", True), ("bf16", False)])
 def test_perturb_compiles_for_sm90(dtype: str, aligned: bool):
     """The compiled (not interpreted) perturb kernel builds for an H100 without one, keeps the
-    reference rounding (IEEE sqrt and division, no FMA) and uses 16-byte accesses when aligned."""
+    reference rounding (IEEE sqrt and division, no FMA), a floor that lets NaN through as torch's
+    clamp_min does, and 16-byte accesses when aligned."""
     compiler = pytest.importorskip("triton.compiler")
     from triton.backends.compiler import GPUTarget
 
@@ -452,6 +453,7 @@ def test_perturb_compiles_for_sm90(dtype: str, aligned: bool):
     options = {"num_warps": triton_ops.NUM_WARPS, "enable_fp_fusion": False}
     ptx = compiler.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "fma.rn.f32" not in ptx
+    assert "max.NaN.f32" in ptx
     assert ("ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx) == aligned
 
 
