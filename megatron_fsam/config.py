@@ -35,12 +35,14 @@ class SAMConfig:
         O(rho^2)) or "exact" (Eq. 19 with a third pass at theta).
     rho: perturbation radius after warm-up.
     precond: precondition the ascent direction with the optimizer's own Adam
-        second moment, P = 1 / (max(sqrt(v_hat), precond_floor) + adam_eps).
+        second moment, P = 1 / (max(sqrt(v_hat), floor) + adam_eps).
     precond_norm: how eps = rho * P g / N is normalised: N = ||g|| ("grad", Eq. 12
         read literally), ||P g|| ("perturbation": ||eps|| = rho exactly), or
         sqrt(g.P g) ("dual": steepest ascent in the optimizer's norm).
-    precond_floor: lower bound on sqrt(v_hat) in P, so that coordinates whose second
-        moment decayed to ~0 (rare-token embedding rows) cannot take most of the radius.
+    precond_floor: the floor on sqrt(v_hat) in P, as a fraction of the root-mean-square of
+        sqrt(v_hat) over the whole model (recomputed every SAM step), so that coordinates
+        whose second moment decayed to ~0 (rare-token embedding rows) cannot take most of
+        the radius; relative, because gradient scales differ across models and steps.
     rho_schedule / rho_warmup_steps: rho ramps from 0 over the first steps.
     sam_interval: a SAM step every sam_interval-th step (0, k, 2k, ...), plain steps between.
     sam_probability: each step is a SAM step with this probability (randomized sharpness
@@ -63,7 +65,7 @@ class SAMConfig:
     rho: float = 0.05
     precond: bool = False
     precond_norm: str = "perturbation"
-    precond_floor: float = 0.0
+    precond_floor: float = 0.1
     rho_schedule: str = "constant"
     rho_warmup_steps: int = 0
     sam_interval: int = 1
@@ -116,7 +118,9 @@ class SAMConfig:
         if self.mode in ("angle", "logit"):
             parts.append(f"angle {self.angle_degrees:g} deg ({self.angle_impl})")
         if self.precond:
-            parts.append(f"precond {self.precond_norm}, floor {self.precond_floor:g}")
+            parts.append(
+                f"precond {self.precond_norm}, floor {self.precond_floor:g} x RMS sqrt(v_hat)"
+            )
         if self.sam_interval > 1:
             parts.append(f"SAM every {self.sam_interval} steps")
         if self.sam_probability < 1.0:

@@ -14,7 +14,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
-from megatron_fsam.models.weights import global_param_names, load_full_state, tp_slice
+from megatron_fsam.models.weights import full_state, global_param_names, load_full_state, tp_slice
 from megatron_fsam.parallel import (
     ParallelConfig,
     build_optimizer,
@@ -61,6 +61,15 @@ def use_layout(parallel: ParallelConfig) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     initialize_distributed(parallel)
+
+
+def one_process_model():
+    """One process: its layout, the global batch, a GPT and its weights (for references)."""
+    parallel = ParallelConfig()
+    use_layout(parallel)
+    batches = make_batches(GLOBAL_MICROBATCHES)
+    gpt = build_model_chunks(TINY, transformer_config(TINY, parallel), parallel)[0]
+    return parallel, batches, gpt, full_state([gpt])
 
 
 def build(
@@ -179,13 +188,15 @@ def sam_config(
     rho: float = 0.05,
     kernels: str = "auto",
 ) -> SAMConfig:
-    """Precond runs take one plain step first (warm-up from rho 0) to create Adam state."""
+    """Precond runs take one plain step first (warm-up from rho 0) to create Adam state; their
+    P is the paper's, without a floor (as the references compute it)."""
     if precond:
         return SAMConfig(
             mode=mode,
             rho=rho,
             precond=True,
             precond_norm=precond_norm,
+            precond_floor=0.0,
             rho_schedule="linear_warmup",
             rho_warmup_steps=1,
             kernels=kernels,

@@ -177,6 +177,10 @@ LAYOUTS = {
     "pp2-sam-nodiff": (
         "no-diff", ["--pipeline-model-parallel-size", "2", "--sam-mode", "sam", "--sam-precond"]
     ),
+    "pp2-angle-exact-nodiff": (
+        "no-diff", ["--pipeline-model-parallel-size", "2", "--sam-mode", "angle", "--sam-angle",
+                    "30", "--sam-angle-impl", "exact", "--sam-precond"]
+    ),
 }  # fmt: skip
 
 
@@ -237,18 +241,30 @@ def test_update_equals_funcsam_train_step_on_the_same_model(tmp_path):
 
 
 @essential
-def test_nonfinite_pass2_is_a_counted_skip_with_nan_checks_on(tmp_path):
+@pytest.mark.parametrize("on_nonfinite", ["skip", "fallback"])
+def test_nonfinite_pass2_is_a_counted_skip_with_nan_checks_on(tmp_path, on_nonfinite):
     """Rank 0's weights turn NaN after the perturbation of iteration 2: Megatron-LM's loss and
-    DDP grad NaN checks (on by default) would abort one rank; SAM skips on every rank."""
+    DDP grad NaN checks (on by default) would abort one rank; SAM skips on every rank, or
+    (fallback) every rank applies the pass-1 gradient as a plain step."""
     output, records = _run(
-        tmp_path, TREE, *FSAM, driver=("--no-diff", "--nan-pass2-at", "2"), timeout=240
-    )
+        tmp_path, TREE, *FSAM, "--sam-on-nonfinite", on_nonfinite,
+        driver=("--no-diff", "--nan-pass2-at", "2"), timeout=240,
+    )  # fmt: skip
     for rank in records:
-        assert rank["skipped"] == [0, 0, 1, 0, 0]
-        assert rank["lr"][2] == rank["lr"][1]  # the LR schedule did not advance
-        assert rank["update_sq"][2] == 0.0  # the model is back at theta, bit for bit
+        if on_nonfinite == "skip":
+            assert rank["skipped"] == [0, 0, 1, 0, 0]
+            assert rank["lr"][2] == rank["lr"][1]  # the LR schedule did not advance
+            assert rank["update_sq"][2] == 0.0  # the model is back at theta, bit for bit
+        else:
+            assert rank["skipped"] == [0] * 5
+            assert rank["lr"][2] != rank["lr"][1]
         assert all(change > 0 for i, change in enumerate(rank["update_sq"]) if i != 2)
-    assert "number of skipped iterations:   1" in output
+    if on_nonfinite == "skip":
+        assert "number of skipped iterations:   1" in output
+    else:
+        assert "number of skipped iterations:   1" not in output
+        assert "applying the pass-1 gradient as a plain step (fallback 1)" in output
+        assert all(rank["update_sq"][2] > 0 for rank in records)
     assert all(math.isfinite(x) for x in _losses(records))  # pass 1 (the logged loss) was fine
 
 
@@ -288,6 +304,7 @@ def test_flags_are_checked_at_parsing(tmp_path):
         ("--sam-rho", "0.1"): "--sam-rho given without --sam-mode",
         ("--sam-mode", "fsam", "--fp16"): "does not work with --fp16",
         ("--sam-mode", "sam", "--rerun-mode", "report_stats"): "--rerun-mode report_stats",
+        ("--sam-mode", "angle", "--sam-angle", "120"): "SAMConfig.angle must be",
     }
     for flags, message in cases.items():
         result = subprocess.run(

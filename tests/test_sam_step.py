@@ -16,21 +16,19 @@ from megatron.core.utils import get_model_config
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.backends.megatron import gather_params
 from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
-from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
-from megatron_fsam.models.weights import full_state
+from megatron_fsam.models.gpt import forward_step
 from megatron_fsam.parallel import ParallelConfig, forward_backward_func
 from tests import reference
 from tests.sam_harness import (
     ADAM,
-    GLOBAL_MICROBATCHES,
     MICRO_BATCH,
     SGD,
     TINY,
     build,
     data_iterator,
-    make_batches,
     model_is_cast_of_main,
     my_batches,
+    one_process_model,
     optimizer_state,
     params_of,
     poisoned,
@@ -138,11 +136,11 @@ def _count_norm_collectives(parallel, full, batches) -> dict[str, list[int]]:
 
     torch.distributed.all_reduce = counting_all_reduce
     try:
-        for current in ("adamw", "fsam"):
+        for current, floor in (("adamw", 0.0), ("fsam", 0.0), ("fsam floor", 0.1)):
             model, opt = build(parallel, full, ADAM)
             in_pass[0] = True  # construction is not part of the step
             sam = FuncSAM(
-                SAMConfig(mode=current, rho=0.05, precond=True),
+                SAMConfig(mode=current.split()[0], rho=0.05, precond=True, precond_floor=floor),
                 model,
                 opt,
                 forward_backward_func=passes,
@@ -156,11 +154,7 @@ def _count_norm_collectives(parallel, full, batches) -> dict[str, list[int]]:
 
 
 def _single_process(rank: int, world: int, path: str) -> dict:
-    parallel = ParallelConfig()
-    use_layout(parallel)
-    batches = make_batches(GLOBAL_MICROBATCHES)
-    gpt = build_model_chunks(TINY, transformer_config(TINY, parallel), parallel)[0]
-    full = full_state([gpt])
+    parallel, batches, gpt, full = one_process_model()
     report: dict = {}
 
     # SGD, lr 1: the gradient the optimizer used against Listing 1, 1 and 4 micro-batches.
@@ -336,6 +330,11 @@ def test_one_all_reduce_for_the_norm_sums(single):
         extra.remove(size)
     # One 3-vector (the norm sums) and the pass-2 finiteness flag; nothing else.
     assert sorted(extra) == [1, 3], sizes
+    # The precond floor adds one 2-vector (the RMS of sqrt(v_hat)).
+    floored = list(sizes["fsam floor"])
+    for size in sizes["adamw"]:
+        floored.remove(size)
+    assert sorted(floored) == [1, 2, 3], sizes
 
 
 def test_cotangent_offload_setting_reaches_the_gate(single):

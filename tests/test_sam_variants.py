@@ -13,19 +13,15 @@ import pytest
 import torch
 
 from megatron_fsam import FuncSAM, SAMConfig
-from megatron_fsam.models.gpt import build_model_chunks, transformer_config
-from megatron_fsam.models.weights import full_state
 from megatron_fsam.parallel import ParallelConfig, forward_backward_func
 from megatron_fsam.schedules import uniform_draw
 from tests import reference
 from tests.sam_harness import (
     ADAM,
-    GLOBAL_MICROBATCHES,
     SGD,
-    TINY,
     build,
-    make_batches,
     my_batches,
+    one_process_model,
     optimizer_state,
     params_of,
     poisoned,
@@ -42,7 +38,15 @@ SPAWN_TIMEOUT = 1200
 ANGLES = (0.0, 30.0, 60.0, 90.0)
 RADII = (0.1, 0.05, 0.025, 0.0125)  # first order vs exact at rho and rho / 2 for three rho
 ANGLE_FOR_RADII = 60.0
-PRECOND = dict(precond=True, rho_schedule="linear_warmup", rho_warmup_steps=1)
+# One plain step first (to create Adam state); the paper's P, as the references compute it.
+PRECOND = dict(precond=True, precond_floor=0.0, rho_schedule="linear_warmup", rho_warmup_steps=1)
+LAYOUT_CHECKS = {
+    **{
+        norm: SAMConfig(mode="angle", angle=30.0, precond_norm=norm, **PRECOND)
+        for norm in ("grad", "perturbation", "dual")
+    },
+    "floor 0.5": SAMConfig(mode="angle", angle=30.0, **{**PRECOND, "precond_floor": 0.5}),
+}
 
 
 def _stepped(parallel, full, batches, cfg: SAMConfig, optimizer=SGD, steps: int = 1):
@@ -69,11 +73,7 @@ def _precond_of_first_step(gpt, full, batches) -> dict[str, torch.Tensor]:
 
 
 def _single_process(rank: int, world: int, path: str) -> dict:
-    parallel = ParallelConfig()
-    use_layout(parallel)
-    batches = make_batches(GLOBAL_MICROBATCHES)
-    gpt = build_model_chunks(TINY, transformer_config(TINY, parallel), parallel)[0]
-    full = full_state([gpt])
+    parallel, batches, gpt, full = one_process_model()
     report: dict = {}
 
     # Eq. 19 taken exactly (SGD, lr 1: the optimizer's gradient) against the reference.
@@ -99,12 +99,18 @@ def _single_process(rank: int, world: int, path: str) -> dict:
     )  # fmt: skip
     report["exact/precond_dual"] = relative_error(received_gradients(model, opt), want)
 
-    # First order with precond under every normalisation: what the layouts must reproduce.
-    first_order = {}
-    for norm in ("grad", "perturbation", "dual"):
-        cfg = _angle(30.0, "first_order", precond_norm=norm, **PRECOND)
+    # First order with precond under every normalisation, and a floor that binds on part of
+    # the model (relative to the RMS of sqrt(v_hat) of the whole model): what the layouts
+    # must reproduce.
+    outcomes = {}
+    for name, cfg in LAYOUT_CHECKS.items():
         model, opt, _ = _stepped(parallel, full, batches, cfg, ADAM, steps=2)
-        first_order[norm] = _full_of(received_gradients(model, opt))
+        outcomes[name] = _full_of(received_gradients(model, opt))
+    plain, floored = outcomes["perturbation"], outcomes["floor 0.5"]
+    change_sq = sum((plain[n] - floored[n]).double().square().sum() for n in plain)
+    report["floor/changes_the_step"] = (
+        (change_sq / sum(plain[n].double().square().sum() for n in plain)).sqrt().item()
+    )
 
     # First order minus exact shrinks as rho^2.
     differences = []
@@ -139,7 +145,12 @@ def _single_process(rank: int, world: int, path: str) -> dict:
 
     # A floor above every sqrt(v_hat) makes P constant: the step of plain (unpreconditioned) SAM.
     floored, floored_opt, _ = _stepped(
-        parallel, full, batches, SAMConfig(mode="fsam", precond_floor=1e3, **PRECOND), ADAM, 2
+        parallel,
+        full,
+        batches,
+        SAMConfig(mode="fsam", **{**PRECOND, "precond_floor": 1e3}),
+        ADAM,
+        2,
     )
     plain_first, _, _ = _stepped(parallel, full, batches, SAMConfig(mode="adamw"), ADAM)
     want = reference.sam_gradient(gpt, params_of(plain_first), batches, mode="fsam", rho=0.05)
@@ -155,7 +166,7 @@ def _single_process(rank: int, world: int, path: str) -> dict:
         _top_share(reference.gradient(gpt, full, batches)),
     )
 
-    saved = {"full": full, "batches": batches, "angles": references, "first_order": first_order}
+    saved = {"full": full, "batches": batches, "angles": references, "outcomes": outcomes}
     torch.save(saved, path)
     return report
 
@@ -256,10 +267,9 @@ def _layouts(rank: int, world: int, path: str, layout: ParallelConfig) -> dict:
     for degrees, want in saved["angles"].items():
         model, opt, _ = _stepped(layout, full, batches, _angle(degrees, "exact"), optimizer)
         report[f"exact/{degrees:g}"] = relative_error(received_gradients(model, opt), want)
-    for norm, want in saved["first_order"].items():
-        cfg = _angle(30.0, "first_order", precond_norm=norm, **PRECOND)
-        model, opt, _ = _stepped(layout, full, batches, cfg, ADAM, steps=2)
-        report[f"first_order/{norm}"] = relative_error(received_gradients(model, opt), want)
+    for name, want in saved["outcomes"].items():
+        model, opt, _ = _stepped(layout, full, batches, LAYOUT_CHECKS[name], ADAM, steps=2)
+        report[f"outcome/{name}"] = relative_error(received_gradients(model, opt), want)
     drawn = _passes_per_step(
         layout, full, batches, SAMConfig(mode="fsam", sam_probability=0.5, seed=3), steps=8
     )
@@ -314,10 +324,14 @@ def test_exact_angle_matches_eq19_in_parallel_layouts(dp2, tp2_pp2, degrees):
         assert rank_report[f"exact/{degrees:g}"] < TOLERANCE
 
 
-@pytest.mark.parametrize("norm", ["grad", "perturbation", "dual"])
-def test_first_order_angle_with_precond_in_parallel_layouts(dp2, tp2_pp2, norm):
+@pytest.mark.parametrize("name", ["grad", "perturbation", "dual", "floor 0.5"])
+def test_first_order_angle_with_precond_in_parallel_layouts(dp2, tp2_pp2, name):
     for rank_report in (*dp2, *tp2_pp2):
-        assert rank_report[f"first_order/{norm}"] < TOLERANCE
+        assert rank_report[f"outcome/{name}"] < TOLERANCE
+
+
+def test_relative_floor_changes_the_step(single):
+    assert single[1]["floor/changes_the_step"] > 1e-3
 
 
 def test_sam_probability_draws_agree_on_every_rank(tp2_pp2):

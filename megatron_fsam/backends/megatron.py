@@ -22,6 +22,7 @@ sharding settings SAM cannot run under.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,19 +150,23 @@ class MegatronBackend:
 
     # ----- shards ---------------------------------------------------------------------
 
-    def shards(self, precondition: bool, floor: float = 0.0) -> RankShards:
+    def shards(self, precondition: bool, relative_floor: float = 0.0) -> RankShards:
         """This rank's shards after pass 1; theta is copied where the model aliases it.
 
         The shard lists are views into Megatron's buffers, built once and rebuilt only
         when those buffers change; the copies of aliased theta are refreshed at each call.
+        With `relative_floor` > 0, sqrt(v_hat) is bounded below by relative_floor times its
+        root-mean-square over the whole model (one more small all-reduce).
         """
         rank_shards, entries = self._layout()
         for theta, entry in zip(rank_shards.aliased.thetas, _aliased(entries), strict=True):
             theta.copy_(entry.main.view(-1))
         shards = rank_shards.all
         if precondition:
-            self._attach_second_moments(shards, entries)
-            shards.precond_floor = floor
+            real = self._attach_second_moments(shards, entries)
+            shards.precond_floor = (
+                relative_floor * self._rms_sqrt_v(shards, real) if relative_floor else 0.0
+            )
         else:
             shards.second_moments = shards.v_scales = shards.adam_eps = None
         return rank_shards
@@ -280,8 +285,25 @@ class MegatronBackend:
             else:
                 yield from _fp32_entries(opt)
 
-    def _attach_second_moments(self, shards: Shards, entries: list[_Entry]) -> None:
-        moments, v_scales, eps = [], [], []
+    def _rms_sqrt_v(self, shards: Shards, real: list[int]) -> float:
+        """sqrt(mean v_hat) over the counted coordinates of the whole model that have Adam
+        state (the root-mean-square of sqrt(v_hat)): one all-reduce."""
+        counted = [i for i in real if shards.counted[i] and shards.second_moments[i].numel()]
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if counted:
+            sums = torch._foreach_norm([shards.second_moments[i] for i in counted], 1)  # v >= 0
+            scales = [shards.v_scales[i] for i in counted]
+            scaled = torch.stack(sums).double()
+            scaled *= torch.tensor(scales, dtype=torch.float64, device=scaled.device)
+            local[0] = scaled.sum()
+            local[1] = sum(shards.second_moments[i].numel() for i in counted)
+        total, count = self.all_reduce_sums(local).tolist()
+        return math.sqrt(total / count) if count else 0.0
+
+    def _attach_second_moments(self, shards: Shards, entries: list[_Entry]) -> list[int]:
+        """Adam's exp_avg_sq per shard (P = 1 where there is none yet); returns the indices
+        of the shards that have one."""
+        moments, v_scales, eps, real = [], [], [], []
         missing = 0
         group_of = {
             id(p): g for o in self.optimizers for g in o.optimizer.param_groups for p in g["params"]
@@ -296,6 +318,7 @@ class MegatronBackend:
                 v_scales.append(1.0)
                 eps.append(0.0)
                 continue
+            real.append(len(moments))
             moments.append(_second_moment(entry.inner, entry.main, state).view(-1))
             v_scales.append(1.0 / (1.0 - group["betas"][1] ** step))
             eps.append(float(group["eps"]))
@@ -305,6 +328,7 @@ class MegatronBackend:
                 "using P = 1 for the shards without them"
             )
         shards.second_moments, shards.v_scales, shards.adam_eps = moments, v_scales, eps
+        return real
 
 
 def _distributed_entries(opt: DistributedOptimizer) -> Iterator[_Entry]:
