@@ -133,6 +133,22 @@ def test_overrides_apply_with_types():
     assert load_run_config(TINY, ["model.vocab_size=auto"]).model.vocab_size == AUTO_VOCAB
 
 
+def test_sam_variants_load_from_run_files():
+    overrides = [
+        "sam.mode=angle",
+        "sam.angle=30",
+        "sam.angle_impl=exact",
+        "sam.seed=3",
+        "sam.sam_probability=0.5",
+        "sam.on_nonfinite=fallback",
+        "sam.precond_floor=0.2",
+    ]
+    sam = load_run_config(TINY, overrides).sam  # fmt: skip
+    assert (sam.mode, sam.angle, sam.angle_impl, sam.seed) == ("angle", 30.0, "exact", 3)
+    assert (sam.sam_probability, sam.on_nonfinite, sam.precond_floor) == (0.5, "fallback", 0.2)
+    assert load_run_config(TINY, ["sam.mode=logit", "sam.sam_interval=4"]).sam.sam_interval == 4
+
+
 def test_include_merges_key_by_key_and_rejects_cycles(tmp_path: Path):
     (tmp_path / "_base.yaml").write_text(
         "model: {num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 32,"
@@ -162,6 +178,8 @@ def test_include_merges_key_by_key_and_rejects_cycles(tmp_path: Path):
         (["data.data_paths=a.jsonl"], "data.data_paths must be a list of str or null"),
         (["model.num_layers=null"], "model.num_layers must be int, got NoneType"),
         (["sam.mode=asam"], "sam: SAMConfig.mode must be one of"),
+        (["sam.angle=100"], "sam: SAMConfig.angle must be a finite number in [0, 90]"),
+        (["sam.seed=abc"], "sam.seed must be int or null"),
         (["parallel.sequence_parallel=true"], "parallel: sequence_parallel needs tensor_parallel"),
         (["optimizer.lr"], "is not of the form section.key=value"),
         (["lr=1"], "is not of the form section.key=value"),

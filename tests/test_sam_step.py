@@ -236,7 +236,7 @@ def _check_shard_cache(parallel, full, batches) -> dict[str, bool]:
     first = sam.backend.shards(precondition=False)
     assert sam_step(sam, batches)[0]
     second = sam.backend.shards(precondition=False)
-    mains, _ = sam.backend.mainparams_of()
+    mains, _ = sam.backend.main_params()
     refreshed = all(
         torch.equal(theta, main) for theta, main in zip(second.all.thetas, mains, strict=True)
     )
