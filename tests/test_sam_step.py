@@ -419,8 +419,8 @@ def _check_nan_check_skip(parallel, full, batches) -> dict[str, bool]:
     assert sam_step(sam, batches)[0]
     mine = len(my_batches(batches))
     before, state = params_of(model), optimizer_state(opt)
-    poisoned = range(mine, mine + 1) if torch.distributed.get_rank() == 0 else range(0)
-    with poisoned(model, poisoned):
+    calls = range(mine, mine + 1) if torch.distributed.get_rank() == 0 else range(0)
+    with poisoned(model, calls):
         ok, _, losses, _ = sam_step(sam, batches)
     return {
         "skipped": not ok,
