@@ -33,7 +33,7 @@ from megatron_fsam.diagnostics import (
     sharpness_composition,
 )
 from megatron_fsam.diagnostics.pruning import prunable_mask
-from megatron_fsam.diagnostics.sharpness import sharpness_deltas
+from megatron_fsam.diagnostics.sharpness import composition, sharpness_deltas
 from megatron_fsam.models.gpt import (
     GPTConfig,
     build_model_chunks,
@@ -459,3 +459,23 @@ def test_command_line_tools(tmp_path):
     points = records["prune"][0]["results"]["points"]
     assert [p["pruned_fraction"] for p in points] == [0.0, pytest.approx(0.5, abs=1e-3)]
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_angle_taus_split_the_gradient_the_angle_follows():
+    """sin(phi) delta_logit + cos(phi) delta_func, split like the plain taus."""
+    logit_sq, func_sq, cross = 4.0, 1.0, -0.5
+    plain = composition(logit_sq, func_sq, cross)
+    assert sum(plain.values()) == pytest.approx(1.0)
+    assert composition(logit_sq, func_sq, cross, angle=0.0) == {
+        "angle_tau_logit": 0.0, "angle_tau_func": 1.0, "angle_tau_cross": 0.0
+    }  # fmt: skip
+    assert composition(logit_sq, func_sq, cross, angle=90.0)["angle_tau_logit"] == 1.0
+    at_45 = composition(logit_sq, func_sq, cross, angle=45.0)  # SAM: both paths, equal weight
+    assert [at_45[f"angle_{k}"] for k in plain] == pytest.approx(list(plain.values()))
+    sin, cos = math.sin(math.radians(30)), math.cos(math.radians(30))
+    a, b = torch.tensor([2.0, 0.0]), torch.tensor([-0.25, 0.9682458365518543])  # |a|^2=4, |b|^2=1
+    mixed = sin * a + cos * b
+    at_30 = composition(logit_sq, func_sq, cross, angle=30.0)
+    assert at_30["angle_tau_logit"] == pytest.approx(
+        (sin * a).square().sum().item() / mixed.square().sum().item(), rel=1e-6
+    )

@@ -39,6 +39,7 @@ ANGLES = (0.0, 30.0, 60.0, 90.0)
 RADII = (0.1, 0.05, 0.025, 0.0125)  # first order vs exact at rho and rho / 2 for three rho
 ANGLE_FOR_RADII = 60.0
 # One plain step first (to create Adam state); the paper's P, as the references compute it.
+OVERLAP = dict(distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
 PRECOND = dict(precond=True, precond_floor=0.0, rho_schedule="linear_warmup", rho_warmup_steps=1)
 LAYOUT_CHECKS = {
     **{
@@ -275,6 +276,15 @@ def _layouts(rank: int, world: int, path: str, layout: ParallelConfig) -> dict:
     )
     report["probability_draws"] = drawn["sam_step"]
     if layout.distributed_optimizer:
+        # Pass 3's theta reaches every rank through the overlapped param gather too.
+        overlap = ParallelConfig(**OVERLAP)
+        use_layout(overlap)
+        for degrees, want in saved["angles"].items():
+            model, opt, _ = _stepped(overlap, full, batches, _angle(degrees, "exact"), ADAM)
+            report[f"overlap_exact/{degrees:g}"] = relative_error(
+                received_gradients(model, opt), want
+            )
+        use_layout(layout)
         report["fallback"] = _check_fallback(layout, full, batches)
         model, opt = build(layout, full, ADAM)
         sam = FuncSAM(SAMConfig(mode="fsam"), model, opt)
@@ -322,6 +332,12 @@ def tp2_pp2(single):
 def test_exact_angle_matches_eq19_in_parallel_layouts(dp2, tp2_pp2, degrees):
     for rank_report in (*dp2, *tp2_pp2):
         assert rank_report[f"exact/{degrees:g}"] < TOLERANCE
+
+
+@pytest.mark.parametrize("degrees", ANGLES)
+def test_exact_angle_under_overlapped_param_gather(dp2, degrees):
+    for rank_report in dp2:
+        assert rank_report[f"overlap_exact/{degrees:g}"] < TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["grad", "perturbation", "dual", "floor 0.5"])

@@ -115,10 +115,9 @@ def sharpness_composition(
                 (d.grad, d.delta_func),
             ]
         )
-    taus = _taus(logit_sq, func_sq, cross, "tau")
+    taus = composition(logit_sq, func_sq, cross)
     if angle is not None:
-        sin, cos = sin_cos(angle)
-        taus |= _taus(sin * sin * logit_sq, cos * cos * func_sq, sin * cos * cross, "angle_tau")
+        taus |= composition(logit_sq, func_sq, cross, angle)
     return {
         **taus,
         "grad_norm": d.grad_norm,
@@ -129,8 +128,21 @@ def sharpness_composition(
     }
 
 
-def _taus(logit_sq: float, func_sq: float, cross: float, prefix: str) -> dict[str, float]:
-    """Shares of |a + b|^2 = |a|^2 + |b|^2 + 2 <a, b> (they sum to 1)."""
+def composition(
+    logit_sq: float, func_sq: float, cross: float, angle: float | None = None
+) -> dict[str, float]:
+    """tau_* from |delta_logit|^2, |delta_func|^2 and <delta_logit, delta_func> (they sum to
+    1); with `angle` (degrees), angle_tau_*: the same for sin(phi) delta_logit + cos(phi)
+    delta_func."""
+    prefix = "tau"
+    if angle is not None:
+        sin, cos = sin_cos(angle)
+        logit_sq, func_sq, cross, prefix = (
+            sin * sin * logit_sq,
+            cos * cos * func_sq,
+            sin * cos * cross,
+            "angle_tau",
+        )
     total_sq = logit_sq + func_sq + 2.0 * cross
     return {
         f"{prefix}_logit": logit_sq / total_sq,
