@@ -65,19 +65,20 @@ def main() -> None:
         seq_length=args.seq,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    batches = _batches(args, device)
+    batches = random_batches(args.microbatches, args.micro_batch, args.seq, args.vocab, device)
     modes = [(name, MODES[name]) for name in ["adamw", *(m for m in args.modes if m != "adamw")]]
     print(
         f"{device}, bf16={args.bf16}: {args.layers} layers x {args.hidden} wide, vocab "
         f"{args.vocab}, {args.microbatches} micro-batches of {args.micro_batch} x {args.seq}"
     )
     # Interleaved rounds, one step of every mode each, so drifting machine load hits all alike.
-    sams = {name: _build(cfg, model_cfg, parallel, args) for name, cfg in modes}
+    sams = {name: build_sam(cfg, model_cfg, parallel, args.bf16) for name, cfg in modes}
     times = {name: [] for name in sams}
     phases = {name: {p: [] for p in PHASES} for name in sams}
     for round_ in range(args.warmup + args.steps):
         for name, sam in sams.items():
-            seconds = _step(sam, batches, args)
+            run_step(sam, batches)
+            seconds = sam.phase_times()
             if round_ >= args.warmup:
                 times[name].append(sum(seconds.get(p, 0.0) for p in PHASES))
                 for p in PHASES:
@@ -108,39 +109,44 @@ def main() -> None:
     destroy_distributed()
 
 
-def _build(cfg: SAMConfig, model_cfg: GPTConfig, parallel: ParallelConfig, args) -> FuncSAM:
-    config = transformer_config(model_cfg, parallel, bf16=args.bf16)
+def build_sam(
+    cfg: SAMConfig, model_cfg: GPTConfig, parallel: ParallelConfig, bf16: bool
+) -> FuncSAM:
+    """A fresh model, its Megatron optimizer and the SAM step around them."""
+    config = transformer_config(model_cfg, parallel, bf16=bf16)
     model = wrap_model(build_model_chunks(model_cfg, config, parallel), config, parallel)
-    return FuncSAM(cfg, model, build_optimizer(model, lr=1e-4, bf16=args.bf16))
+    return FuncSAM(cfg, model, build_optimizer(model, lr=1e-4, bf16=bf16))
 
 
-def _step(sam: FuncSAM, batches: list[dict], args) -> dict[str, float]:
-    """One step; the seconds of each of its phases."""
-    ok, _, _, _ = sam.train_step(
+def run_step(sam: FuncSAM, batches: list[dict]) -> dict[str, float | None]:
+    """One step on `batches`; its metrics."""
+    micro_batch, seq = batches[0]["tokens"].shape
+    ok, _, _, metrics = sam.train_step(
         forward_step,
         iter(batches),
         num_microbatches=len(batches),
-        seq_length=args.seq,
-        micro_batch_size=args.micro_batch,
+        seq_length=seq,
+        micro_batch_size=micro_batch,
     )
     if not ok:
         raise RuntimeError("a benchmark step was skipped")
-    return sam.phase_times()
+    return metrics
 
 
-def _batches(args, device):
+def random_batches(
+    count: int, micro_batch: int, seq: int, vocab: int, device: str
+) -> list[dict[str, torch.Tensor]]:
+    """`count` micro-batches of random tokens (what a step costs does not depend on them)."""
     generator = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(args.microbatches):
-        stream = torch.randint(
-            0, args.vocab, (args.micro_batch, args.seq + 1), generator=generator
-        ).to(device)
+    for _ in range(count):
+        stream = torch.randint(0, vocab, (micro_batch, seq + 1), generator=generator).to(device)
         batches.append(
             {
                 "tokens": stream[:, :-1].contiguous(),
                 "labels": stream[:, 1:].contiguous(),
-                "loss_mask": torch.ones(args.micro_batch, args.seq, device=device),
-                "position_ids": torch.arange(args.seq, device=device).expand(args.micro_batch, -1),
+                "loss_mask": torch.ones(micro_batch, seq, device=device),
+                "position_ids": torch.arange(seq, device=device).expand(micro_batch, -1),
             }
         )
     return batches

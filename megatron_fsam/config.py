@@ -11,6 +11,7 @@ PRECOND_NORMS = ("grad", "perturbation", "dual")
 RHO_SCHEDULES = ("constant", "linear_warmup", "cosine_warmup")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 ON_NONFINITE = ("skip", "fallback")
+COTANGENT_MEMORIES = ("device", "offload", "recompute", "auto")
 CHOICES = {
     "mode": MODES,
     "angle_impl": ANGLE_IMPLS,
@@ -18,6 +19,7 @@ CHOICES = {
     "rho_schedule": RHO_SCHEDULES,
     "kernels": KERNEL_BACKENDS,
     "on_nonfinite": ON_NONFINITE,
+    "cotangent_memory": COTANGENT_MEMORIES,
 }
 
 
@@ -54,9 +56,14 @@ class SAMConfig:
     logits_module: name (or dotted suffix) of the module whose output is the logits;
         None finds Megatron's `output_layer`.
     kernels: "auto", "torch" or "triton" implementation of norm/perturb/restore.
-    cotangent_offload: keep the recorded logit cotangents (seq x micro-batch x vocab/TP
-        per micro-batch, gigabytes at scale) in pinned host memory between the passes,
-        copied asynchronously, instead of on the GPU.
+    cotangent_memory: where Func-SAM's clean logit cotangents c(theta) (sequence x
+        micro-batch x vocab/TP per micro-batch, gigabytes at scale) live between the passes:
+        "device" (kept where they are), "offload" (pinned host memory, copied asynchronously),
+        "recompute" (keep the logits module's input, hidden/vocab as large, and recompute the
+        clean logits in pass 2: one logits-module forward per micro-batch; pass 2's loss is
+        then the clean one, logged as loss_pass2_clean), or "auto" (recompute where the
+        logits module and the mode allow it, else device).
+    cotangent_offload: the older spelling of cotangent_memory="offload".
     """
 
     mode: str = "fsam"
@@ -74,6 +81,7 @@ class SAMConfig:
     on_nonfinite: str = "skip"
     logits_module: str | None = None
     kernels: str = "auto"
+    cotangent_memory: str = "device"
     cotangent_offload: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +112,20 @@ class SAMConfig:
             )
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"SAMConfig.seed must be an integer, got {self.seed!r}")
+        if self.cotangent_offload and self.cotangent_memory in ("device", "offload"):
+            self.cotangent_memory = "offload"
+        elif self.cotangent_offload:
+            raise ValueError(
+                "SAMConfig: cotangent_offload=True is cotangent_memory='offload', but "
+                f"cotangent_memory={self.cotangent_memory!r}; set only cotangent_memory"
+            )
+        if self.cotangent_memory == "recompute" and self.mixes_cotangents:
+            raise ValueError(
+                f"SAMConfig: cotangent_memory='recompute' with mode={self.mode!r} at angle "
+                f"{self.angle_degrees:g} and angle_impl='first_order': that form back-propagates "
+                "a mix of c(theta+eps) and c(theta) in one pass, which needs both stored; use "
+                "angle_impl='exact' (a third pass) or cotangent_memory='device'/'offload'"
+            )
 
     @property
     def sam_enabled(self) -> bool:
@@ -125,8 +147,20 @@ class SAMConfig:
             parts.append(f"SAM every {self.sam_interval} steps")
         if self.sam_probability < 1.0:
             parts.append(f"SAM with probability {self.sam_probability:g}")
+        if self.mode != "sam":
+            parts.append(f"cotangent memory {self.cotangent_memory}")
         parts.append(f"non-finite SAM gradient: {self.on_nonfinite}")
         return ", ".join(parts)
+
+    @property
+    def mixes_cotangents(self) -> bool:
+        """Whether pass 2 back-propagates a mix of c(theta+eps) and c(theta): the first-order
+        angle form at every angle but 0 (at 90 degrees the mix is c(theta+eps) - c(theta))."""
+        return (
+            self.mode in ("angle", "logit")
+            and self.angle_impl == "first_order"
+            and self.angle_degrees != 0.0
+        )
 
     @property
     def angle_degrees(self) -> float:

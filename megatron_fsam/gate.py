@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 Rewrite = Callable[[int, torch.Tensor], torch.Tensor]
+OnLogits = Callable[[int, tuple, dict, torch.Tensor], None]
 
 
 class CudaOps:
@@ -185,42 +186,90 @@ class CotangentStore:
         if self.host is not None and (first := self.host.first()) is not None:
             self.host.prefetch(first)
 
+    def held_bytes(self) -> int:
+        return sum(c.nbytes for c in self.cotangents.values())
+
     def clear(self) -> None:
         self.cotangents = {}
         if self.host is not None:
             self.host.clear()
 
 
-class LogitGate:
-    """Records or rewrites dL/dlogits per micro-batch; idle outside a pass.
+class LogitHook:
+    """The hooks on the logits module, idle outside a pass.
+
+    During a pass, each forward call of the module is micro-batch `index` (in forward
+    order); `on_logits(index, args, kwargs, logits)` sees its inputs and output, and
+    `rewrite(index, incoming)` may replace the cotangent that reaches the logits.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self._on_logits: OnLogits | None = None
+        self._rewrite: Rewrite | None = None
+        self._active = False
+        self._forward_count = 0
+        self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
+
+    def rewriting(self, rewrite: Rewrite) -> AbstractContextManager[None]:
+        """Back-propagate rewrite(index, incoming) instead of the incoming cotangent."""
+        return self._pass(rewrite=rewrite)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    @contextmanager
+    def _pass(
+        self, *, rewrite: Rewrite | None = None, on_logits: OnLogits | None = None
+    ) -> Iterator[None]:
+        self._rewrite, self._on_logits = rewrite, on_logits
+        self._active, self._forward_count = True, 0
+        try:
+            yield
+        finally:
+            self._rewrite, self._on_logits, self._active = None, None, False
+
+    def _on_backward(self, index: int, incoming: torch.Tensor) -> torch.Tensor | None:
+        if self._rewrite is None:
+            return None
+        rewritten = self._rewrite(index, incoming)
+        return None if rewritten is incoming else rewritten
+
+    def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._active or not torch.is_grad_enabled():
+            return
+        index = self._forward_count
+        self._forward_count += 1
+        # Megatron linear layers return (output, bias).
+        logits = output[0] if isinstance(output, tuple) else output
+        if self._on_logits is not None:
+            self._on_logits(index, args, kwargs, logits)
+        if self._rewrite is not None and logits.requires_grad:
+            logits.register_hook(functools.partial(self._on_backward, index))
+
+
+class LogitGate(LogitHook):
+    """Records or rewrites dL/dlogits per micro-batch (cotangent_memory "device" / "offload").
 
     `clean` holds c(theta) recorded in pass 1; `perturbed` holds c(theta + eps) when pass 2
     records it for a third pass (ANGLE-SAM's exact form).
     """
 
+    pass2_loss_is_clean = False  # pass 2's forward is at theta + eps: its loss is perturbed
+
     def __init__(
         self, module: torch.nn.Module, offload: bool = False, cuda_ops: CudaOps | None = None
     ) -> None:
-        self.module = module
+        super().__init__(module)
         self.offload = offload
         self.clean = CotangentStore(offload, cuda_ops)
         self.perturbed = CotangentStore(offload, cuda_ops)
-        self._rewrite: Rewrite | None = None
-        self._active = False
-        self._forward_count = 0
-        self._handle = module.register_forward_hook(self._on_forward)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Keep each micro-batch's incoming cotangent c(theta) (pass 1)."""
         self.clear()
-        with self._pass(self._record_clean):
-            yield
-
-    @contextmanager
-    def rewriting(self, rewrite: Rewrite) -> Iterator[None]:
-        """Back-propagate rewrite(index, incoming) instead of the incoming cotangent."""
-        with self._pass(rewrite):
+        with self._pass(rewrite=self._record_clean):
             yield
 
     @contextmanager
@@ -259,40 +308,17 @@ class LogitGate:
         with self.rewriting(lambda index, incoming: self.perturbed.load(index, incoming)):
             yield
 
+    def held_bytes(self) -> int:
+        """Bytes of the cotangents kept now (on the device, or in pinned host memory)."""
+        return self.clean.held_bytes() + self.perturbed.held_bytes()
+
     def clear(self) -> None:
         self.clean.clear()
         self.perturbed.clear()
 
-    def remove(self) -> None:
-        self._handle.remove()
-
-    @contextmanager
-    def _pass(self, rewrite: Rewrite) -> Iterator[None]:
-        self._rewrite, self._active, self._forward_count = rewrite, True, 0
-        try:
-            yield
-        finally:
-            self._rewrite, self._active = None, False
-
     def _record_clean(self, index: int, incoming: torch.Tensor) -> torch.Tensor:
         self.clean.keep(index, incoming)
         return incoming
-
-    def _on_backward(self, index: int, incoming: torch.Tensor) -> torch.Tensor | None:
-        if self._rewrite is None:
-            return None
-        rewritten = self._rewrite(index, incoming)
-        return None if rewritten is incoming else rewritten
-
-    def _on_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if not self._active or not torch.is_grad_enabled():
-            return
-        index = self._forward_count
-        self._forward_count += 1
-        # Megatron linear layers return (output, bias).
-        logits = output[0] if isinstance(output, tuple) else output
-        if logits.requires_grad:
-            logits.register_hook(functools.partial(self._on_backward, index))
 
 
 def find_logits_module(

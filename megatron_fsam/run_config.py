@@ -255,7 +255,8 @@ def embedding_params(model: GPTConfig) -> int:
     """Tied token embedding V D (also the output layer) plus learned positions S D."""
     if model.vocab_size == AUTO_VOCAB:
         raise ConfigError("model.vocab_size is 'auto': resolve it from the tokenizer first")
-    return (model.vocab_size + model.seq_length) * model.hidden_size
+    tables = 1 if model.tie_embeddings else 2  # input embedding (and output projection)
+    return (tables * model.vocab_size + model.seq_length) * model.hidden_size
 
 
 def resolve_vocab_size(cfg: RunConfig, tokenizer_vocab_size: int, padded_vocab_size: int) -> int:

@@ -39,6 +39,7 @@ from megatron_fsam.kernels import get_kernels, resolve_kernels
 from megatron_fsam.kernels.concentration import top_share
 from megatron_fsam.modes import recipe_for
 from megatron_fsam.perturbation import Ascent, ascent
+from megatron_fsam.recompute import RecomputeGate, recompute_unsupported
 from megatron_fsam.replay import MicrobatchReplay, RNGState
 from megatron_fsam.schedules import is_sam_step, rho_at
 
@@ -146,6 +147,7 @@ class FuncSAM:
         self.backend.publish_params()
         clock.lap("perturb")
 
+        held = self._held_bytes()
         # Pass 2 at theta + eps on the same micro-batches and dropout masks. Its non-finite
         # values are SAM's to handle (a skip or fallback), not Megatron's result validation's.
         cotangent = (
@@ -158,6 +160,7 @@ class FuncSAM:
         clock.lap("pass2")
         if recipe.pass3:
             # Pass 3 at theta: J(theta)^T c(theta+eps), the logit term of Eq. 19 taken exactly.
+            held = self._held_bytes()  # pass 2 kept the perturbed side too: the peak
             earlier = _mixed(recipe.pass2, shards.all.grads, recipe.grad, g)
             self.kernels.restore(shards.all)
             self.backend.publish_params()
@@ -192,7 +195,7 @@ class FuncSAM:
         if not ok:
             self._restore(shards)
         clock.lap("optimizer")
-        metrics_of_step = dict(measured, fallback=float(fallback))
+        metrics_of_step = dict(measured, fallback=float(fallback), held_bytes=held)
         return self._finish(
             ok, grad_norm, losses_reduced, rho, step, pass1_losses, num_zeros,
             perturbed=None if fallback else pass2_losses, **metrics_of_step,
@@ -217,23 +220,50 @@ class FuncSAM:
 
     # ----- internals ------------------------------------------------------------------
 
-    def _attach_gate(self) -> LogitGate | None:
-        """The logit gate on the last stage; refuses on every rank if it is missing."""
+    def _attach_gate(self) -> LogitGate | RecomputeGate | None:
+        """The logit gate on the last stage; refuses on every rank if it cannot be built."""
         module = find_logits_module(self.model, self.config.logits_module)
-        missing = module is None and parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        flag = torch.tensor([float(missing)], device=_device(self.model))
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() > 0:
-            name = self.config.logits_module or "output_layer"
-            raise ValueError(
-                f"megatron_fsam: mode={self.config.mode!r} needs the module producing the "
-                f"logits, but no module named {name!r} was found on the last pipeline stage; "
-                "set SAMConfig.logits_module"
-            )
+        problem = None
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            if module is None:
+                problem = (
+                    f"mode={self.config.mode!r} needs the module producing the logits, but no "
+                    f"module named {self.config.logits_module or 'output_layer'!r} was found on "
+                    "the last pipeline stage; set SAMConfig.logits_module"
+                )
+            elif self.config.cotangent_memory == "recompute":
+                reason = recompute_unsupported(module)
+                problem = reason and (
+                    f"cotangent_memory='recompute' cannot be used: {reason}; set "
+                    "cotangent_memory to 'device' or 'offload'"
+                )
+        _raise_on_every_rank(problem, _device(self.model))
         if module is None:
             return None
-        return LogitGate(module, offload=self.config.cotangent_offload)
+        memory = self._cotangent_memory(module)
+        if memory == "recompute":
+            return RecomputeGate(module)
+        return LogitGate(module, offload=memory == "offload")
+
+    def _cotangent_memory(self, module: torch.nn.Module) -> str:
+        """cotangent_memory with "auto" resolved: recompute where the module and mode allow."""
+        if self.config.cotangent_memory != "auto":
+            return self.config.cotangent_memory
+        reason = recompute_unsupported(module)
+        if self.config.mixes_cotangents:
+            reason = "the first-order angle form back-propagates a mix of two cotangents"
+        if reason:
+            logger.warning(
+                "megatron_fsam: cotangent_memory='auto' keeps the logit cotangents on the "
+                "device: %s",
+                reason,
+            )
+            return "device"
+        return "recompute"
+
+    def _held_bytes(self) -> float | None:
+        """What the gate keeps between the passes (None on ranks without one)."""
+        return float(self.gate.held_bytes()) if self.gate else None
 
     def _keeps_gradient(self) -> bool:
         """Whether this rank's shard of g is kept past pass 1 (mixed in, or the fallback)."""
@@ -280,12 +310,15 @@ class FuncSAM:
     ) -> StepResult:
         """Count the step and say what it was."""
         self.iteration += 1
+        pass2_loss = perturbed.mean() if perturbed else None
+        pass2_is_clean = self.gate is not None and self.gate.pass2_loss_is_clean
         metrics = {
             "rho": rho,
             "grad_norm": step.grad_norm if step else None,
             "eps_norm": step.eps_norm if step else 0.0,
             "loss_clean": clean.mean(),
-            "loss_perturbed": perturbed.mean() if perturbed else None,
+            "loss_perturbed": None if pass2_is_clean else pass2_loss,
+            "loss_pass2_clean": pass2_loss if pass2_is_clean else None,
             "skipped": float(not ok),
             "sam_step": float(step is not None),
             "passes": float(self.recipe.passes if step else 1),
@@ -400,6 +433,17 @@ class _PhaseClock:
 
     def _elapsed(self, start: Any, end: Any) -> float:
         return start.elapsed_time(end) / 1e3 if self._events else end - start
+
+
+def _raise_on_every_rank(problem: str | None, device: torch.device) -> None:
+    """Raise `problem` (found on some ranks) on all of them, so that none waits in a collective."""
+    flag = torch.tensor([float(problem is not None)], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() > 0:
+        raise ValueError(
+            f"megatron_fsam: {problem or 'the last pipeline stage cannot set up the logit gate'}"
+        )
 
 
 def _device(model: list[torch.nn.Module]) -> torch.device:

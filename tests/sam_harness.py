@@ -63,21 +63,26 @@ def use_layout(parallel: ParallelConfig) -> None:
     initialize_distributed(parallel)
 
 
-def one_process_model():
+def one_process_model(model: GPTConfig = TINY):
     """One process: its layout, the global batch, a GPT and its weights (for references)."""
     parallel = ParallelConfig()
     use_layout(parallel)
     batches = make_batches(GLOBAL_MICROBATCHES)
-    gpt = build_model_chunks(TINY, transformer_config(TINY, parallel), parallel)[0]
+    gpt = build_model_chunks(model, transformer_config(model, parallel), parallel)[0]
     return parallel, batches, gpt, full_state([gpt])
 
 
 def build(
-    parallel: ParallelConfig, full: dict[str, torch.Tensor], optimizer: dict, *, bf16: bool = False
+    parallel: ParallelConfig,
+    full: dict[str, torch.Tensor],
+    optimizer: dict,
+    *,
+    bf16: bool = False,
+    model: GPTConfig = TINY,
 ):
-    """DDP chunks holding `full` and a Megatron optimizer over them."""
-    config = transformer_config(TINY, parallel, bf16=bf16)
-    chunks = build_model_chunks(TINY, config, parallel)
+    """DDP chunks of `model` holding `full` and a Megatron optimizer over them."""
+    config = transformer_config(model, parallel, bf16=bf16)
+    chunks = build_model_chunks(model, config, parallel)
     load_full_state(chunks, full)
     model = wrap_model(chunks, config, parallel)
     opt = build_optimizer(

@@ -177,9 +177,10 @@ LAYOUTS = {
     "pp2-sam-nodiff": (
         "no-diff", ["--pipeline-model-parallel-size", "2", "--sam-mode", "sam", "--sam-precond"]
     ),
-    "pp2-angle-exact-nodiff": (
+    "pp2-angle-exact-recompute-untied-nodiff": (
         "no-diff", ["--pipeline-model-parallel-size", "2", "--sam-mode", "angle", "--sam-angle",
-                    "30", "--sam-angle-impl", "exact", "--sam-precond"]
+                    "30", "--sam-angle-impl", "exact", "--sam-precond",
+                    "--sam-cotangent-memory", "recompute", "--untie-embeddings-and-output-weights"]
     ),
 }  # fmt: skip
 
@@ -210,12 +211,17 @@ def test_sam_trains_in_every_layout_and_logs_to_tensorboard(tmp_path, patched_tr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tensorboard)).Reload()
+    recompute = "recompute" in args  # pass 2's loss is then the clean one, and named so
     for name in SAM_SCALARS:
+        name = "loss_pass2_clean" if recompute and name == "loss_perturbed" else name
         values = [e.value for e in events.Scalars(f"sam/{name}")]
         assert len(values) == 5 and all(math.isfinite(v) for v in values), name
     assert [e.value for e in events.Scalars("sam/rho")] == [float(torch.tensor(0.05))] * 5
     pass1_loss = [e.value for e in events.Scalars("sam/loss_clean")]
     assert pass1_loss == pytest.approx(losses, rel=1e-6)  # pass 1's loss is Megatron-LM's
+    if recompute:
+        pass2_loss = [e.value for e in events.Scalars("sam/loss_pass2_clean")]
+        assert pass2_loss == pytest.approx(pass1_loss, rel=1e-6)
 
 
 @essential

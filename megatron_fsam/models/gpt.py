@@ -53,6 +53,7 @@ class GPTConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-6
+    tie_embeddings: bool = True  # Nanodo's output projection is the input embedding
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -176,7 +177,9 @@ def count_parameters(model: GPTConfig) -> dict[str, int]:
         gpt = _gpt_chunk(model, config, vp_stage=None)
     counts = {"non_embedding": 0, "embedding": 0}
     for name, param in gpt.named_parameters():
-        counts["embedding" if name.startswith("embedding.") else "non_embedding"] += param.numel()
+        counts[
+            "embedding" if name.startswith(("embedding.", "output_layer.")) else "non_embedding"
+        ] += param.numel()
     return counts
 
 
@@ -193,7 +196,7 @@ def _gpt_chunk(model: GPTConfig, config: TransformerConfig, vp_stage: int | None
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=True,
+        share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="learned_absolute",
         vp_stage=vp_stage,
     )
@@ -205,7 +208,8 @@ def _init_full(
     """Nanodo's initialisation of one single-process tensor (shape is [out, in] for kernels)."""
     if name.endswith("layernorm.weight"):
         return torch.ones(shape, device=device)
-    if name.endswith("embeddings.weight"):  # variance_scaling(1, fan_in, normal), fan_in = D
+    # variance_scaling(1, fan_in, normal), fan_in = D; an untied output projection alike
+    if name.endswith(("embeddings.weight", "output_layer.weight")):
         std = 1.0 / math.sqrt(hidden_size)
         return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
     fan_out, fan_in = shape
