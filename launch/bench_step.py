@@ -42,6 +42,7 @@ MODES = {
     "adamw": SAMConfig(mode="adamw"),
     "sam": SAMConfig(mode="sam"),
     "fsam": SAMConfig(mode="fsam"),
+    "fsam recompute": SAMConfig(mode="fsam", cotangent_memory="recompute"),
     "fsam precond": SAMConfig(mode="fsam", precond=True),
     "angle 45": SAMConfig(mode="angle", angle=45.0),
     "angle 45 exact": SAMConfig(mode="angle", angle=45.0, angle_impl="exact"),

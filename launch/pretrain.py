@@ -344,6 +344,7 @@ def _console_fields(scalars: dict[str, float]) -> dict[str, float]:
     names = (
         "loss_clean",
         "loss_perturbed",
+        "loss_pass2_clean",
         "lr",
         "rho",
         "grad_norm",

@@ -22,6 +22,8 @@ The gate copies nothing logits-sized on the device:
 With `offload`, CUDA cotangents wait in pinned host memory between the passes
 (`HostOffload`); CPU tensors are kept as they are. ANGLE-SAM's pass 2 mixes the recorded
 cotangent with its own (`mixing`), which costs one logits-sized tensor per micro-batch.
+`LogitHook` is the hook plumbing that this gate and `recompute.RecomputeGate`
+(cotangent_memory="recompute": keep the module's input, substitute the clean logits) share.
 """
 
 from __future__ import annotations

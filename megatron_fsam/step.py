@@ -11,8 +11,10 @@ One step, as in the paper (Singh et al. 2025, Eq. 2, Eq. 11 and App. D):
     [pass 3  angle, exact: J(theta)^T c(theta+eps) at theta, mixed per Eq. 19]
     update   optimizer.step() on theta        copying main -> model restores theta
 
-`modes.py` holds what each mode back-propagates and mixes. A non-finite g skips the step; a
-non-finite SAM gradient skips it too, or (on_nonfinite="fallback") applies g as a plain step.
+`modes.py` holds what each mode back-propagates and mixes; the logit gate (`gate.py`, or
+`recompute.py` under cotangent_memory="recompute") keeps c(theta) or what recomputes it.
+A non-finite g skips the step; a non-finite SAM gradient skips it too, or
+(on_nonfinite="fallback") applies g as a plain step.
 The model is left at theta either way. `sam_interval` / `sam_probability` make some steps
 plain optimizer steps on g.
 """

@@ -158,6 +158,19 @@ def received_gradients(model: list, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
+def gradient_difference(got: dict, want: dict) -> tuple[float, bool]:
+    """||got - want|| / ||want|| over this rank's pieces of two `received_gradients`, and
+    whether they are bit-equal (two runs in the same layout)."""
+    diff_sq = ref_sq = 0.0
+    bitwise = True
+    for name, pieces in want.items():
+        for (_, _, grad_want), (_, _, grad_got) in zip(pieces, got[name], strict=True):
+            diff_sq += (grad_got.double() - grad_want.double()).square().sum().item()
+            ref_sq += grad_want.double().square().sum().item()
+            bitwise &= torch.equal(grad_got, grad_want)
+    return (diff_sq / ref_sq) ** 0.5, bitwise
+
+
 def model_is_cast_of_main(model, opt) -> bool:
     """bf16 params equal cast(fp32 main params) exactly: nothing of eps remains."""
     pieces = received_gradients(model, opt)  # gives each model param's flat range

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,7 @@ from tests.sam_harness import (
     SGD,
     TINY,
     build,
+    gradient_difference,
     my_batches,
     one_process_model,
     received_gradients,
@@ -34,6 +38,7 @@ from tests.sam_harness import (
 )
 from tests.spawn import run_ranks
 
+ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6
 SPAWN_TIMEOUT = 900
 UNTIED = dataclasses.replace(TINY, tie_embeddings=False)
@@ -68,18 +73,6 @@ def _run(layout, full, batches, model, case: str, memory: str, *, bf16: bool = F
     return sam, received_gradients(chunks, opt), metrics
 
 
-def _difference(got: dict, want: dict) -> tuple[float, bool]:
-    """||got - want|| / ||want|| over this rank's gradient pieces, and whether bit-equal."""
-    diff_sq = ref_sq = 0.0
-    bitwise = True
-    for name, pieces in want.items():
-        for (_, _, grad_want), (_, _, grad_got) in zip(pieces, got[name], strict=True):
-            diff_sq += (grad_got.double() - grad_want.double()).square().sum().item()
-            ref_sq += grad_want.double().square().sum().item()
-            bitwise &= torch.equal(grad_got, grad_want)
-    return (diff_sq / ref_sq) ** 0.5, bitwise
-
-
 def _formula(layout: ParallelConfig, batches, model, memory: str, passes: int, elt: int) -> int:
     shapes = LogitShapes(
         seq_length=model.seq_length,
@@ -100,7 +93,7 @@ def _compare(layout, full, batches, model, case: str) -> dict:
     passes = CASES[case][3]
     _, device_grads, device_metrics = _run(layout, full, batches, model, case, "device")
     sam, recompute_grads, metrics = _run(layout, full, batches, model, case, "recompute")
-    error, bitwise = _difference(recompute_grads, device_grads)
+    error, bitwise = gradient_difference(recompute_grads, device_grads)
     last_stage = sam.gate is not None
     return {
         "error": error,
@@ -306,3 +299,37 @@ def test_recompute_gives_the_device_update_in_every_layout(layouts, check):
         if result["last_stage"]:
             assert result["gate"] == "RecomputeGate"
             assert result["held"] == result["formula"], (rank, result)
+
+
+# ----- the benchmark's own check --------------------------------------------------------------
+
+
+def test_bench_memory_check_finds_the_formula_on_the_demo_model():
+    """`launch/bench_memory.py --check`: held bytes equal the formula in every memory mode."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench_memory.py"), "--check"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "held" in line]
+    assert len(lines) == 6 and all("(equal)" in line for line in lines), result.stdout
+
+
+def test_formula_of_the_issue_shapes():
+    """The shapes the docs quote: the paper's 1.2B per rank, and a Llama-like run."""
+    paper = LogitShapes(
+        seq_length=512, micro_batch_size=8, num_microbatches=4, hidden_size=4096, vocab_size=32000
+    )
+    assert bytes_between_passes(paper, "device") == 4 * 8 * 512 * 32000 * 2  # ~1 GB
+    assert bytes_between_passes(paper, "offload") == bytes_between_passes(paper, "device")
+    inputs, weight = 4 * 8 * 512 * 4096 * 2, 32000 * 4096 * 2
+    assert bytes_between_passes(paper, "recompute") == inputs + weight
+    assert bytes_between_passes(paper, "recompute", passes=3) == 2 * (inputs + weight)
+    llama = LogitShapes(
+        seq_length=4096, micro_batch_size=1, num_microbatches=32, hidden_size=4096,
+        vocab_size=128256, tensor_parallel=8, sequence_parallel=True, logits_calls=2,
+    )  # fmt: skip
+    assert bytes_between_passes(llama, "device") == 64 * 4096 * 16032 * 2
+    assert bytes_between_passes(llama, "recompute") == 64 * 512 * 4096 * 2 + 16032 * 4096 * 2
+    with pytest.raises(ValueError, match="memory must be one of"):
+        bytes_between_passes(paper, "disk")

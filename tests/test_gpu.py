@@ -31,6 +31,7 @@ from tests.sam_harness import (
     GLOBAL_MICROBATCHES,
     TINY,
     build,
+    gradient_difference,
     make_batches,
     model_is_cast_of_main,
     received_gradients,
@@ -84,6 +85,24 @@ def test_bf16_steps_with_overlap_leave_the_model_at_cast_main(gpu_process):
     times = sam.phase_times()
     assert set(times) == {"time_pass1", "time_perturb", "time_pass2", "time_optimizer"}
     assert all(t > 0 for t in times.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recompute_gives_the_device_update_and_holds_less(gpu_process, bf16):
+    """cotangent_memory="recompute" against "device" on CUDA (cuBLAS, overlapped gathers):
+    the same update (fp32 to rounding; bf16 within one bf16 rounding of c(theta)) and fewer
+    bytes held between the passes."""
+    _, full, batches = gpu_process
+    grads, held = {}, {}
+    for memory in ("device", "recompute"):
+        model, opt = build(GPU_LAYOUT, full, ADAM, bf16=bf16)
+        sam = FuncSAM(SAMConfig(mode="fsam", rho=0.05, cotangent_memory=memory), model, opt)
+        ok, _, _, metrics = sam_step(sam, batches)
+        assert ok and math.isfinite(metrics["loss_clean"])
+        grads[memory], held[memory] = received_gradients(model, opt), metrics["held_bytes"]
+    error, _ = gradient_difference(grads["recompute"], grads["device"])
+    assert error <= (1e-2 if bf16 else 1e-6), error
+    assert held["recompute"] < held["device"]
 
 
 def test_graph_safe_rng_tracker_replays_dropout_masks(gpu_process):

@@ -3,6 +3,7 @@
 No process groups: these tests only build and check dataclasses.
 """
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def test_2m_model_is_table_1():
     assert (model.ffn_hidden_size, model.vocab_size) == (1024, 8192)
     assert non_embedding_params(model) == 2_361_088
     assert embedding_params(model) == 8192 * 256 + 512 * 256
+    untied = dataclasses.replace(model, tie_embeddings=False)  # an output projection too
+    assert embedding_params(untied) == 2 * 8192 * 256 + 512 * 256
 
 
 def test_paper_training_settings():
@@ -147,6 +150,10 @@ def test_sam_variants_load_from_run_files():
     assert (sam.mode, sam.angle, sam.angle_impl, sam.seed) == ("angle", 30.0, "exact", 3)
     assert (sam.sam_probability, sam.on_nonfinite, sam.precond_floor) == (0.5, "fallback", 0.2)
     assert load_run_config(TINY, ["sam.mode=logit", "sam.sam_interval=4"]).sam.sam_interval == 4
+    memory = ["sam.cotangent_memory=recompute", "model.tie_embeddings=false"]
+    cfg = load_run_config(TINY, memory)
+    assert (cfg.sam.cotangent_memory, cfg.model.tie_embeddings) == ("recompute", False)
+    assert load_run_config(TINY, ["sam.cotangent_offload=true"]).sam.cotangent_memory == "offload"
 
 
 def test_include_merges_key_by_key_and_rejects_cycles(tmp_path: Path):
@@ -180,6 +187,11 @@ def test_include_merges_key_by_key_and_rejects_cycles(tmp_path: Path):
         (["sam.mode=asam"], "sam: SAMConfig.mode must be one of"),
         (["sam.angle=100"], "sam: SAMConfig.angle must be a finite number in [0, 90]"),
         (["sam.seed=abc"], "sam.seed must be int or null"),
+        (["sam.cotangent_memory=disk"], "sam: SAMConfig.cotangent_memory must be one of"),
+        (
+            ["sam.mode=angle", "sam.cotangent_memory=recompute"],
+            "sam: SAMConfig: cotangent_memory='recompute' with mode='angle'",
+        ),
         (["parallel.sequence_parallel=true"], "parallel: sequence_parallel needs tensor_parallel"),
         (["optimizer.lr"], "is not of the form section.key=value"),
         (["lr=1"], "is not of the form section.key=value"),
