@@ -34,7 +34,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_fsam.backends.megatron import MegatronBackend, RankShards
+from megatron_fsam.backends.megatron import MegatronBackend
+from megatron_fsam.backends.shards import RankShards
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.gate import LogitGate, find_logits_module
 from megatron_fsam.kernels import get_kernels, resolve_kernels

@@ -21,11 +21,8 @@ sharding settings SAM cannot run under.
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -40,58 +37,10 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.utils import get_model_config
 
-from megatron_fsam.kernels import Kernels, Shards
-from megatron_fsam.perturbation import NormSums
-
-logger = logging.getLogger("megatron_fsam")
+from megatron_fsam.backends.shards import ParamSpan, ShardBackend, ShardEntry
 
 
-@dataclass(frozen=True)
-class ParamSpan:
-    """The model parameter a shard belongs to and its flat range [start, stop) in it."""
-
-    param: torch.nn.Parameter
-    start: int
-    stop: int
-
-
-@dataclass
-class _Entry:
-    """One shard: the optimizer's main param, its gradient, and what the model reads.
-
-    `main` is the optimizer's own tensor object (the key of its state, the holder
-    of Megatron's `shared` / `tensor_model_parallel` attributes); the others are 1-D.
-    """
-
-    main: torch.Tensor
-    grad: torch.Tensor
-    target: torch.Tensor
-    inner: torch.optim.Optimizer
-    span: ParamSpan
-
-    @property
-    def counted(self) -> bool:
-        """Enters global norms: not a TP duplicate, not the second copy of a tied weight."""
-        return param_is_not_shared(self.main) and param_is_not_tensor_parallel_duplicate(self.main)
-
-    @property
-    def aliased(self) -> bool:
-        """True when the model reads the optimizer's param itself (fp32 params)."""
-        return (
-            self.main.data_ptr() == self.target.data_ptr() and self.main.dtype == self.target.dtype
-        )
-
-
-@dataclass
-class RankShards:
-    """All of this rank's shards, and the subset whose theta lives in a copy."""
-
-    all: Shards
-    aliased: Shards
-    spans: list[ParamSpan]
-
-
-class MegatronBackend:
+class MegatronBackend(ShardBackend):
     """SAM's view of a Megatron model and optimizer on this rank."""
 
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer) -> None:
@@ -105,16 +54,16 @@ class MegatronBackend:
         self.overlap_param_gather = self.distributed and any(
             chunk.ddp_config.overlap_param_gather for chunk in model_chunks
         )
-        # Where this rank's collectives run, also when it holds no shard at all.
-        self.device = next(model_chunks[0].parameters()).device
-        self._cached: tuple[tuple, RankShards, list[_Entry]] | None = None
         groups = {id(o.get_grad_stats_parallel_group()) for o in self.optimizers}
         if len(groups) > 1:
             raise ValueError(
                 "megatron_fsam: sub-optimizers reduce gradient statistics over different "
                 "process groups (e.g. expert parallelism), which SAM does not support yet"
             )
-        self.stats_group = self.optimizers[0].get_grad_stats_parallel_group()
+        super().__init__(
+            device=next(model_chunks[0].parameters()).device,
+            stats_group=self.optimizers[0].get_grad_stats_parallel_group(),
+        )
 
     # ----- checks that must hold before any work -------------------------------------
 
@@ -148,53 +97,7 @@ class MegatronBackend:
                     f"moments (exp_avg_sq); got {type(inner).__name__}"
                 )
 
-    # ----- shards ---------------------------------------------------------------------
-
-    def shards(self, precondition: bool, relative_floor: float = 0.0) -> RankShards:
-        """This rank's shards after pass 1; theta is copied where the model aliases it.
-
-        The shard lists are views into Megatron's buffers, built once and rebuilt only
-        when those buffers change; the copies of aliased theta are refreshed at each call.
-        With `relative_floor` > 0, sqrt(v_hat) is bounded below by relative_floor times its
-        root-mean-square over the whole model (one more small all-reduce).
-        """
-        rank_shards, entries = self._layout()
-        for theta, entry in zip(rank_shards.aliased.thetas, _aliased(entries), strict=True):
-            theta.copy_(entry.main.view(-1))
-        shards = rank_shards.all
-        if precondition:
-            real = self._attach_second_moments(shards, entries)
-            shards.precond_floor = (
-                relative_floor * self._rms_sqrt_v(shards, real) if relative_floor else 0.0
-            )
-        else:
-            shards.second_moments = shards.v_scales = shards.adam_eps = None
-        return rank_shards
-
-    def _layout(self) -> tuple[RankShards, list[_Entry]]:
-        key = self._layout_key()
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, *self._build_shards())
-        return self._cached[1], self._cached[2]
-
-    def _build_shards(self) -> tuple[RankShards, list[_Entry]]:
-        entries = list(self._entries())
-        copies = {id(e): e.main.detach().view(-1).clone() for e in _aliased(entries)}
-        thetas = [copies.get(id(e), e.main.detach().view(-1)) for e in entries]
-        shards = Shards(
-            thetas=thetas,
-            grads=[e.grad for e in entries],
-            targets=[e.target for e in entries],
-            counted=[e.counted for e in entries],
-        )
-        aliased = Shards(
-            thetas=[copies[id(e)] for e in _aliased(entries)],
-            grads=[e.grad for e in _aliased(entries)],
-            targets=[e.target for e in _aliased(entries)],
-            counted=[e.counted for e in _aliased(entries)],
-        )
-        spans = [e.span for e in entries]
-        return RankShards(all=shards, aliased=aliased, spans=spans), entries
+    # ----- the layout -----------------------------------------------------------------
 
     def _layout_key(self) -> tuple:
         """What the shard views depend on: Megatron's buffers and the optimizers' params."""
@@ -208,13 +111,7 @@ class MegatronBackend:
         )
         return buffers, params
 
-    def main_params(self) -> tuple[list[torch.Tensor], list[bool]]:
-        """This rank's fp32 theta shards (1-D views) and whether each enters global norms."""
-        _, entries = self._layout()
-        return [e.main.detach().view(-1) for e in entries], [e.counted for e in entries]
-
     def sync_params(self) -> None:
-        """Every rank's model reads the values just written into its shards (blocking)."""
         if self.distributed:
             gather_params(self.model_chunks)
 
@@ -232,31 +129,6 @@ class MegatronBackend:
                 group.param_gather_dispatched = False
         else:  # no overlap, or Megatron-LM's first iteration, which runs without the hooks
             self.sync_params()
-
-    def reduced_norm_sums(self, kernels: Kernels, shards: Shards) -> NormSums:
-        """[||g||^2, ||P g||^2, g.P g] over the whole model: one all-reduce."""
-        if len(shards):
-            local = kernels.norm_sums(shards).to(self.device)
-        else:
-            local = torch.zeros(3, dtype=torch.float32, device=self.device)
-        return NormSums.from_tensor(self.all_reduce_sums(local))
-
-    def all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
-        """Sum the norm partials over the ranks that hold distinct shards."""
-        torch.distributed.all_reduce(sums, group=self.stats_group)
-        return sums
-
-    def all_finite(self, grads: list[torch.Tensor]) -> bool:
-        """Whether every rank's gradient shards are finite: one fused max-norm, one MAX
-        all-reduce, one host sync."""
-        found = torch.zeros(1, dtype=torch.float32, device=self.device)
-        if grads:
-            largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
-            found = (~torch.isfinite(largest)).float().view(1).to(self.device)
-        torch.distributed.all_reduce(
-            found, op=torch.distributed.ReduceOp.MAX, group=self.stats_group
-        )
-        return found.item() == 0.0
 
     @contextmanager
     def validation_paused(self) -> Iterator[None]:
@@ -276,7 +148,7 @@ class MegatronBackend:
 
     # ----- internals ------------------------------------------------------------------
 
-    def _entries(self) -> Iterator[_Entry]:
+    def _entries(self) -> Iterator[ShardEntry]:
         for opt in self.optimizers:
             if isinstance(opt, DistributedOptimizer):
                 yield from _distributed_entries(opt)
@@ -285,53 +157,8 @@ class MegatronBackend:
             else:
                 yield from _fp32_entries(opt)
 
-    def _rms_sqrt_v(self, shards: Shards, real: list[int]) -> float:
-        """sqrt(mean v_hat) over the counted coordinates of the whole model that have Adam
-        state (the root-mean-square of sqrt(v_hat)): one all-reduce."""
-        counted = [i for i in real if shards.counted[i] and shards.second_moments[i].numel()]
-        local = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if counted:
-            sums = torch._foreach_norm([shards.second_moments[i] for i in counted], 1)  # v >= 0
-            scales = [shards.v_scales[i] for i in counted]
-            scaled = torch.stack(sums).double()
-            scaled *= torch.tensor(scales, dtype=torch.float64, device=scaled.device)
-            local[0] = scaled.sum()
-            local[1] = sum(shards.second_moments[i].numel() for i in counted)
-        total, count = self.all_reduce_sums(local).tolist()
-        return math.sqrt(total / count) if count else 0.0
 
-    def _attach_second_moments(self, shards: Shards, entries: list[_Entry]) -> list[int]:
-        """Adam's exp_avg_sq per shard (P = 1 where there is none yet); returns the indices
-        of the shards that have one."""
-        moments, v_scales, eps, real = [], [], [], []
-        missing = 0
-        group_of = {
-            id(p): g for o in self.optimizers for g in o.optimizer.param_groups for p in g["params"]
-        }
-        for entry in entries:
-            group = group_of[id(entry.main)]
-            state = entry.inner.state.get(entry.main, {})
-            step = _adam_step(state, group)
-            if step == 0 or "exp_avg_sq" not in state:
-                missing += 1  # P = 1 / (sqrt(1 * 1) + 0) = 1
-                moments.append(torch.ones_like(entry.grad, dtype=torch.float32))
-                v_scales.append(1.0)
-                eps.append(0.0)
-                continue
-            real.append(len(moments))
-            moments.append(_second_moment(entry.inner, entry.main, state).view(-1))
-            v_scales.append(1.0 / (1.0 - group["betas"][1] ** step))
-            eps.append(float(group["eps"]))
-        if missing:
-            _log_once(
-                "precond: no Adam second moments yet (before the first optimizer step); "
-                "using P = 1 for the shards without them"
-            )
-        shards.second_moments, shards.v_scales, shards.adam_eps = moments, v_scales, eps
-        return real
-
-
-def _distributed_entries(opt: DistributedOptimizer) -> Iterator[_Entry]:
+def _distributed_entries(opt: DistributedOptimizer) -> Iterator[ShardEntry]:
     for model_groups, main_groups in (
         (opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
         (opt.model_fp32_groups, opt.shard_fp32_groups),
@@ -342,16 +169,17 @@ def _distributed_entries(opt: DistributedOptimizer) -> Iterator[_Entry]:
                 local, world = ranges["param"], ranges["gbuf_world_in_bucket"]
                 gbuf_index, _, bucket_index = opt.model_param_gbuf_map[model_param]
                 param_buffer = opt.buffers[gbuf_index].buckets[bucket_index].param_data
-                yield _Entry(
+                yield ShardEntry(
                     main=main,
                     grad=model_param.main_grad.view(-1)[local.start : local.end],
                     target=param_buffer.view(-1)[world.start : world.end],
                     inner=opt.optimizer,
                     span=ParamSpan(model_param, local.start, local.end),
+                    counted=_counted(main),
                 )
 
 
-def _float16_entries(opt: Float16OptimizerWithFloat16Params) -> Iterator[_Entry]:
+def _float16_entries(opt: Float16OptimizerWithFloat16Params) -> Iterator[ShardEntry]:
     pairs = (
         (opt.float16_groups, opt.fp32_from_float16_groups),
         (opt.fp32_from_fp32_groups, opt.fp32_from_fp32_groups),
@@ -359,25 +187,32 @@ def _float16_entries(opt: Float16OptimizerWithFloat16Params) -> Iterator[_Entry]
     for model_groups, main_groups in pairs:
         for model_group, main_group in zip(model_groups, main_groups, strict=True):
             for model_param, main in zip(model_group, main_group, strict=True):
-                yield _Entry(
+                yield ShardEntry(
                     main,
                     _model_grad(model_param),
                     model_param.data.view(-1),
                     opt.optimizer,
                     ParamSpan(model_param, 0, model_param.numel()),
+                    counted=_counted(main),
                 )
 
 
-def _fp32_entries(opt: FP32Optimizer) -> Iterator[_Entry]:
+def _fp32_entries(opt: FP32Optimizer) -> Iterator[ShardEntry]:
     for group in opt.optimizer.param_groups:
         for param in group["params"]:
-            yield _Entry(
+            yield ShardEntry(
                 param,
                 _model_grad(param),
                 param.data.view(-1),
                 opt.optimizer,
                 ParamSpan(param, 0, param.numel()),
+                counted=_counted(param),
             )
+
+
+def _counted(main: torch.Tensor) -> bool:
+    """Enters global norms: not a TP duplicate, not the second copy of a tied weight."""
+    return param_is_not_shared(main) and param_is_not_tensor_parallel_duplicate(main)
 
 
 def _model_grad(param: torch.nn.Parameter) -> torch.Tensor:
@@ -424,10 +259,6 @@ def _wait_for_gather(group) -> None:
 
 def _address(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.data_ptr()
-
-
-def _aliased(entries: list[_Entry]) -> list[_Entry]:
-    return [e for e in entries if e.aliased]
 
 
 def _check_model(model_chunks: list[torch.nn.Module], config) -> None:
@@ -518,25 +349,3 @@ def _check_supported(opt: MegatronOptimizer) -> None:
             "Transformer Engine's FusedAdam, where SAM cannot read theta; disable "
             "use_precision_aware_optimizer"
         )
-
-
-def _adam_step(state: dict, group: dict) -> int:
-    """Adam steps taken: torch keeps them per param, apex/TE FusedAdam per group."""
-    step = state.get("step", group.get("step", 0))
-    return int(step.item()) if torch.is_tensor(step) else int(step)
-
-
-def _second_moment(inner: torch.optim.Optimizer, main: torch.Tensor, state: dict) -> torch.Tensor:
-    """exp_avg_sq in fp32; TE's FusedAdam may store it scaled in low precision."""
-    if hasattr(inner, "get_unscaled_state"):
-        return inner.get_unscaled_state(main, "exp_avg_sq")
-    return state["exp_avg_sq"]
-
-
-_logged: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.warning("megatron_fsam: %s", message)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from megatron.core.optimizer import MegatronOptimizer
 
-from megatron_fsam.backends.megatron import MegatronBackend, ParamSpan
+from megatron_fsam.backends.megatron import MegatronBackend
+from megatron_fsam.backends.shards import ParamSpan
 from megatron_fsam.gate import LogitGate, Rewrite, find_logits_module
 from megatron_fsam.kernels import Shards, get_kernels
 from megatron_fsam.models.weights import full_shape, global_param_names, tp_slice

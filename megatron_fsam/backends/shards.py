@@ -1,0 +1,265 @@
+"""What every optimizer layout gives the SAM step: this rank's shards, and collectives on them.
+
+A backend (Megatron-core's optimizers, DeepSpeed's engine) lists this rank's shards as
+`ShardEntry`s: the optimizer's fp32 theta, its reduced gradient, what the model reads, and
+where Adam keeps the second moment. `ShardBackend` turns them into the kernels' `Shards`
+(copying theta where the model reads the optimizer's own tensor), attaches the second
+moments and the precond floor, and owns the few collectives the step needs: the norm sums,
+the finiteness vote and the floor's RMS, all over `stats_group`, the ranks that hold
+distinct shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from megatron_fsam.kernels import Kernels, Shards
+from megatron_fsam.perturbation import NormSums
+
+logger = logging.getLogger("megatron_fsam")
+
+
+@dataclass(frozen=True)
+class ParamSpan:
+    """The model parameter a shard belongs to and its flat range [start, stop) in it."""
+
+    param: torch.nn.Parameter
+    start: int
+    stop: int
+
+
+@dataclass
+class ShardEntry:
+    """One shard of theta on this rank.
+
+    `main` is the optimizer's own tensor (the key of its state); the shard is its flat range
+    `state_range` (all of it when None), where Adam's state is read too. `grad` and `target`
+    are 1-D views of the reduced gradient and of what the model reads. `counted`: whether the
+    shard enters global sums (each coordinate of the model exactly once over `stats_group`).
+    """
+
+    main: torch.Tensor
+    grad: torch.Tensor
+    target: torch.Tensor
+    inner: torch.optim.Optimizer
+    span: ParamSpan
+    counted: bool = True
+    state_range: tuple[int, int] | None = None
+
+    @property
+    def theta(self) -> torch.Tensor:
+        flat = self.main.detach().view(-1)
+        return flat if self.state_range is None else flat[slice(*self.state_range)]
+
+    @property
+    def aliased(self) -> bool:
+        """True when the model reads the optimizer's param itself (fp32 params)."""
+        return self.theta.data_ptr() == self.target.data_ptr() and self.main.dtype == (
+            self.target.dtype
+        )
+
+
+@dataclass
+class RankShards:
+    """All of this rank's shards, and the subset whose theta lives in a copy."""
+
+    all: Shards
+    aliased: Shards
+    spans: list[ParamSpan]
+
+
+class ShardBackend:
+    """The layout-independent half of a backend; subclasses list the entries and move params.
+
+    Subclasses provide `_entries()`, `_layout_key()` (what the entry views depend on: the
+    layout is rebuilt when it changes), `sync_params()` and `publish_params()`.
+    """
+
+    def __init__(self, device: torch.device, stats_group) -> None:
+        self.device = device  # where this rank's collectives run, also when it holds no shard
+        self.stats_group = stats_group
+        self._cached: tuple[tuple, RankShards, list[ShardEntry]] | None = None
+
+    # ----- what a layout provides -----------------------------------------------------
+
+    def _entries(self) -> Iterator[ShardEntry]:
+        raise NotImplementedError
+
+    def _layout_key(self) -> tuple:
+        raise NotImplementedError
+
+    def sync_params(self) -> None:
+        """Every rank's model reads the values just written into its shards (blocking)."""
+        raise NotImplementedError
+
+    def publish_params(self) -> None:
+        """Every rank's next pass reads the values just written into the shards."""
+        self.sync_params()
+
+    def validation_paused(self) -> AbstractContextManager[None]:
+        """The framework's own checks of non-finite results off (pass 2 at theta + eps)."""
+        return nullcontext()
+
+    # ----- shards ---------------------------------------------------------------------
+
+    def shards(self, precondition: bool, relative_floor: float = 0.0) -> RankShards:
+        """This rank's shards after pass 1; theta is copied where the model aliases it.
+
+        The shard lists are views into the optimizer's buffers, built once and rebuilt only
+        when `_layout_key()` changes; the copies of aliased theta are refreshed at each call.
+        With `relative_floor` > 0, sqrt(v_hat) is bounded below by relative_floor times its
+        root-mean-square over the whole model (one more small all-reduce).
+        """
+        rank_shards, entries = self._layout()
+        for theta, entry in zip(rank_shards.aliased.thetas, _aliased(entries), strict=True):
+            theta.copy_(entry.theta)
+        shards = rank_shards.all
+        if precondition:
+            real = self._attach_second_moments(shards, entries)
+            shards.precond_floor = (
+                relative_floor * self._rms_sqrt_v(shards, real) if relative_floor else 0.0
+            )
+        else:
+            shards.second_moments = shards.v_scales = shards.adam_eps = None
+        return rank_shards
+
+    def main_params(self) -> tuple[list[torch.Tensor], list[bool]]:
+        """This rank's fp32 theta shards (1-D views) and whether each enters global norms."""
+        _, entries = self._layout()
+        return [e.theta for e in entries], [e.counted for e in entries]
+
+    def _layout(self) -> tuple[RankShards, list[ShardEntry]]:
+        key = self._layout_key()
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, *self._build_shards())
+        return self._cached[1], self._cached[2]
+
+    def _build_shards(self) -> tuple[RankShards, list[ShardEntry]]:
+        entries = list(self._entries())
+        copies = {id(e): e.theta.clone() for e in _aliased(entries)}
+        shards = Shards(
+            thetas=[copies.get(id(e), e.theta) for e in entries],
+            grads=[e.grad for e in entries],
+            targets=[e.target for e in entries],
+            counted=[e.counted for e in entries],
+        )
+        aliased = Shards(
+            thetas=[copies[id(e)] for e in _aliased(entries)],
+            grads=[e.grad for e in _aliased(entries)],
+            targets=[e.target for e in _aliased(entries)],
+            counted=[e.counted for e in _aliased(entries)],
+        )
+        spans = [e.span for e in entries]
+        return RankShards(all=shards, aliased=aliased, spans=spans), entries
+
+    # ----- collectives ----------------------------------------------------------------
+
+    def reduced_norm_sums(self, kernels: Kernels, shards: Shards) -> NormSums:
+        """[||g||^2, ||P g||^2, g.P g] over the whole model: one all-reduce."""
+        if len(shards):
+            local = kernels.norm_sums(shards).to(self.device)
+        else:
+            local = torch.zeros(3, dtype=torch.float32, device=self.device)
+        return NormSums.from_tensor(self.all_reduce_sums(local))
+
+    def all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """Sum the norm partials over the ranks that hold distinct shards."""
+        torch.distributed.all_reduce(sums, group=self.stats_group)
+        return sums
+
+    def all_finite(self, grads: list[torch.Tensor]) -> bool:
+        """Whether every rank's gradient shards are finite: one fused max-norm, one MAX
+        all-reduce, one host sync."""
+        found = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if grads:
+            largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
+            found = (~torch.isfinite(largest)).float().view(1).to(self.device)
+        torch.distributed.all_reduce(
+            found, op=torch.distributed.ReduceOp.MAX, group=self.stats_group
+        )
+        return found.item() == 0.0
+
+    # ----- second moments -------------------------------------------------------------
+
+    def _rms_sqrt_v(self, shards: Shards, real: list[int]) -> float:
+        """sqrt(mean v_hat) over the counted coordinates of the whole model that have Adam
+        state (the root-mean-square of sqrt(v_hat)): one all-reduce."""
+        counted = [i for i in real if shards.counted[i] and shards.second_moments[i].numel()]
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if counted:
+            sums = torch._foreach_norm([shards.second_moments[i] for i in counted], 1)  # v >= 0
+            scales = [shards.v_scales[i] for i in counted]
+            scaled = torch.stack(sums).double()
+            scaled *= torch.tensor(scales, dtype=torch.float64, device=scaled.device)
+            local[0] = scaled.sum()
+            local[1] = sum(shards.second_moments[i].numel() for i in counted)
+        total, count = self.all_reduce_sums(local).tolist()
+        return math.sqrt(total / count) if count else 0.0
+
+    def _attach_second_moments(self, shards: Shards, entries: list[ShardEntry]) -> list[int]:
+        """Adam's exp_avg_sq per shard (P = 1 where there is none yet); returns the indices
+        of the shards that have one."""
+        moments, v_scales, eps, real = [], [], [], []
+        missing = 0
+        group_of = {
+            id(p): g
+            for inner in {id(e.inner): e.inner for e in entries}.values()
+            for g in inner.param_groups
+            for p in g["params"]
+        }
+        for entry in entries:
+            group = group_of[id(entry.main)]
+            state = entry.inner.state.get(entry.main, {})
+            step = _adam_step(state, group)
+            if step == 0 or "exp_avg_sq" not in state:
+                missing += 1  # P = 1 / (sqrt(1 * 1) + 0) = 1
+                moments.append(torch.ones_like(entry.grad, dtype=torch.float32))
+                v_scales.append(1.0)
+                eps.append(0.0)
+                continue
+            real.append(len(moments))
+            moment = _second_moment(entry.inner, entry.main, state).view(-1)
+            if entry.state_range is not None:
+                moment = moment[slice(*entry.state_range)]
+            moments.append(moment)
+            v_scales.append(1.0 / (1.0 - group["betas"][1] ** step))
+            eps.append(float(group["eps"]))
+        if missing:
+            log_once(
+                "precond: no Adam second moments yet (before the first optimizer step); "
+                "using P = 1 for the shards without them"
+            )
+        shards.second_moments, shards.v_scales, shards.adam_eps = moments, v_scales, eps
+        return real
+
+
+def _aliased(entries: list[ShardEntry]) -> list[ShardEntry]:
+    return [e for e in entries if e.aliased]
+
+
+def _adam_step(state: dict, group: dict) -> int:
+    """Adam steps taken: torch keeps them per param, apex/TE FusedAdam per group."""
+    step = state.get("step", group.get("step", 0))
+    return int(step.item()) if torch.is_tensor(step) else int(step)
+
+
+def _second_moment(inner: torch.optim.Optimizer, main: torch.Tensor, state: dict) -> torch.Tensor:
+    """exp_avg_sq in fp32; TE's FusedAdam may store it scaled in low precision."""
+    if hasattr(inner, "get_unscaled_state"):
+        return inner.get_unscaled_state(main, "exp_avg_sq")
+    return state["exp_avg_sq"]
+
+
+_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning("megatron_fsam: %s", message)
