@@ -324,12 +324,12 @@ class LogitGate(LogitHook):
 
 
 def find_logits_module(
-    model_chunks: list[torch.nn.Module], name: str | None
+    model_chunks: list[torch.nn.Module], names: tuple[str, ...]
 ) -> torch.nn.Module | None:
-    """The module producing logits: `name` (exact or dotted suffix) or Megatron's output_layer."""
-    target = name or "output_layer"
-    for chunk in model_chunks:
-        for module_name, module in chunk.named_modules():
-            if module_name == target or module_name.endswith("." + target):
-                return module
+    """The module producing logits: the first of `names` found (exact or dotted suffix)."""
+    for target in names:
+        for chunk in model_chunks:
+            for module_name, module in chunk.named_modules():
+                if module_name == target or module_name.endswith("." + target):
+                    return module
     return None

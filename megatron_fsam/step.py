@@ -1,4 +1,5 @@
-"""FuncSAM: the SAM / Func-SAM / ANGLE-SAM step around Megatron's forward_backward_func.
+"""The SAM / Func-SAM / ANGLE-SAM step (`SAMStep`), and `FuncSAM` around Megatron's
+forward_backward_func (DeepSpeed's engine: `megatron_fsam.deepspeed`).
 
 One step, as in the paper (Singh et al. 2025, Eq. 2, Eq. 11 and App. D):
 
@@ -9,7 +10,7 @@ One step, as in the paper (Singh et al. 2025, Eq. 2, Eq. 11 and App. D):
              fsam:  J(theta+eps)^T c(theta)   the recorded cotangent replayed
              angle: J(theta+eps)^T [sin c(theta+eps) + (cos - sin) c(theta)] + (1 - cos) g
     [pass 3  angle, exact: J(theta)^T c(theta+eps) at theta, mixed per Eq. 19]
-    update   optimizer.step() on theta        copying main -> model restores theta
+    update   optimizer step on theta          writing theta to the model restores it
 
 `modes.py` holds what each mode back-propagates and mixes; the logit gate (`gate.py`, or
 `recompute.py` under cotangent_memory="recompute") keeps c(theta) or what recomputes it.
@@ -35,7 +36,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_fsam.backends.megatron import MegatronBackend
-from megatron_fsam.backends.shards import RankShards
+from megatron_fsam.backends.shards import RankShards, ShardBackend
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.gate import LogitGate, find_logits_module
 from megatron_fsam.kernels import get_kernels, resolve_kernels
@@ -48,93 +49,65 @@ from megatron_fsam.schedules import is_sam_step, rho_at
 
 logger = logging.getLogger("megatron_fsam")
 
-StepResult = tuple[bool, float | None, list[Any], dict[str, float | None]]
+StepResult = tuple[bool, float | None, Any, dict[str, float | None]]
+RunPass = Callable[["LossCapture", str], Any]
 TOP_FRACTION = 1e-3  # eps_top_share: the share of ||eps||^2 in the largest 0.1% of coordinates
 
 
-class FuncSAM:
-    """Drop-in replacement for a Megatron training step that adds SAM / Func-SAM.
+class SAMStep:
+    """The SAM / Func-SAM / ANGLE-SAM step over any backend (optimizer layout).
 
-    `model` is the list of DDP-wrapped model chunks and `optimizer` what
-    `get_megatron_optimizer` returns; `train_step` takes what
-    `get_forward_backward_func()` takes.
+    A training-loop adapter gives `_run` a `run_pass(losses, source)` that runs one
+    forward-backward pass over the step's micro-batches: `source` is "direct" (a plain step),
+    "record" (pass 1: keep the micro-batches for later passes) or "replay" (the same
+    micro-batches again). The backend zeroes, reads and applies the gradients.
     """
 
     def __init__(
         self,
         config: SAMConfig,
-        model: list[torch.nn.Module],
-        optimizer: MegatronOptimizer,
-        forward_backward_func: Callable | None = None,
+        backend: ShardBackend,
+        modules: list[torch.nn.Module],
+        *,
+        last_stage: bool,
+        logits_names: tuple[str, ...],
     ) -> None:
         config.validate()
         self.config = config
         self.recipe = recipe_for(config) if config.sam_enabled else None
-        self.model = list(model)
-        self.optimizer = optimizer
-        self.backend = MegatronBackend(self.model, optimizer)
-        self.backend.check_grad_reduction()
-        if config.precond and config.sam_enabled:
-            self.backend.check_second_moments()
+        self.backend = backend
         self.kernels = get_kernels(config.kernels)
-        resolve_kernels(config.kernels, self.backend.device)  # Triton's self-check: now, once
-        self.gate = self._attach_gate() if self.recipe and self.recipe.needs_gate else None
-        self.forward_backward_func = forward_backward_func or get_forward_backward_func()
+        resolve_kernels(config.kernels, backend.device)  # Triton's self-check: now, once
+        needs_gate = self.recipe is not None and self.recipe.needs_gate
+        self.gate = self._attach_gate(modules, last_stage, logits_names) if needs_gate else None
         self.iteration = 0
         self.fallback_steps = 0
         self._clock: _PhaseClock | None = None
 
     # ----- the step -------------------------------------------------------------------
 
-    def train_step(
-        self,
-        forward_step_func: Callable,
-        data_iterator: Any,
-        *,
-        num_microbatches: int,
-        seq_length: int,
-        micro_batch_size: int,
-        decoder_seq_length: int | None = None,
-        log_step: bool = False,
-        **schedule_kwargs: Any,
-    ) -> StepResult:
-        """One optimizer step; returns (update_successful, grad_norm, losses_reduced, metrics).
-
-        `losses_reduced` are pass 1's (the clean loss), also on a skipped step. `log_step`
-        adds the metrics that cost a little (`eps_top_share`: a few small all-reduces).
-        `schedule_kwargs` go to every `forward_backward_func` call unchanged.
-        """
+    def _run(self, run_pass: RunPass, *, log_step: bool) -> StepResult:
+        """One optimizer step (see the module docstring); what `train_step` returns."""
         rho = rho_at(self.config, self.iteration)
         clock = self._clock = _PhaseClock()
-        pass1_losses, pass2_losses = _LossCapture(), _LossCapture()
+        pass1_losses, pass2_losses = LossCapture(), LossCapture()
 
-        def run_pass(losses: _LossCapture, batches: Any) -> list[Any]:
-            self._zero_grads()
-            return self.forward_backward_func(
-                forward_step_func=losses.wrap(forward_step_func),
-                data_iterator=batches,
-                model=self.model,
-                num_microbatches=num_microbatches,
-                seq_length=seq_length,
-                micro_batch_size=micro_batch_size,
-                decoder_seq_length=decoder_seq_length,
-                forward_only=False,
-                **schedule_kwargs,
-            )
+        def passing(losses: LossCapture, source: str) -> Any:
+            self.backend.zero_grads()
+            return run_pass(losses, source)
 
         if rho == 0.0 or not is_sam_step(self.config, self.iteration):
-            losses_reduced = run_pass(pass1_losses, data_iterator)
+            losses_reduced = passing(pass1_losses, "direct")
             clock.lap("pass1")
-            ok, grad_norm, num_zeros = self.optimizer.step()
+            ok, grad_norm, num_zeros = self.backend.optimizer_step()
             clock.lap("optimizer")
             return self._finish(ok, grad_norm, losses_reduced, rho, None, pass1_losses, num_zeros)
 
         # Pass 1 at theta: g, and the clean logit cotangent c(theta) where the mode needs it.
         recipe = self.recipe
-        replay = MicrobatchReplay(data_iterator)
         rng = _RandomnessReplay()
         with self.gate.recording() if self.gate else nullcontext():
-            losses_reduced = run_pass(pass1_losses, replay.recording())
+            losses_reduced = passing(pass1_losses, "record")
         rng.recorded()
         clock.lap("pass1")
 
@@ -152,38 +125,40 @@ class FuncSAM:
 
         held = self._held_bytes()
         # Pass 2 at theta + eps on the same micro-batches and dropout masks. Its non-finite
-        # values are SAM's to handle (a skip or fallback), not Megatron's result validation's.
+        # values are SAM's to handle (a skip or fallback), not the framework's result checks'.
         cotangent = (
             self.gate.mixing(recipe.perturbed, recipe.clean, keep_perturbed=recipe.pass3 != 0)
             if self.gate
             else nullcontext()
         )
         with cotangent, rng.replayed(), self.backend.validation_paused():
-            run_pass(pass2_losses, replay.replaying())
+            passing(pass2_losses, "replay")
+        grads = self.backend.gradients(shards)
         clock.lap("pass2")
         if recipe.pass3:
             # Pass 3 at theta: J(theta)^T c(theta+eps), the logit term of Eq. 19 taken exactly.
             held = self._held_bytes()  # pass 2 kept the perturbed side too: the peak
-            earlier = _mixed(recipe.pass2, shards.all.grads, recipe.grad, g)
+            earlier = _mixed(recipe.pass2, grads, recipe.grad, g)
             self.kernels.restore(shards.all)
             self.backend.publish_params()
             perturbed_cotangent = self.gate.replaying_perturbed() if self.gate else nullcontext()
             with perturbed_cotangent, rng.replayed(), self.backend.validation_paused():
-                run_pass(_LossCapture(), replay.replaying())
-            _scale_add_(shards.all.grads, recipe.pass3, earlier)
+                passing(LossCapture(), "replay")
+            grads = self.backend.gradients(shards)
+            _scale_add_(grads, recipe.pass3, earlier)
             clock.lap("pass3")
         elif recipe.grad:
-            torch._foreach_add_(shards.all.grads, g, alpha=recipe.grad)
+            torch._foreach_add_(grads, g, alpha=recipe.grad)
         if self.gate:
             self.gate.clear()
         self.kernels.restore(shards.aliased)  # theta back where the optimizer reads it
 
         fallback = False
-        if not self.backend.all_finite(shards.all.grads):
+        if not self.backend.all_finite(grads):
             if self.config.on_nonfinite == "skip":
                 self._restore(shards)
                 return self._skip(rho, step, pass1_losses, losses_reduced, "SAM gradient")
-            torch._foreach_copy_(shards.all.grads, g)  # a plain step on g instead
+            torch._foreach_copy_(grads, g)  # a plain step on g instead
             fallback = True
             self.fallback_steps += 1
             logger.warning(
@@ -193,8 +168,8 @@ class FuncSAM:
                 self.fallback_steps,
             )
 
-        # The optimizer updates theta (never theta + eps) and copies it back to the model.
-        ok, grad_norm, num_zeros = self.optimizer.step()
+        # The optimizer updates theta (never theta + eps) and writes it back to the model.
+        ok, grad_norm, num_zeros = self.backend.optimizer_step()
         if not ok:
             self._restore(shards)
         clock.lap("optimizer")
@@ -223,16 +198,19 @@ class FuncSAM:
 
     # ----- internals ------------------------------------------------------------------
 
-    def _attach_gate(self) -> LogitGate | RecomputeGate | None:
+    def _attach_gate(
+        self, modules: list[torch.nn.Module], last_stage: bool, logits_names: tuple[str, ...]
+    ) -> LogitGate | RecomputeGate | None:
         """The logit gate on the last stage; refuses on every rank if it cannot be built."""
-        module = find_logits_module(self.model, self.config.logits_module)
+        names = (self.config.logits_module,) if self.config.logits_module else logits_names
+        module = find_logits_module(modules, names)
         problem = None
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        if last_stage:
             if module is None:
                 problem = (
                     f"mode={self.config.mode!r} needs the module producing the logits, but no "
-                    f"module named {self.config.logits_module or 'output_layer'!r} was found on "
-                    "the last pipeline stage; set SAMConfig.logits_module"
+                    f"module named {' or '.join(map(repr, names))} was found on the last "
+                    "pipeline stage; set SAMConfig.logits_module"
                 )
             elif self.config.cotangent_memory == "recompute":
                 reason = recompute_unsupported(module)
@@ -240,7 +218,7 @@ class FuncSAM:
                     f"cotangent_memory='recompute' cannot be used: {reason}; set "
                     "cotangent_memory to 'device' or 'offload'"
                 )
-        _raise_on_every_rank(problem, _device(self.model))
+        _raise_on_every_rank(problem, self.backend.device)
         if module is None:
             return None
         memory = self._cotangent_memory(module)
@@ -277,11 +255,6 @@ class FuncSAM:
             shards.all, TOP_FRACTION, group=self.backend.stats_group, device=self.backend.device
         )
 
-    def _zero_grads(self) -> None:
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-
     def _restore(self, shards: RankShards) -> None:
         self.kernels.restore(shards.all)
         self.backend.sync_params()
@@ -290,7 +263,7 @@ class FuncSAM:
         self,
         rho: float,
         step: Ascent | None,
-        losses: _LossCapture,
+        losses: LossCapture,
         losses_reduced: list[Any],
         what: str,
     ) -> StepResult:
@@ -306,9 +279,9 @@ class FuncSAM:
         losses_reduced: list[Any],
         rho: float,
         step: Ascent | None,
-        clean: _LossCapture,
+        clean: LossCapture,
         num_zeros_in_grad: int | None,
-        perturbed: _LossCapture | None = None,
+        perturbed: LossCapture | None = None,
         **measured: float,
     ) -> StepResult:
         """Count the step and say what it was."""
@@ -331,6 +304,78 @@ class FuncSAM:
             **measured,
         }
         return ok, grad_norm, losses_reduced, metrics
+
+
+class FuncSAM(SAMStep):
+    """Drop-in replacement for a Megatron training step that adds SAM / Func-SAM.
+
+    `model` is the list of DDP-wrapped model chunks and `optimizer` what
+    `get_megatron_optimizer` returns; `train_step` takes what
+    `get_forward_backward_func()` takes.
+    """
+
+    def __init__(
+        self,
+        config: SAMConfig,
+        model: list[torch.nn.Module],
+        optimizer: MegatronOptimizer,
+        forward_backward_func: Callable | None = None,
+    ) -> None:
+        config.validate()
+        self.model = list(model)
+        self.optimizer = optimizer
+        backend = MegatronBackend(self.model, optimizer)
+        backend.check_grad_reduction()
+        if config.precond and config.sam_enabled:
+            backend.check_second_moments()
+        super().__init__(
+            config,
+            backend,
+            self.model,
+            last_stage=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+            logits_names=("output_layer",),
+        )
+        self.forward_backward_func = forward_backward_func or get_forward_backward_func()
+
+    def train_step(
+        self,
+        forward_step_func: Callable,
+        data_iterator: Any,
+        *,
+        num_microbatches: int,
+        seq_length: int,
+        micro_batch_size: int,
+        decoder_seq_length: int | None = None,
+        log_step: bool = False,
+        **schedule_kwargs: Any,
+    ) -> StepResult:
+        """One optimizer step; returns (update_successful, grad_norm, losses_reduced, metrics).
+
+        `losses_reduced` are pass 1's (the clean loss), also on a skipped step. `log_step`
+        adds the metrics that cost a little (`eps_top_share`: a few small all-reduces).
+        `schedule_kwargs` go to every `forward_backward_func` call unchanged.
+        """
+        replay = MicrobatchReplay(data_iterator)
+        sources = {
+            "direct": lambda: data_iterator,
+            "record": replay.recording,
+            "replay": replay.replaying,
+        }
+
+        def run_pass(losses: LossCapture, source: str) -> list[Any]:
+            return self.forward_backward_func(
+                forward_step_func=losses.wrap(forward_step_func),
+                data_iterator=sources[source](),
+                model=self.model,
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                decoder_seq_length=decoder_seq_length,
+                forward_only=False,
+                **schedule_kwargs,
+            )
+
+        return self._run(run_pass, log_step=log_step)
 
 
 class _RandomnessReplay:
@@ -372,7 +417,7 @@ def _scale_add_(xs: list[torch.Tensor], a: float, ys: list[torch.Tensor]) -> Non
     torch._foreach_add_(xs, ys)
 
 
-class _LossCapture:
+class LossCapture:
     """Keeps each micro-batch's loss (before the schedule rescales it) for logging."""
 
     def __init__(self) -> None:

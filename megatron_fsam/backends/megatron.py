@@ -37,7 +37,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.utils import get_model_config
 
-from megatron_fsam.backends.shards import ParamSpan, ShardBackend, ShardEntry
+from megatron_fsam.backends.shards import ParamSpan, RankShards, ShardBackend, ShardEntry
 
 
 class MegatronBackend(ShardBackend):
@@ -45,6 +45,7 @@ class MegatronBackend(ShardBackend):
 
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer) -> None:
         self.model_chunks = model_chunks
+        self.optimizer = optimizer
         self.model_config = get_model_config(model_chunks[0])
         _check_model(model_chunks, self.model_config)
         self.optimizers = _leaf_optimizers(optimizer)
@@ -110,6 +111,17 @@ class MegatronBackend(ShardBackend):
             id(p) for o in self.optimizers for g in o.optimizer.param_groups for p in g["params"]
         )
         return buffers, params
+
+    def zero_grads(self) -> None:
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def gradients(self, shards: RankShards) -> list[torch.Tensor]:
+        return shards.all.grads  # views into the grad buffers that every pass fills
+
+    def optimizer_step(self) -> tuple[bool, float | None, int | None]:
+        return self.optimizer.step()
 
     def sync_params(self) -> None:
         if self.distributed:

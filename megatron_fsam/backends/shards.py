@@ -78,7 +78,9 @@ class ShardBackend:
     """The layout-independent half of a backend; subclasses list the entries and move params.
 
     Subclasses provide `_entries()`, `_layout_key()` (what the entry views depend on: the
-    layout is rebuilt when it changes), `sync_params()` and `publish_params()`.
+    layout is rebuilt when it changes), how params reach the model (`sync_params()`,
+    `publish_params()`) and the optimizer's side of a step (`zero_grads()`, `gradients()`,
+    `optimizer_step()`).
     """
 
     def __init__(self, device: torch.device, stats_group) -> None:
@@ -101,6 +103,20 @@ class ShardBackend:
     def publish_params(self) -> None:
         """Every rank's next pass reads the values just written into the shards."""
         self.sync_params()
+
+    def zero_grads(self) -> None:
+        """Forget the gradients of the last pass (a pass then starts from zero)."""
+        raise NotImplementedError
+
+    def gradients(self, shards: RankShards) -> list[torch.Tensor]:
+        """This rank's gradient shards as the optimizer will read them now (after a pass),
+        aligned with `shards.all`; writing into them changes what the optimizer applies."""
+        raise NotImplementedError
+
+    def optimizer_step(self) -> tuple[bool, float | None, int | None]:
+        """The optimizer's step on theta with the gradients in place: (ok, grad_norm,
+        num_zeros_in_grad); it writes the new theta into what the model reads."""
+        raise NotImplementedError
 
     def validation_paused(self) -> AbstractContextManager[None]:
         """The framework's own checks of non-finite results off (pass 2 at theta + eps)."""

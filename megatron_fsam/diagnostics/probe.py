@@ -181,7 +181,7 @@ class GradientProbe(ModelShards):
     def __enter__(self) -> GradientProbe:
         super().__enter__()
         self._rng = RNGState.capture()
-        module = find_logits_module(self.model_chunks, self.logits_module)
+        module = find_logits_module(self.model_chunks, (self.logits_module or "output_layer",))
         self.gate = LogitGate(module) if module is not None else None
         return self
 
