@@ -418,7 +418,7 @@ def _scale_add_(xs: list[torch.Tensor], a: float, ys: list[torch.Tensor]) -> Non
 
 
 class LossCapture:
-    """Keeps each micro-batch's loss (before the schedule rescales it) for logging."""
+    """Keeps each micro-batch's loss (before a schedule rescales it) for logging."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
@@ -432,12 +432,16 @@ class LossCapture:
 
         return forward_step
 
+    def add(self, loss: torch.Tensor, num_tokens: Any = None) -> None:
+        """Keep one micro-batch's loss (a copy: schedules rescale theirs in place)."""
+        self.losses.append(loss.detach().float().clone())
+        if num_tokens is not None:
+            self.num_tokens.append(torch.as_tensor(num_tokens).detach().float().clone())
+
     def _loss(self, loss_func: Callable, output_tensor: torch.Tensor, **kwargs):
         outputs = loss_func(output_tensor, **kwargs)
         if not kwargs:  # non_loss_data calls carry no loss
-            self.losses.append(outputs[0].detach().float().clone())
-            if len(outputs) == 3:
-                self.num_tokens.append(torch.as_tensor(outputs[1]).detach().float().clone())
+            self.add(outputs[0], outputs[1] if len(outputs) == 3 else None)
         return outputs
 
     def mean(self) -> float | None:

@@ -202,14 +202,14 @@ def _gpt_chunk(model: GPTConfig, config: TransformerConfig, vp_stage: int | None
     )
 
 
-def _init_full(
+def init_tensor(
     name: str, shape: torch.Size, hidden_size: int, generator: torch.Generator, device: torch.device
 ) -> Tensor:
     """Nanodo's initialisation of one single-process tensor (shape is [out, in] for kernels)."""
     if name.endswith("layernorm.weight"):
         return torch.ones(shape, device=device)
     # variance_scaling(1, fan_in, normal), fan_in = D; an untied output projection alike
-    if name.endswith(("embeddings.weight", "output_layer.weight")):
+    if name.endswith(("embeddings.weight", "output_layer.weight", "lm_head.weight")):
         std = 1.0 / math.sqrt(hidden_size)
         return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
     fan_out, fan_in = shape
@@ -232,7 +232,7 @@ def init_weights(chunks: list[GPTModel], hidden_size: int, seed: int) -> None:
     for name, param in global_param_names(chunks).items():
         generator = torch.Generator(device=param.device)
         generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        full = _init_full(name, full_shape(param), hidden_size, generator, param.device)
+        full = init_tensor(name, full_shape(param), hidden_size, generator, param.device)
         param.data.copy_(tp_slice(full, param))
 
 

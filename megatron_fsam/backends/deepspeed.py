@@ -1,0 +1,242 @@
+"""DeepSpeed adapter: this rank's shards of theta, g and Adam state under ZeRO stages 0, 1, 2.
+
+What `deepspeed.initialize` builds, and where SAM finds theta in it:
+
+- ZeRO-1/2 (`DeepSpeedZeroOptimizer`): each data-parallel rank owns a contiguous partition
+  of the flat fp32 master weights of every param group. `param._hp_mapping` (DeepSpeed's own
+  map, also used by its universal checkpoints) gives each model param's fragment in this
+  rank's partition: fp32 theta, Adam's state, and the reduced gradient piece that the
+  engine's backward left for `step()`. The model's params (bf16 or fp32) are views into one
+  flat buffer per group; after a write, this rank's part of it is all-gathered.
+- ZeRO-0, fp32: the torch optimizer's params are the model params (theta is copied before
+  the perturbation); the engine all-reduces gradients into `param.grad`.
+- ZeRO-0, bf16 (`FP16_Optimizer` / `FP16_UnfusedOptimizer` in bf16): fp32 masters (one flat
+  tensor per group, or one per param), gradients all-reduced into the bf16 `param.grad`.
+
+Under ZeRO-0 every rank holds everything; each counts every DP-th shard, so that the sums
+over the data-parallel group see each coordinate once. Gradients live in buffers that the
+engine replaces at every accumulation boundary, so the shard lists are rebuilt at each use.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.utils import all_gather_dp_groups
+from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
+from megatron_fsam.backends.shards import ParamSpan, RankShards, ShardBackend, ShardEntry
+
+ADAM_OPTIMIZERS = ("Adam", "AdamW", "FusedAdam", "DeepSpeedCPUAdam")
+
+
+class DeepSpeedBackend(ShardBackend):
+    """SAM's view of a DeepSpeed engine and its optimizer on this rank."""
+
+    def __init__(self, engine) -> None:
+        _check_engine(engine)
+        self.engine = engine
+        self.optimizer = engine.optimizer
+        self.inner = engine.basic_optimizer
+        self.zero = isinstance(self.optimizer, DeepSpeedZeroOptimizer)
+        group = engine.data_parallel_group
+        self._dp_rank = torch.distributed.get_rank(group)
+        self._dp_size = torch.distributed.get_world_size(group)
+        super().__init__(device=engine.device, stats_group=group)
+
+    def check_second_moments(self) -> None:
+        """Preconditioning reads Adam's exp_avg_sq: refuse other optimizers."""
+        name = type(self.inner).__name__
+        if name not in ADAM_OPTIMIZERS or not all("betas" in g for g in self.inner.param_groups):
+            raise ValueError(
+                "megatron_fsam: precond=True reads the optimizer's Adam second moment; the "
+                f"engine's optimizer is {name} (supported: {', '.join(ADAM_OPTIMIZERS)})"
+            )
+
+    # ----- the layout -----------------------------------------------------------------
+
+    def _layout_key(self) -> tuple:
+        # The engine allocates new gradient buffers at every accumulation boundary.
+        return tuple(id(e.grad) for e in self._entries())
+
+    def _entries(self) -> Iterator[ShardEntry]:
+        if self.zero:
+            yield from self._zero_entries()
+        elif isinstance(self.optimizer, FP16_Optimizer):
+            yield from self._flat_master_entries()
+        elif isinstance(self.optimizer, FP16_UnfusedOptimizer):
+            yield from self._master_entries()
+        else:
+            yield from self._fp32_entries()
+
+    def _zero_entries(self) -> Iterator[ShardEntry]:
+        opt = self.optimizer
+        for i, group in enumerate(opt.bit16_groups):
+            partition = opt.single_partition_of_fp32_groups[i]
+            for param in group:
+                fragment = getattr(param, "_hp_mapping", None)
+                if fragment is None:  # no part of this param in this rank's partition
+                    continue
+                hp, lp = fragment.hp_fragment_address, fragment.lp_fragment_address
+                if opt.averaged_gradients.get(i) is None:  # outside a pass: no gradients
+                    grad = torch.zeros(hp.numel, dtype=param.dtype, device=param.device)
+                else:
+                    grad = fragment.get_lp_grad_fragment(param._index_in_param_group)
+                yield ShardEntry(
+                    main=partition,
+                    grad=grad.view(-1),
+                    target=fragment.lp_fragment,
+                    inner=self.inner,
+                    span=ParamSpan(param, lp.start, lp.start + lp.numel),
+                    state_range=(hp.start, hp.start + hp.numel),
+                )
+
+    def _flat_master_entries(self) -> Iterator[ShardEntry]:
+        index = itertools.count()
+        for params, master in zip(
+            self.optimizer.fp16_groups, self.optimizer.fp32_groups_flat, strict=True
+        ):
+            offset = 0
+            for param in params:
+                yield ShardEntry(
+                    main=master,
+                    grad=_grad(param),
+                    target=param.data.view(-1),
+                    inner=self.inner,
+                    span=ParamSpan(param, 0, param.numel()),
+                    counted=self._counts(next(index)),
+                    state_range=(offset, offset + param.numel()),
+                )
+                offset += param.numel()
+
+    def _master_entries(self) -> Iterator[ShardEntry]:
+        index = itertools.count()
+        for params, masters in zip(
+            self.optimizer.fp16_groups, self.optimizer.fp32_groups, strict=True
+        ):
+            for param, master in zip(params, masters, strict=True):
+                yield ShardEntry(
+                    main=master,
+                    grad=_grad(param),
+                    target=param.data.view(-1),
+                    inner=self.inner,
+                    span=ParamSpan(param, 0, param.numel()),
+                    counted=self._counts(next(index)),
+                )
+
+    def _fp32_entries(self) -> Iterator[ShardEntry]:
+        index = itertools.count()
+        for group in self.inner.param_groups:
+            for param in group["params"]:
+                yield ShardEntry(
+                    main=param,
+                    grad=_grad(param),
+                    target=param.data.view(-1),
+                    inner=self.inner,
+                    span=ParamSpan(param, 0, param.numel()),
+                    counted=self._counts(next(index)),
+                )
+
+    def _counts(self, index: int) -> bool:
+        """Under ZeRO-0 every rank holds every shard: each counts every DP-th one."""
+        return index % self._dp_size == self._dp_rank
+
+    # ----- the step's side of the engine ------------------------------------------------
+
+    def zero_grads(self) -> None:
+        """Drop the gradients of the last pass, as the engine's own step would."""
+        if not self.zero:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.engine.zero_grad()
+            return
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        opt._release_preflattened_grad_buffers()
+        for group in list(opt.averaged_gradients):
+            opt.averaged_gradients[group] = None
+            opt.all_grad_tensors[group] = None
+        opt.micro_step_id = INITIAL_MICRO_STEP_ID  # the next backward copies, not accumulates
+
+    def gradients(self, shards: RankShards) -> list[torch.Tensor]:
+        return [entry.grad for entry in self._entries()]
+
+    def optimizer_step(self) -> tuple[bool, float | None, int | None]:
+        """engine.step() at the accumulation boundary: gradient clipping, the optimizer, the
+        LR scheduler and the write of the new theta into the model, all DeepSpeed's own."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else None
+        return self.engine.was_step_applied(), grad_norm, None
+
+    def sync_params(self) -> None:
+        """All-gather this rank's partition of the model's flat params (ZeRO-1/2)."""
+        if not self.zero:
+            return  # every rank wrote every shard
+        opt = self.optimizer
+        all_gather_dp_groups(
+            groups_flat=opt.bit16_groups_flat,
+            partitioned_param_groups=opt.parallel_partitioned_bit16_groups,
+            dp_process_group=opt.real_dp_process_group,
+            start_alignment_factor=opt.nccl_start_alignment_factor,
+            allgather_bucket_size=opt.allgather_bucket_size,
+        )
+
+
+def _grad(param: torch.nn.Parameter) -> torch.Tensor:
+    if param.grad is None:
+        return torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
+    return param.grad.view(-1)
+
+
+def _check_engine(engine) -> None:
+    """Refuse, before any work and alike on every rank, what the step cannot do right."""
+    stage = engine.zero_optimization_stage()
+    optimizer = engine.optimizer
+    model_parallel = getattr(engine.mpu, "get_model_parallel_world_size", lambda: 1)()
+    reasons = [
+        (
+            stage >= 3,
+            f"ZeRO stage {stage}: parameters are partitioned too, and SAM writes theta + eps "
+            "into every rank's full model; use ZeRO stage 0, 1 or 2",
+        ),
+        (
+            engine.zero_cpu_offload() or getattr(optimizer, "cpu_offload", False),
+            "an offloaded optimizer (zero_optimization.offload_optimizer): theta and Adam's "
+            "state live on the host, where the SAM kernels do not run",
+        ),
+        (engine.fp16_enabled(), "fp16 with loss scaling; use bf16 or fp32"),
+        (
+            type(optimizer).__name__ == "BF16_Optimizer",
+            "DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient accumulation under ZeRO-1); "
+            "use the default gradient accumulation dtype or ZeRO stage 2",
+        ),
+        (engine.has_moe_layers, "mixture-of-experts layers (expert-parallel groups)"),
+        (model_parallel > 1, "model parallelism (an mpu with tensor or pipeline parallel > 1)"),
+        (
+            type(engine).__name__ == "PipelineEngine",
+            "DeepSpeed's PipelineEngine (it runs its own schedule)",
+        ),
+        (
+            not engine.managed_gradient_accumulation(),
+            "managed_gradient_accumulation=false (SAM sets the accumulation boundary itself)",
+        ),
+        (
+            not isinstance(
+                optimizer,
+                (
+                    DeepSpeedZeroOptimizer,
+                    FP16_Optimizer,
+                    FP16_UnfusedOptimizer,
+                    torch.optim.Optimizer,
+                ),
+            ),
+            f"the engine's optimizer {type(optimizer).__name__}",
+        ),
+    ]
+    for failed, reason in reasons:
+        if failed:
+            raise ValueError(f"megatron_fsam: the DeepSpeed SAM step does not support {reason}")

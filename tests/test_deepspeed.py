@@ -1,0 +1,275 @@
+"""The SAM step on a DeepSpeed engine: ZeRO stages 0, 1 and 2 on two gloo ranks.
+
+One 2-rank spawn builds an engine per case from the same TorchGPT weights and checks the
+gradient the engine's optimizer receives against the single-process torch.func reference
+(tests/reference.py), bf16 params against cast(master), a non-finite pass 2 (skip and
+fallback) bit for bit, and DeepSpeed's gradient clipping on the SAM gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from megatron_fsam import SAMConfig
+from megatron_fsam.models.gpt import GPTConfig
+from megatron_fsam.models.torch_gpt import TorchGPT
+from tests import reference
+from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
+from tests.spawn import run_ranks
+
+pytest.importorskip("deepspeed")
+
+TOLERANCE = 1e-5
+SPAWN_TIMEOUT = 900
+STAGES = (0, 1, 2)
+ACCUMULATION = GLOBAL_MICROBATCHES // 2  # per rank: DP = 2
+LR, ADAM_EPS = 1e-3, 1e-3
+PRECOND = dict(precond=True, precond_floor=0.0, rho_schedule="linear_warmup", rho_warmup_steps=1)
+
+
+def _ds_config(stage: int, *, bf16: bool = False, clipping: float = 0.0) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": ACCUMULATION,
+        "optimizer": {
+            "type": "Adam",
+            "params": {
+                "lr": LR,
+                "betas": [0.0, 0.98],
+                "eps": ADAM_EPS,
+                "weight_decay": 0.0,
+                "torch_adam": True,
+            },
+        },  # fmt: skip
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
+        "gradient_clipping": clipping,
+        "steps_per_print": 10**9,
+    }
+
+
+def _engine(model_cfg: GPTConfig, ds_config: dict):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=TorchGPT(model_cfg), model_parameters=None, config=copy.deepcopy(ds_config)
+    )
+    return engine
+
+
+def forward(engine, batch: dict) -> torch.Tensor:
+    """A micro-batch's masked mean token cross-entropy (what reference.loss_of_logits takes)."""
+    losses = engine(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    mask = batch["loss_mask"].to(losses.dtype)
+    return (losses * mask).sum() / mask.sum()
+
+
+class _Received:
+    """The gradients the engine's optimizer steps with (after DeepSpeed's clipping)."""
+
+    def __init__(self, engine) -> None:
+        self.grads: dict[int, torch.Tensor] = {}
+        engine.basic_optimizer.register_step_pre_hook(self._record)
+
+    def _record(self, optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self.grads[id(param)] = param.grad.detach().float().clone()
+
+
+def _error(sam, received: _Received, want: dict[str, torch.Tensor]) -> float:
+    """||received - want|| / ||want|| over this rank's shards (ZeRO: its partition)."""
+    names = {id(p): n for n, p in sam.engine.module.named_parameters()}
+    diff_sq = ref_sq = 0.0
+    for entry in sam.backend._entries():
+        if not entry.counted:  # ZeRO-0: every rank holds all; each counts its share
+            continue
+        got = received.grads[id(entry.main)].view(-1)
+        if entry.state_range is not None:
+            got = got[slice(*entry.state_range)]
+        span = entry.span
+        target = want[names[id(span.param)]].reshape(-1)[span.start : span.stop].double()
+        diff_sq += (got.double() - target).square().sum().item()
+        ref_sq += target.square().sum().item()
+    total = torch.tensor([diff_sq, ref_sq], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).sqrt().item()
+
+
+def _mine(batches: list[dict]) -> list[dict]:
+    rank = torch.distributed.get_rank()
+    return batches[rank * ACCUMULATION : (rank + 1) * ACCUMULATION]
+
+
+def _step(stage, cfg: SAMConfig, batches, *, steps: int = 1, **ds):
+    from megatron_fsam.deepspeed import FuncSAM
+
+    engine = _engine(TINY, _ds_config(stage, **ds))
+    sam = FuncSAM(cfg, engine)
+    received = _Received(engine)
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    for _ in range(steps):
+        sam.train_step(_mine(batches), forward)
+    return sam, received, before
+
+
+def _params(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def _two_ranks(rank: int, world: int) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    batches = make_batches(GLOBAL_MICROBATCHES)
+    reference_model = TorchGPT(TINY)
+    theta = {n: p.detach().clone() for n, p in reference_model.named_parameters()}
+    report: dict = {}
+
+    for stage in STAGES:
+        for mode in ("sam", "fsam"):
+            want = reference.sam_gradient(reference_model, theta, batches, mode=mode, rho=0.05)
+            sam, received, _ = _step(stage, SAMConfig(mode=mode, rho=0.05), batches)
+            report[f"zero{stage}/{mode}"] = _error(sam, received, want)
+            # Preconditioned: a plain Adam step (rho 0) first; P from its second moment.
+            sam, received, _ = _step(stage, SAMConfig(mode=mode, **PRECOND), batches, steps=2)
+            g0 = reference.gradient(reference_model, theta, batches)
+            precond = {n: 1.0 / (g0[n].abs() + ADAM_EPS) for n in g0}
+            after_first = _first_step_params(stage, batches)
+            want = reference.sam_gradient(
+                reference_model, after_first, batches, mode=mode, rho=0.05, precond=precond
+            )
+            report[f"zero{stage}/precond {mode}"] = _error(sam, received, want)
+        report[f"zero{stage}/bf16"] = _bf16_is_cast_of_master(stage, batches)
+        report[f"zero{stage}/nonfinite"] = _nonfinite(stage, batches)
+        report[f"zero{stage}/clipping"] = _clipping(stage, batches, reference_model, theta)
+    return report
+
+
+def _first_step_params(stage: int, batches) -> dict[str, torch.Tensor]:
+    """theta after the plain Adam step that precond runs take first (fp32: model = master)."""
+    sam, _, _ = _step(stage, SAMConfig(mode="adamw"), batches)
+    return _params(sam.engine)
+
+
+def _bf16_is_cast_of_master(stage: int, batches) -> bool:
+    """After bf16 SAM steps every rank's model params are cast(its fp32 master) exactly."""
+    sam, _, _ = _step(stage, SAMConfig(mode="fsam", **PRECOND), batches, steps=3, bf16=True)
+    return all(
+        torch.equal(entry.target, entry.theta.to(entry.target.dtype))
+        for entry in sam.backend._entries()
+    )
+
+
+def _poisoned(engine, calls_to_poison: range):
+    """NaN hidden states on the given forward calls of the first block (pass 2: M..2M-1)."""
+    count = [0]
+
+    def hook(module, args, output):
+        hit = count[0] in calls_to_poison
+        count[0] += 1
+        return output * float("nan") if hit else None
+
+    return engine.module.layers[0].register_forward_hook(hook)
+
+
+def _state(engine) -> list[torch.Tensor]:
+    inner = engine.basic_optimizer
+    tensors = [t.clone() for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
+    mains = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+    return tensors + mains
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _nonfinite(stage: int, batches) -> dict[str, bool]:
+    """NaN in pass 2 on rank 0 only: skip leaves everything bit-identical; fallback is
+    bit for bit a plain Adam step."""
+    from megatron_fsam.deepspeed import FuncSAM
+
+    out = {}
+    poison_rank0 = (
+        range(ACCUMULATION, 2 * ACCUMULATION) if torch.distributed.get_rank() == 0 else range(0)
+    )
+    for on_nonfinite in ("skip", "fallback"):
+        cfg = SAMConfig(mode="fsam", on_nonfinite=on_nonfinite, **PRECOND)
+        engine = _engine(TINY, _ds_config(stage, bf16=True))
+        sam = FuncSAM(cfg, engine)
+        sam.train_step(_mine(batches), forward)  # rho 0: a plain step, creates Adam state
+        params, state = _params(engine), _state(engine)
+        handle = _poisoned(engine, poison_rank0)
+        sam.train_step(_mine(batches), forward)
+        handle.remove()
+        metrics = sam.metrics
+        if on_nonfinite == "skip":
+            out["skip_counted"] = metrics["skipped"] == 1.0
+            out["skip_params"] = _same(params, _params(engine))
+            out["skip_state"] = _same(state, _state(engine))
+            out["skip_model_is_cast"] = all(
+                torch.equal(e.target, e.theta.to(e.target.dtype)) for e in sam.backend._entries()
+            )
+        else:
+            plain = FuncSAM(SAMConfig(mode="adamw"), _engine(TINY, _ds_config(stage, bf16=True)))
+            for _ in range(2):
+                plain.train_step(_mine(batches), forward)
+            out["fallback_counted"] = metrics["fallback"] == 1.0 and metrics["skipped"] == 0.0
+            out["fallback_params"] = _same(_params(plain.engine), _params(engine))
+            out["fallback_state"] = _same(_state(plain.engine), _state(engine))
+    return out
+
+
+def _clipping(stage: int, batches, model, theta) -> dict[str, float]:
+    """gradient_clipping acts on the SAM gradient: the optimizer receives it rescaled to the
+    clip norm, in the SAM gradient's direction (not g's)."""
+    clip = 1e-3
+    sam, received, _ = _step(stage, SAMConfig(mode="fsam", rho=0.05), batches, clipping=clip)
+    fsam = reference.sam_gradient(model, theta, batches, mode="fsam", rho=0.05)
+    g = reference.gradient(model, theta, batches)
+
+    def clipped(grads):
+        norm = torch.sqrt(sum(v.double().square().sum() for v in grads.values()))
+        return {n: v * (clip / norm) for n, v in grads.items()}
+
+    return {
+        "vs_sam": _error(sam, received, clipped(fsam)),
+        "vs_g": _error(sam, received, clipped(g)),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(_two_ranks, 2, timeout=SPAWN_TIMEOUT)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("mode", ["sam", "fsam", "precond sam", "precond fsam"])
+def test_update_equals_the_reference(two_ranks, stage, mode):
+    for report in two_ranks:
+        assert report[f"zero{stage}/{mode}"] <= TOLERANCE
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_bf16_model_is_cast_of_master(two_ranks, stage):
+    assert all(report[f"zero{stage}/bf16"] for report in two_ranks)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_nonfinite_pass2_is_skipped_or_falls_back_bit_for_bit(two_ranks, stage):
+    for report in two_ranks:
+        assert all(report[f"zero{stage}/nonfinite"].values()), report[f"zero{stage}/nonfinite"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gradient_clipping_acts_on_the_sam_gradient(two_ranks, stage):
+    for report in two_ranks:
+        clipping = report[f"zero{stage}/clipping"]
+        assert clipping["vs_sam"] <= TOLERANCE and clipping["vs_g"] > 1e-2, clipping
