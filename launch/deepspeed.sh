@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# launch/pretrain.py under the deepspeed launcher.
+# launch/pretrain.py (or --script PATH, e.g. launch/pretrain_deepspeed.py) under the
+# deepspeed launcher.
 #
-#   bash launch/deepspeed.sh [LAUNCHER ARGS] -- --config configs/NAME.yaml [key=value ...]
+#   bash launch/deepspeed.sh [LAUNCHER ARGS] [--script PATH] -- --config configs/NAME.yaml [key=value ...]
 #
 # One node:   bash launch/deepspeed.sh --num_gpus 8 -- --config configs/nanodo_h20.yaml
 # Many nodes: bash launch/deepspeed.sh --hostfile hosts.txt --master_addr node0 -- --config ...
@@ -10,10 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 launcher_args=()
-while [[ $# -gt 0 && "$1" != "--" ]]; do launcher_args+=("$1"); shift; done
+script=launch/pretrain.py
+while [[ $# -gt 0 && "$1" != "--" ]]; do
+    if [[ "$1" == "--script" ]]; then script=$2; shift 2; continue; fi
+    launcher_args+=("$1"); shift
+done
 [[ $# -gt 0 ]] && shift
 has_gpu() { python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; }
 if [[ " ${launcher_args[*]} " != *" --hostfile"* ]] && ! has_gpu; then
     launcher_args+=(--no_ssh --node_rank 0 --master_addr 127.0.0.1)
 fi
-exec deepspeed "${launcher_args[@]}" launch/pretrain.py "$@"
+exec deepspeed "${launcher_args[@]}" "$script" "$@"

@@ -89,3 +89,13 @@ class TorchGPT(nn.Module):
             generator = torch.Generator(device=param.device)
             generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             param.copy_(init_tensor(name, param.shape, hidden_size, generator, param.device))
+
+
+def micro_batch_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Masked mean token cross-entropy of one micro-batch (batches as `microbatch_iterator`
+    yields them); `model` is a TorchGPT or an engine wrapping one."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    mask = batch["loss_mask"].to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
