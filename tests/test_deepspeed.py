@@ -144,6 +144,11 @@ def _two_ranks(rank: int, world: int) -> dict:
                 reference_model, after_first, batches, mode=mode, rho=0.05, precond=precond
             )
             report[f"zero{stage}/precond {mode}"] = _error(sam, received, want)
+        # ANGLE-SAM's exact form: a third pass at theta and the mix of Eq. 19.
+        want = reference.angle_gradient(reference_model, theta, batches, degrees=30.0, rho=0.05)
+        cfg = SAMConfig(mode="angle", angle=30.0, angle_impl="exact", rho=0.05)
+        sam, received, _ = _step(stage, cfg, batches)
+        report[f"zero{stage}/angle 30 exact"] = _error(sam, received, want)
         report[f"zero{stage}/bf16"] = _bf16_is_cast_of_master(stage, batches)
         report[f"zero{stage}/nonfinite"] = _nonfinite(stage, batches)
         report[f"zero{stage}/clipping"] = _clipping(stage, batches, reference_model, theta)
@@ -250,7 +255,7 @@ def two_ranks():
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("mode", ["sam", "fsam", "precond sam", "precond fsam"])
+@pytest.mark.parametrize("mode", ["sam", "fsam", "precond sam", "precond fsam", "angle 30 exact"])
 def test_update_equals_the_reference(two_ranks, stage, mode):
     for report in two_ranks:
         assert report[f"zero{stage}/{mode}"] <= TOLERANCE
