@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -30,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from launch.bench_step import build_sam, random_batches, run_step
-from megatron_fsam import SAMConfig, enable_cpu_emulation
+from launch.bench_step import build_sam, random_batches, run_step, single_process
+from megatron_fsam import SAMConfig
 from megatron_fsam.memory import LogitShapes, bytes_between_passes
 from megatron_fsam.models.gpt import GPTConfig
-from megatron_fsam.parallel import ParallelConfig, destroy_distributed, initialize_distributed
+from megatron_fsam.parallel import destroy_distributed
 
 GiB = 2**30
 # The paper's largest Nanodo run (configs/nanodo_h64.yaml: 1.2B non-embedding parameters,
@@ -101,12 +100,7 @@ def print_table(shapes: dict[str, LogitShapes]) -> None:
 
 def check(bf16: bool) -> None:
     """Held bytes measured on the demo model against the formula; GPU peak memory if any."""
-    if not torch.cuda.is_available():
-        enable_cpu_emulation()
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29534")
-    parallel = ParallelConfig()
-    initialize_distributed(parallel)
+    parallel = single_process()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batches = random_batches(
         DEMO_MICROBATCHES, DEMO_MICRO_BATCH, DEMO.seq_length, DEMO.vocab_size, device

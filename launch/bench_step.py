@@ -52,12 +52,7 @@ MODES = {
 
 def main() -> None:
     args = _parse_args()
-    if not torch.cuda.is_available():
-        enable_cpu_emulation()
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    parallel = ParallelConfig()
-    initialize_distributed(parallel)
+    parallel = single_process()
     model_cfg = GPTConfig(
         num_layers=args.layers,
         hidden_size=args.hidden,
@@ -108,6 +103,17 @@ def main() -> None:
             f"range {min(gap_ratios):+.3f} .. {max(gap_ratios):+.3f})"
         )
     destroy_distributed()
+
+
+def single_process() -> ParallelConfig:
+    """Join a one-rank job (CPU emulation without a GPU); its layout."""
+    if not torch.cuda.is_available():
+        enable_cpu_emulation()
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    parallel = ParallelConfig()
+    initialize_distributed(parallel)
+    return parallel
 
 
 def build_sam(

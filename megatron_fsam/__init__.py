@@ -1,4 +1,5 @@
-"""megatron_fsam: Functional-SAM and preconditioned SAM for Megatron-core pretraining."""
+"""megatron_fsam: Functional-SAM and preconditioned SAM for Megatron-core pretraining
+(`FuncSAM`) and DeepSpeed engines (`megatron_fsam.deepspeed.FuncSAM`)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ class SAMConfig:
     on_nonfinite: a step whose SAM gradient is not finite while g is: "skip" it (nothing
         changes) or "fallback" (apply g as a plain optimizer step).
     logits_module: name (or dotted suffix) of the module whose output is the logits;
-        None finds Megatron's `output_layer`.
+        None finds Megatron's `output_layer` (on a DeepSpeed engine: `lm_head`, then
+        `output_layer`).
     kernels: "auto", "torch" or "triton" implementation of norm/perturb/restore.
     cotangent_memory: where Func-SAM's clean logit cotangents c(theta) (sequence x
         micro-batch x vocab/TP per micro-batch, gigabytes at scale) live between the passes:

@@ -66,12 +66,8 @@ class DeepSpeedBackend(ShardBackend):
     def _entries(self) -> Iterator[ShardEntry]:
         if self.zero:
             yield from self._zero_entries()
-        elif isinstance(self.optimizer, FP16_Optimizer):
-            yield from self._flat_master_entries()
-        elif isinstance(self.optimizer, FP16_UnfusedOptimizer):
-            yield from self._master_entries()
         else:
-            yield from self._fp32_entries()
+            yield from self._replicated_entries()
 
     def _zero_entries(self) -> Iterator[ShardEntry]:
         opt = self.optimizer
@@ -95,51 +91,35 @@ class DeepSpeedBackend(ShardBackend):
                     state_range=(hp.start, hp.start + hp.numel),
                 )
 
-    def _flat_master_entries(self) -> Iterator[ShardEntry]:
-        index = itertools.count()
-        for params, master in zip(
-            self.optimizer.fp16_groups, self.optimizer.fp32_groups_flat, strict=True
-        ):
-            offset = 0
-            for param in params:
-                yield ShardEntry(
-                    main=master,
-                    grad=_grad(param),
-                    target=param.data.view(-1),
-                    inner=self.inner,
-                    span=ParamSpan(param, 0, param.numel()),
-                    counted=self._counts(next(index)),
-                    state_range=(offset, offset + param.numel()),
-                )
-                offset += param.numel()
+    def _replicated_entries(self) -> Iterator[ShardEntry]:
+        for index, (param, main, state_range) in enumerate(self._masters()):
+            yield ShardEntry(
+                main=main,
+                grad=_grad(param),
+                target=param.data.view(-1),
+                inner=self.inner,
+                span=ParamSpan(param, 0, param.numel()),
+                counted=self._counts(index),
+                state_range=state_range,
+            )
 
-    def _master_entries(self) -> Iterator[ShardEntry]:
-        index = itertools.count()
-        for params, masters in zip(
-            self.optimizer.fp16_groups, self.optimizer.fp32_groups, strict=True
-        ):
-            for param, master in zip(params, masters, strict=True):
-                yield ShardEntry(
-                    main=master,
-                    grad=_grad(param),
-                    target=param.data.view(-1),
-                    inner=self.inner,
-                    span=ParamSpan(param, 0, param.numel()),
-                    counted=self._counts(next(index)),
-                )
-
-    def _fp32_entries(self) -> Iterator[ShardEntry]:
-        index = itertools.count()
-        for group in self.inner.param_groups:
-            for param in group["params"]:
-                yield ShardEntry(
-                    main=param,
-                    grad=_grad(param),
-                    target=param.data.view(-1),
-                    inner=self.inner,
-                    span=ParamSpan(param, 0, param.numel()),
-                    counted=self._counts(next(index)),
-                )
+    def _masters(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor, tuple | None]]:
+        """ZeRO-0: each model param, the optimizer's tensor holding its theta, and its range
+        there (None: all of it)."""
+        opt = self.optimizer
+        if isinstance(opt, FP16_Optimizer):  # one flat fp32 master per group
+            for params, flat in zip(opt.fp16_groups, opt.fp32_groups_flat, strict=True):
+                starts = itertools.accumulate((p.numel() for p in params), initial=0)
+                for param, start in zip(params, starts, strict=False):
+                    yield param, flat, (start, start + param.numel())
+        elif isinstance(opt, FP16_UnfusedOptimizer):  # one fp32 master per param
+            for params, masters in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+                for param, master in zip(params, masters, strict=True):
+                    yield param, master, None
+        else:  # fp32: the optimizer steps the model's params themselves
+            for group in self.inner.param_groups:
+                for param in group["params"]:
+                    yield param, param, None
 
     def _counts(self, index: int) -> bool:
         """Under ZeRO-0 every rank holds every shard: each counts every DP-th one."""
