@@ -59,9 +59,9 @@ class DeepSpeedBackend(ShardBackend):
 
     # ----- the layout -----------------------------------------------------------------
 
-    def _layout_key(self) -> tuple:
-        # The engine allocates new gradient buffers at every accumulation boundary.
-        return tuple(id(e.grad) for e in self._entries())
+    def _layout(self) -> tuple[RankShards, list[ShardEntry]]:
+        """Built at every use: the engine allocates new gradient buffers at every boundary."""
+        return self._build_shards()
 
     def _entries(self) -> Iterator[ShardEntry]:
         if self.zero:
