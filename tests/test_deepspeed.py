@@ -9,6 +9,7 @@ fallback) bit for bit, and DeepSpeed's gradient clipping on the SAM gradient.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -26,7 +27,13 @@ from tests import reference
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
 from tests.spawn import free_port, run_ranks
 
-pytest.importorskip("deepspeed")
+# Not importorskip: importing deepspeed here would set PYTORCH_NVML_BASED_CUDA_CHECK in this
+# process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
+# build of torch on a machine without a driver, their torch.compile'd kernels then fail).
+# deepspeed is imported in the spawned ranks and launched processes only.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"
+)
 
 TOLERANCE = 1e-5
 SPAWN_TIMEOUT = 900
