@@ -205,42 +205,43 @@ class SAMStep:
         names = (self.config.logits_module,) if self.config.logits_module else logits_names
         module = find_logits_module(modules, names)
         problem = None
-        if last_stage:
-            if module is None:
-                problem = (
-                    f"mode={self.config.mode!r} needs the module producing the logits, but no "
-                    f"module named {' or '.join(map(repr, names))} was found on the last "
-                    "pipeline stage; set SAMConfig.logits_module"
-                )
-            elif self.config.cotangent_memory == "recompute":
-                reason = recompute_unsupported(module)
-                problem = reason and (
-                    f"cotangent_memory='recompute' cannot be used: {reason}; set "
-                    "cotangent_memory to 'device' or 'offload'"
-                )
+        if module is not None:
+            memory, problem = self._cotangent_memory(module)
+        elif last_stage:
+            problem = (
+                f"mode={self.config.mode!r} needs the module producing the logits, but no "
+                f"module named {' or '.join(map(repr, names))} was found on the last "
+                "pipeline stage; set SAMConfig.logits_module"
+            )
         _raise_on_every_rank(problem, self.backend.device)
         if module is None:
             return None
-        memory = self._cotangent_memory(module)
         if memory == "recompute":
             return RecomputeGate(module)
         return LogitGate(module, offload=memory == "offload")
 
-    def _cotangent_memory(self, module: torch.nn.Module) -> str:
-        """cotangent_memory with "auto" resolved: recompute where the module and mode allow."""
-        if self.config.cotangent_memory != "auto":
-            return self.config.cotangent_memory
-        reason = recompute_unsupported(module)
+    def _cotangent_memory(self, module: torch.nn.Module) -> tuple[str, str | None]:
+        """Where c(theta) waits ("auto" resolved: recompute where the module and the mode
+        allow it), or why the cotangent_memory asked for cannot be used."""
+        memory = self.config.cotangent_memory
+        if memory not in ("recompute", "auto"):
+            return memory, None
         if self.config.mixes_cotangents:
             reason = "the first-order angle form back-propagates a mix of two cotangents"
-        if reason:
-            logger.warning(
-                "megatron_fsam: cotangent_memory='auto' keeps the logit cotangents on the "
-                "device: %s",
-                reason,
+        else:
+            reason = recompute_unsupported(module)
+        if reason is None:
+            return "recompute", None
+        if memory == "recompute":
+            return memory, (
+                f"cotangent_memory='recompute' cannot be used: {reason}; set "
+                "cotangent_memory to 'device' or 'offload'"
             )
-            return "device"
-        return "recompute"
+        logger.warning(
+            "megatron_fsam: cotangent_memory='auto' keeps the logit cotangents on the device: %s",
+            reason,
+        )
+        return "device", None
 
     def _held_bytes(self) -> float | None:
         """What the gate keeps between the passes (None on ranks without one)."""
