@@ -65,6 +65,6 @@ class FuncSAM(SAMStep):
                 self.engine.backward(loss)
                 losses.add(loss)
 
-        ok, grad_norm, _, metrics = self._run(run_pass, log_step=log_step)
+        _, grad_norm, _, metrics = self._run(run_pass, log_step=log_step)
         self.metrics = {**metrics, "applied_grad_norm": grad_norm}
         return metrics["loss_clean"]

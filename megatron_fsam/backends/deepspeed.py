@@ -59,9 +59,8 @@ class DeepSpeedBackend(ShardBackend):
 
     # ----- the layout -----------------------------------------------------------------
 
-    def _layout(self) -> tuple[RankShards, list[ShardEntry]]:
-        """Built at every use: the engine allocates new gradient buffers at every boundary."""
-        return self._build_shards()
+    def _layout_key(self) -> None:
+        return None  # rebuilt at every use: the engine allocates new gradient buffers each pass
 
     def _entries(self) -> Iterator[ShardEntry]:
         if self.zero:
@@ -130,8 +129,7 @@ class DeepSpeedBackend(ShardBackend):
     def zero_grads(self) -> None:
         """Drop the gradients of the last pass, as the engine's own step would."""
         if not self.zero:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.engine.zero_grad()
+            self.engine.zero_grad()  # param.grad = None for every model param
             return
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)

@@ -78,9 +78,9 @@ class ShardBackend:
     """The layout-independent half of a backend; subclasses list the entries and move params.
 
     Subclasses provide `_entries()`, `_layout_key()` (what the entry views depend on: the
-    layout is rebuilt when it changes), how params reach the model (`sync_params()`,
-    `publish_params()`) and the optimizer's side of a step (`zero_grads()`, `gradients()`,
-    `optimizer_step()`).
+    layout is rebuilt when it changes, and at every use when it is None), how params reach
+    the model (`sync_params()`, `publish_params()`) and the optimizer's side of a step
+    (`zero_grads()`, `gradients()`, `optimizer_step()`).
     """
 
     def __init__(self, device: torch.device, stats_group) -> None:
@@ -93,7 +93,7 @@ class ShardBackend:
     def _entries(self) -> Iterator[ShardEntry]:
         raise NotImplementedError
 
-    def _layout_key(self) -> tuple:
+    def _layout_key(self) -> tuple | None:
         raise NotImplementedError
 
     def sync_params(self) -> None:
@@ -127,8 +127,8 @@ class ShardBackend:
     def shards(self, precondition: bool, relative_floor: float = 0.0) -> RankShards:
         """This rank's shards after pass 1; theta is copied where the model aliases it.
 
-        The shard lists are views into the optimizer's buffers, built once and rebuilt only
-        when `_layout_key()` changes; the copies of aliased theta are refreshed at each call.
+        The shard lists are views into the optimizer's buffers, rebuilt when `_layout_key()`
+        changes (or is None); the copies of aliased theta are filled at each call.
         With `relative_floor` > 0, sqrt(v_hat) is bounded below by relative_floor times its
         root-mean-square over the whole model (one more small all-reduce).
         """
@@ -152,13 +152,15 @@ class ShardBackend:
 
     def _layout(self) -> tuple[RankShards, list[ShardEntry]]:
         key = self._layout_key()
+        if key is None:
+            return self._build_shards()
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, *self._build_shards())
         return self._cached[1], self._cached[2]
 
     def _build_shards(self) -> tuple[RankShards, list[ShardEntry]]:
         entries = list(self._entries())
-        copies = {id(e): e.theta.clone() for e in _aliased(entries)}
+        copies = {id(e): torch.empty_like(e.theta) for e in _aliased(entries)}  # see shards()
         shards = Shards(
             thetas=[copies.get(id(e), e.theta) for e in entries],
             grads=[e.grad for e in entries],
