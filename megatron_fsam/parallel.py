@@ -38,7 +38,12 @@ from megatron.core.transformer.module import Float16Module
 
 @dataclass
 class ParallelConfig:
-    """How the model is split; data parallelism takes the remaining ranks."""
+    """How the model is split; data parallelism takes the remaining ranks.
+
+    Experts of a mixture-of-experts model are split over `expert_parallel` ranks (taken out
+    of the data-parallel ranks) and each expert over `expert_tensor_parallel` ranks (None:
+    tensor_parallel).
+    """
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -47,6 +52,8 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    expert_parallel: int = 1
+    expert_tensor_parallel: int | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
@@ -55,6 +62,8 @@ class ParallelConfig:
             raise ValueError("virtual_pipeline needs pipeline_parallel >= 2")
         if self.sequence_parallel and self.tensor_parallel < 2:
             raise ValueError("sequence_parallel needs tensor_parallel >= 2")
+        if self.expert_parallel < 1 or (self.expert_tensor_parallel or 1) < 1:
+            raise ValueError("expert_parallel and expert_tensor_parallel must be >= 1")
         if self.overlap_param_gather and not self.distributed_optimizer:
             raise ValueError("overlap_param_gather needs the distributed optimizer")
 
@@ -75,6 +84,8 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
     )
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(stage_seed)

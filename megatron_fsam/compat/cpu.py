@@ -4,9 +4,13 @@ Megatron-core assumes CUDA in a handful of places: it uses
 ``torch.cuda.current_device()`` as a device, creates tensors with ``device="cuda"``,
 ``.cuda()`` or ``.to("cuda")``, synchronises streams and events, keeps its dropout
 RNG states in the CUDA generator, and its optimizers check
-``param.type() == "torch.cuda.FloatTensor"``. ``enable_cpu_emulation`` redirects
-exactly those spots to the CPU, once per process. It is never switched on implicitly
-and refuses to run where a GPU is present, so no emulation reaches real runs.
+``param.type() == "torch.cuda.FloatTensor"``. Mixture-of-experts layers add two spots:
+megatron-core 0.16 calls ``te_general_gemm`` in the router but binds the name only when
+Transformer Engine imports, and the alltoall dispatcher hands ``all_to_all_single`` split
+sizes that ``maybe_move_tensor_to_cpu`` turns into lists only for CUDA tensors.
+``enable_cpu_emulation`` redirects exactly those spots to the CPU, once per process. It is
+never switched on implicitly and refuses to run where a GPU is present, so no emulation
+reaches real runs.
 The same redirections cover megatron-core 0.19 (measured: the whole suite, and Megatron-LM
 core_v0.19.0's loop with `megatron_lm_cpu`); nothing here depends on the version.
 """
@@ -110,6 +114,21 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _split_sizes_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """``moe_utils.maybe_move_tensor_to_cpu`` for CPU tensors: numpy when asked, as on a GPU."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _emulate_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):  # megatron-core 0.16 without TE
+        moe_utils.te_general_gemm = None
+    token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
+
+
 def enable_cpu_emulation() -> None:
     """Redirect megatron-core's CUDA-only calls to the CPU in this process (idempotent).
 
@@ -140,6 +159,7 @@ def enable_cpu_emulation() -> None:
     # The tracker warns when the CPU state changes inside a CUDA-RNG fork; here both
     # generators are one, so every dropout call would trigger it.
     logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
+    _emulate_moe()
 
     _mode = _CudaAsCpuMode()
     _mode.__enter__()

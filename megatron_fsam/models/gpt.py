@@ -4,6 +4,11 @@ Pre-LayerNorm blocks with bias-free LayerNorms, no biases in any linear layer, a
 MLP, learned absolute position embeddings, the input embedding tied to the output
 projection, and a final LayerNorm. Layers are megatron-core's local (non-TE) modules,
 so the same model runs on GPUs and, under ``enable_cpu_emulation``, on CPUs.
+
+Optionally (``num_experts``) every MLP is megatron-core's mixture-of-experts layer (a
+router and SequentialMLP experts, split over expert-parallel ranks), and
+(``mtp_num_layers``) multi-token prediction layers follow the decoder on the last stage,
+sharing its output layer.
 """
 
 import math
@@ -16,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -54,6 +62,20 @@ class GPTConfig:
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-6
     tie_embeddings: bool = True  # Nanodo's output projection is the input embedding
+    # Mixture of experts: every MLP becomes a router over `num_experts` experts (None: dense).
+    num_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None  # default: ffn_hidden_size
+    moe_aux_loss_coeff: float = 0.0  # load-balancing loss (0: none)
+    moe_z_loss_coeff: float | None = None  # router z-loss (None: none)
+    moe_router_score_function: str = "softmax"  # "sigmoid" for the expert bias
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3)
+    moe_router_bias_update_rate: float = 1e-3
+    moe_expert_capacity_factor: float | None = None  # None: dropless
+    moe_token_dispatcher_type: str = "alltoall"  # or "allgather"
+    # Multi-token prediction: extra heads predicting tokens 2..1+mtp_num_layers ahead.
+    mtp_num_layers: int | None = None
+    mtp_loss_scaling_factor: float = 0.1
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -75,7 +97,25 @@ class LayerNorm(torch.nn.LayerNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def _layer_spec() -> ModuleSpec:
+class _NanodoModules(LocalSpecProvider):
+    """megatron-core's local modules with Nanodo's bias-free LayerNorm (MoE and MTP specs)."""
+
+    def layer_norm(self, *args, **kwargs) -> type:
+        return LayerNorm
+
+
+def _mlp_spec(model: "GPTConfig") -> ModuleSpec:
+    if model.num_experts is None:
+        return ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        )
+    return get_moe_module_spec_for_backend(
+        backend=_NanodoModules(), num_experts=model.num_experts, moe_grouped_gemm=False
+    )
+
+
+def _layer_spec(model: "GPTConfig") -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -93,12 +133,7 @@ def _layer_spec() -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=LayerNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
-            ),
+            mlp=_mlp_spec(model),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -113,6 +148,17 @@ def _check_layout(model: GPTConfig, parallel: ParallelConfig) -> None:
         )
     if parallel.sequence_parallel and model.seq_length % tp:
         raise ValueError(f"seq_length {model.seq_length} must be divisible by tensor_parallel {tp}")
+    ep = parallel.expert_parallel
+    if ep > 1 and model.num_experts is None:
+        raise ValueError(f"expert_parallel {ep} needs a mixture-of-experts model (num_experts)")
+    if parallel.expert_tensor_parallel not in (None, tp) and ep == 1:
+        raise ValueError(
+            "expert_tensor_parallel other than tensor_parallel needs expert_parallel > 1"
+        )
+    if model.num_experts is not None and model.num_experts % ep:
+        raise ValueError(
+            f"num_experts {model.num_experts} must be divisible by expert_parallel {ep}"
+        )
 
 
 def transformer_config(
@@ -152,6 +198,33 @@ def transformer_config(
         embedding_init_method=init_method_normal(1.0 / math.sqrt(model.hidden_size)),
         deallocate_pipeline_outputs=True,
         cuda_graph_scope=[],  # megatron-core's default "full" only warns that it is deprecated
+        **_moe_settings(model, parallel),
+        mtp_num_layers=model.mtp_num_layers,
+        mtp_loss_scaling_factor=model.mtp_loss_scaling_factor,
+    )
+
+
+def _moe_settings(model: GPTConfig, parallel: ParallelConfig) -> dict:
+    """TransformerConfig's mixture-of-experts fields (none for a dense model)."""
+    if model.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size
+        or model.ffn_hidden_size
+        or 4 * model.hidden_size,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_z_loss_coeff=model.moe_z_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff else "none",
+        moe_router_score_function=model.moe_router_score_function,
+        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+        moe_expert_capacity_factor=model.moe_expert_capacity_factor,
+        moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel or parallel.tensor_parallel,
     )
 
 
@@ -186,9 +259,14 @@ def count_parameters(model: GPTConfig) -> dict[str, int]:
 def _gpt_chunk(model: GPTConfig, config: TransformerConfig, vp_stage: int | None) -> GPTModel:
     """The Nanodo decoder's share of one (virtual) pipeline stage on this rank."""
     block = TransformerBlockSubmodules(
-        layer_specs=[_layer_spec()] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_specs=[_layer_spec(model)] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=LayerNorm,
     )
+    mtp = None
+    if model.mtp_num_layers:
+        mtp = get_gpt_mtp_block_spec_for_backend(
+            config, _layer_spec(model), backend=_NanodoModules(), vp_stage=vp_stage
+        )
     return GPTModel(
         config=config,
         transformer_layer_spec=block,
@@ -199,6 +277,7 @@ def _gpt_chunk(model: GPTConfig, config: TransformerConfig, vp_stage: int | None
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="learned_absolute",
         vp_stage=vp_stage,
+        mtp_block_spec=mtp,
     )
 
 
@@ -206,7 +285,7 @@ def init_tensor(
     name: str, shape: torch.Size, hidden_size: int, generator: torch.Generator, device: torch.device
 ) -> Tensor:
     """Nanodo's initialisation of one single-process tensor (shape is [out, in] for kernels)."""
-    if name.endswith("layernorm.weight"):
+    if name.endswith(("layernorm.weight", "norm.weight")):  # MTP: enorm, hnorm
         return torch.ones(shape, device=device)
     # variance_scaling(1, fan_in, normal), fan_in = D; an untied output projection alike
     if name.endswith(("embeddings.weight", "output_layer.weight", "lm_head.weight")):
@@ -215,7 +294,15 @@ def init_tensor(
     fan_out, fan_in = shape
     if name.endswith("linear_qkv.weight"):  # three D x D kernels (q, k, v) fused in Megatron
         fan_out //= 3
-    elif not name.endswith(("linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")):
+    elif not name.endswith(
+        (
+            "linear_proj.weight",
+            "linear_fc1.weight",
+            "linear_fc2.weight",
+            "router.weight",
+            "eh_proj.weight",
+        )
+    ):
         raise ValueError(f"no initialisation rule for parameter {name!r}")
     bound = math.sqrt(6.0 / (fan_in + fan_out))  # xavier_uniform
     return torch.empty(shape, device=device).uniform_(-bound, bound, generator=generator)
@@ -271,5 +358,6 @@ def forward_step(
         batch["position_ids"],
         None,  # causal mask: built by the attention kernel
         labels=batch["labels"] if gpt.post_process else None,
+        loss_mask=batch["loss_mask"] if gpt.post_process else None,  # multi-token prediction
     )
     return output, partial(loss_func, batch["loss_mask"])

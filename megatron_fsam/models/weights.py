@@ -5,6 +5,10 @@ holds a contiguous slice of that full tensor along its ``partition_dim`` when it
 tensor-parallel. That is all it takes to export a model from one process and load it
 into any layout, to compare updates across layouts, and to initialise every layout
 with the same weights.
+
+Experts of a mixture-of-experts layer are named by their global index (this rank's local
+expert i of E/EP is expert ep_rank * E/EP + i) and are split over the expert
+tensor-parallel ranks, which Megatron marks as expert parallel (``allreduce=False``).
 """
 
 import re
@@ -16,6 +20,7 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
 _TIED_OUTPUT = "output_layer.weight"
 _WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
@@ -39,17 +44,43 @@ def global_param_names(chunks: list[Module]) -> dict[str, Parameter]:
                 name = f"decoder.layers.{layer_number - 1}.{local_name[match.end() :]}"
             elif local_name == _TIED_OUTPUT and model.share_embeddings_and_output_weights:
                 name = _WORD_EMBEDDINGS
+            name = _LOCAL_EXPERT.sub(_global_expert(model, name), name)
             if name in names and names[name] is not param:
                 raise ValueError(f"two parameters on this rank map to {name!r}")
             names[name] = param
     return names
 
 
+def _global_expert(model: Module, name: str):
+    """Renames a local expert index to the global one (the layer's experts are split over EP)."""
+    num_experts = model.config.num_moe_experts or 0
+    local_count = num_experts // parallel_state.get_expert_model_parallel_world_size()
+    first = parallel_state.get_expert_model_parallel_rank() * local_count
+
+    def rename(match: re.Match) -> str:
+        return f".experts.local_experts.{first + int(match.group(1))}."
+
+    return rename
+
+
+def _tp_rank_and_size(param: Tensor) -> tuple[int, int]:
+    """The tensor-parallel group that splits ``param``: expert TP for experts, else TP."""
+    if getattr(param, "allreduce", True) is False:  # an expert-parallel expert weight
+        return (
+            parallel_state.get_expert_tensor_parallel_rank(),
+            parallel_state.get_expert_tensor_parallel_world_size(),
+        )
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+
+
 def full_shape(param: Tensor) -> torch.Size:
     """Shape of the single-process tensor that this (maybe tensor-parallel) param slices."""
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+        shape[param.partition_dim] *= _tp_rank_and_size(param)[1]
     return torch.Size(shape)
 
 
@@ -58,7 +89,7 @@ def tp_slice(full: Tensor, param: Tensor) -> Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
     size = param.shape[param.partition_dim]
-    start = parallel_state.get_tensor_model_parallel_rank() * size
+    start = _tp_rank_and_size(param)[0] * size
     return full.narrow(param.partition_dim, start, size)
 
 
