@@ -40,6 +40,14 @@ class Recipe:
     grad: float = 0.0
 
     @property
+    def side_loss_weight(self) -> float:
+        """What pass 2 back-propagates into a loss term whose cotangent is a constant (MoE
+        router losses): the mix of that constant at theta + eps and at theta. Such a term
+        then enters the optimizer's gradient as Eq. 19 gives it: cos A(theta + eps) +
+        (1 - cos) A(theta) for ANGLE-SAM, A(theta + eps) for sam, fsam and the exact form."""
+        return self.perturbed + self.clean
+
+    @property
     def needs_gate(self) -> bool:
         """Whether a cotangent other than pass 2's own is back-propagated somewhere."""
         return self.clean != 0.0 or self.pass3 != 0.0

@@ -36,11 +36,11 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_fsam.backends.megatron import MegatronBackend
-from megatron_fsam.backends.shards import RankShards, ShardBackend
+from megatron_fsam.backends.shards import RankShards, Restorable, ShardBackend
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.gate import LogitGate, find_logits_module
 from megatron_fsam.kernels import get_kernels, resolve_kernels
-from megatron_fsam.kernels.concentration import top_share
+from megatron_fsam.kernels.concentration import grouped_top_share
 from megatron_fsam.modes import recipe_for
 from megatron_fsam.perturbation import Ascent, ascent
 from megatron_fsam.recompute import RecomputeGate, recompute_unsupported
@@ -105,15 +105,15 @@ class SAMStep:
 
         # Pass 1 at theta: g, and the clean logit cotangent c(theta) where the mode needs it.
         recipe = self.recipe
-        rng = _RandomnessReplay()
+        replay = _StateReplay([RNGState.capture, *self.backend.replayed_state()])
         with self.gate.recording() if self.gate else nullcontext():
             losses_reduced = passing(pass1_losses, "record")
-        rng.recorded()
+        replay.recorded()
         clock.lap("pass1")
 
         # Ascent direction from the reduced sums; a non-finite g skips the step.
         shards = self.backend.shards(self.config.precond, self.config.precond_floor)
-        sums = self.backend.reduced_norm_sums(self.kernels, shards.all)
+        sums = self.backend.reduced_norm_sums(self.kernels, shards)
         if not sums.finite:
             return self._skip(rho, None, pass1_losses, losses_reduced, "pass-1 gradient")
         step = ascent(sums, rho, self.config.precond_norm)
@@ -131,7 +131,7 @@ class SAMStep:
             if self.gate
             else nullcontext()
         )
-        with cotangent, rng.replayed(), self.backend.validation_paused():
+        with cotangent, replay.replayed(), self.backend.replaying(recipe.side_loss_weight):
             passing(pass2_losses, "replay")
         grads = self.backend.gradients(shards)
         clock.lap("pass2")
@@ -142,7 +142,7 @@ class SAMStep:
             self.kernels.restore(shards.all)
             self.backend.publish_params()
             perturbed_cotangent = self.gate.replaying_perturbed() if self.gate else nullcontext()
-            with perturbed_cotangent, rng.replayed(), self.backend.validation_paused():
+            with perturbed_cotangent, replay.replayed(), self.backend.replaying():
                 passing(LossCapture(), "replay")
             grads = self.backend.gradients(shards)
             _scale_add_(grads, recipe.pass3, earlier)
@@ -154,7 +154,7 @@ class SAMStep:
         self.kernels.restore(shards.aliased)  # theta back where the optimizer reads it
 
         fallback = False
-        if not self.backend.all_finite(grads):
+        if not self.backend.all_finite(grads, shards):
             if self.config.on_nonfinite == "skip":
                 self._restore(shards)
                 return self._skip(rho, step, pass1_losses, losses_reduced, "SAM gradient")
@@ -252,8 +252,8 @@ class SAMStep:
         return self.recipe.grad != 0.0 or self.config.on_nonfinite == "fallback"
 
     def _eps_top_share(self, shards: RankShards) -> float:
-        return top_share(
-            shards.all, TOP_FRACTION, group=self.backend.stats_group, device=self.backend.device
+        return grouped_top_share(
+            self.backend.parts(shards), TOP_FRACTION, device=self.backend.device
         )
 
     def _restore(self, shards: RankShards) -> None:
@@ -379,23 +379,28 @@ class FuncSAM(SAMStep):
         return self._run(run_pass, log_step=log_step)
 
 
-class _RandomnessReplay:
-    """The RNG states around pass 1, so every later pass draws the same dropout masks."""
+class _StateReplay:
+    """The state around pass 1 (RNG, and what the backend names: MoE routers' expert bias):
+    every later pass starts from what pass 1 started from, so it draws the same dropout masks
+    and routes with the same bias, and the step ends with what pass 1 left behind."""
 
-    def __init__(self) -> None:
-        self.before = RNGState.capture()
-        self.after: RNGState | None = None
+    def __init__(self, captures: list[Callable[[], Restorable]]) -> None:
+        self.captures = captures
+        self.before = [capture() for capture in captures]
+        self.after: list[Restorable] = []
 
     def recorded(self) -> None:
-        self.after = RNGState.capture()
+        self.after = [capture() for capture in self.captures]
 
     @contextmanager
     def replayed(self) -> Iterator[None]:
-        self.before.restore()
+        for state in self.before:
+            state.restore()
         try:
             yield
         finally:
-            self.after.restore()
+            for state in self.after:
+                state.restore()
 
 
 def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -5,14 +5,26 @@ and `torch.autograd.grad` for vector-Jacobian products (Megatron's custom autogr
 functions reject torch.func transforms). Mirrors the paper's Listing 1: fsam is the
 VJP at theta + eps of the clean cotangent dL/dlogits(theta); sam the gradient at
 theta + eps; ANGLE-SAM (App. D) mixes both VJPs of both cotangents.
+
+Mixture-of-experts and multi-token prediction models: the logits are those of every call of
+the output layer (the MTP heads, then the main head), each with its own loss computed here
+(the MTP heads' cross entropy on labels shifted by their depth, as megatron-core defines it),
+so each call has its own cotangent. The router's load-balancing and z-losses are loss terms
+whose cotangent is a constant: their gradient A(params) is taken separately (megatron-core's
+autoscaler injects it; it is switched off everywhere else), and enters every mode as the
+paper's formulas give it for such a term: sam and fsam A(theta + eps), ANGLE-SAM
+cos(phi) A(theta + eps) + (1 - cos(phi)) A(theta).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 from torch.func import functional_call
 
 Params = dict[str, torch.Tensor]
@@ -32,7 +44,97 @@ def loss_of_logits(logits: torch.Tensor, batch: dict, num_microbatches: int) -> 
     return (ce * mask).sum() / mask.sum() / num_microbatches
 
 
-def _grad(outputs: torch.Tensor, params: Params, grad_outputs=None) -> Params:
+def heads_at(model: torch.nn.Module, params: Params, batch: dict) -> list[torch.Tensor]:
+    """[b, s, V] logits of every call of the output layer: the multi-token prediction heads
+    (depth 1, 2, ...) then the main head; just the main head's without MTP."""
+    if not _setting(model, "mtp_num_layers"):
+        return [logits_at(model, params, batch)]
+    captured = []
+
+    def keep(module, args, output):
+        captured.append(output[0].transpose(0, 1))
+        return (output[0].clone(), *output[1:])  # the model's own loss edits its copy in place
+
+    handle = model.output_layer.register_forward_hook(keep)
+    try:
+        with _loss_scales(aux=0.0, mtp=0.0):
+            functional_call(
+                model,
+                params,
+                (batch["tokens"], batch["position_ids"], None),
+                {"labels": batch["labels"], "loss_mask": batch["loss_mask"]},
+            )
+    finally:
+        handle.remove()
+    return captured
+
+
+def loss_of_heads(
+    model: torch.nn.Module, heads: list[torch.Tensor], batch: dict, num_microbatches: int
+) -> torch.Tensor:
+    """The micro-batch's share of the global loss over all heads: the main head's masked mean
+    CE, plus for MTP depth k the masked mean CE against the labels k tokens further on (the
+    last k positions masked), weighted mtp_loss_scaling_factor / mtp_num_layers."""
+    loss = loss_of_logits(heads[-1], batch, num_microbatches)
+    labels, mask = batch["labels"], batch["loss_mask"].float()
+    config = model.config
+    for logits in heads[:-1]:
+        labels, mask = _shifted(labels), _shifted(mask)
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+        )
+        weight = config.mtp_loss_scaling_factor / config.mtp_num_layers
+        loss = loss + weight * (ce * mask.reshape(-1)).sum() / mask.sum() / num_microbatches
+    return loss
+
+
+def _shifted(tensor: torch.Tensor) -> torch.Tensor:
+    """One token further on; the last position (nothing to predict) is zero."""
+    out = torch.roll(tensor, shifts=-1, dims=-1)
+    out[..., -1] = 0
+    return out
+
+
+def aux_gradient(model: torch.nn.Module, at: Params, batches: list[dict]) -> Params | None:
+    """The gradient of the router losses (load balancing, z-loss) of the global batch at
+    `at`, or None for a model without experts."""
+    if not _setting(model, "num_moe_experts"):
+        return None
+    params, total = _leaves(at), None
+    for batch in batches:
+        with _loss_scales(aux=1.0 / len(batches), mtp=0.0):
+            heads = heads_at(model, params, batch)
+            zeros = [torch.zeros_like(h) for h in heads]
+            total = _accumulate(total, _grad(heads, params, zeros))
+    return total
+
+
+def _setting(model: torch.nn.Module, name: str):
+    """A megatron-core model's TransformerConfig field (None for other models)."""
+    return getattr(getattr(model, "config", None), name, None)
+
+
+@contextmanager
+def _loss_scales(aux: float, mtp: float):
+    """The backward scales megatron-core's autoscalers inject into the router and MTP losses."""
+    saved = (
+        MoEAuxLossAutoScaler.main_loss_backward_scale,
+        MTPLossAutoScaler.main_loss_backward_scale,
+    )
+    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(aux)
+    MTPLossAutoScaler.main_loss_backward_scale = torch.tensor(mtp)
+    try:
+        yield
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = saved[0]
+        MTPLossAutoScaler.main_loss_backward_scale = saved[1]
+
+
+def _plus(total: Params, part: Params | None, weight: float = 1.0) -> Params:
+    return total if part is None else {n: total[n] + weight * part[n] for n in total}
+
+
+def _grad(outputs, params: Params, grad_outputs=None) -> Params:
     names = list(params)
     grads = torch.autograd.grad(outputs, [params[n] for n in names], grad_outputs)
     return dict(zip(names, grads, strict=True))
@@ -50,9 +152,10 @@ def gradient(model: torch.nn.Module, theta: Params, batches: list[dict]) -> Para
     """g = grad of the global loss at theta."""
     params, total = _leaves(theta), None
     for batch in batches:
-        loss = loss_of_logits(logits_at(model, params, batch), batch, len(batches))
-        total = _accumulate(total, _grad(loss, params))
-    return total
+        with _loss_scales(aux=0.0, mtp=0.0):
+            loss = loss_of_heads(model, heads_at(model, params, batch), batch, len(batches))
+            total = _accumulate(total, _grad(loss, params))
+    return _plus(total, aux_gradient(model, theta, batches))
 
 
 def perturbed_weights(
@@ -79,11 +182,18 @@ def perturbed_weights(
     return g, {n: theta[n] + scale * pg[n] for n in theta}
 
 
-def _cotangent(model: torch.nn.Module, params: Params, batch: dict, count: int) -> torch.Tensor:
-    """dL/dlogits of one micro-batch at `params`."""
-    logits = logits_at(model, params, batch).detach().requires_grad_(True)
-    (cotangent,) = torch.autograd.grad(loss_of_logits(logits, batch, count), logits)
-    return cotangent
+def _cotangents(
+    model: torch.nn.Module, params: Params, batch: dict, count: int
+) -> list[torch.Tensor]:
+    """dL/dlogits of one micro-batch at `params`, one per call of the output layer."""
+    heads = [h.detach().requires_grad_(True) for h in heads_at(model, params, batch)]
+    return list(torch.autograd.grad(loss_of_heads(model, heads, batch, count), heads))
+
+
+def _vjp(model: torch.nn.Module, params: Params, batch: dict, cotangents: list) -> Params:
+    """J(params)^T cotangents over every head of one micro-batch (router losses off)."""
+    with _loss_scales(aux=0.0, mtp=0.0):
+        return _grad(heads_at(model, params, batch), params, cotangents)
 
 
 def sam_gradient(
@@ -93,17 +203,14 @@ def sam_gradient(
     gradient at theta + eps, fsam the VJP at theta + eps of the clean cotangent."""
     _, at_eps = perturbed_weights(model, theta, batches, **ascent)
     perturbed, clean = _leaves(at_eps), _leaves(theta)
+    if mode not in ("sam", "fsam"):
+        raise ValueError(mode)
     total = None
     for batch in batches:
-        logits = logits_at(model, perturbed, batch)
-        if mode == "sam":
-            part = _grad(loss_of_logits(logits, batch, len(batches)), perturbed)
-        elif mode == "fsam":
-            part = _grad(logits, perturbed, _cotangent(model, clean, batch, len(batches)))
-        else:
-            raise ValueError(mode)
-        total = _accumulate(total, part)
-    return total
+        at = perturbed if mode == "sam" else clean
+        cotangents = _cotangents(model, at, batch, len(batches))
+        total = _accumulate(total, _vjp(model, perturbed, batch, cotangents))
+    return _plus(total, aux_gradient(model, at_eps, batches))
 
 
 def angle_gradient(
@@ -111,19 +218,23 @@ def angle_gradient(
 ) -> Params:
     """ANGLE-SAM's gradient, App. D Eq. 19, taken exactly:
 
-    g + sin(phi) [J(theta)^T c(theta+eps) - g] + cos(phi) [J(theta+eps)^T c(theta) - g].
+    g + sin(phi) [J(theta)^T c(theta+eps) - g] + cos(phi) [J(theta+eps)^T c(theta) - g],
+
+    with the router losses' constant cotangent in both c: their share of the bracketed terms
+    is A(theta) - A(theta) and A(theta + eps) - A(theta).
     """
     g, at_eps = perturbed_weights(model, theta, batches, **ascent)
     sin, cos = math.sin(math.radians(degrees)), math.cos(math.radians(degrees))
     logit_term = func_term = None
     for batch in batches:
         clean, perturbed = _leaves(theta), _leaves(at_eps)
-        c_clean = _cotangent(model, clean, batch, len(batches))
-        c_perturbed = _cotangent(model, perturbed, batch, len(batches))
-        logit_term = _accumulate(
-            logit_term, _grad(logits_at(model, clean, batch), clean, c_perturbed)
-        )
-        func_term = _accumulate(
-            func_term, _grad(logits_at(model, perturbed, batch), perturbed, c_clean)
-        )
+        c_clean = _cotangents(model, clean, batch, len(batches))
+        c_perturbed = _cotangents(model, perturbed, batch, len(batches))
+        logit_term = _accumulate(logit_term, _vjp(model, clean, batch, c_perturbed))
+        func_term = _accumulate(func_term, _vjp(model, perturbed, batch, c_clean))
+    aux_clean, aux_perturbed = (
+        aux_gradient(model, theta, batches),
+        aux_gradient(model, at_eps, batches),
+    )
+    logit_term, func_term = _plus(logit_term, aux_clean), _plus(func_term, aux_perturbed)
     return {n: g[n] + sin * (logit_term[n] - g[n]) + cos * (func_term[n] - g[n]) for n in g}

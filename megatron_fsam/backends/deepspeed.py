@@ -46,7 +46,7 @@ class DeepSpeedBackend(ShardBackend):
         group = engine.data_parallel_group
         self._dp_rank = torch.distributed.get_rank(group)
         self._dp_size = torch.distributed.get_world_size(group)
-        super().__init__(device=engine.device, stats_group=group)
+        super().__init__(device=engine.device, stats_groups=[group])
 
     def check_second_moments(self) -> None:
         """Preconditioning reads Adam's exp_avg_sq: refuse other optimizers."""

@@ -21,8 +21,10 @@ sharding settings SAM cannot run under.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -35,6 +37,7 @@ from megatron.core.optimizer.optimizer import (
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_model_config
 
 from megatron_fsam.backends.shards import ParamSpan, RankShards, ShardBackend, ShardEntry
@@ -55,16 +58,18 @@ class MegatronBackend(ShardBackend):
         self.overlap_param_gather = self.distributed and any(
             chunk.ddp_config.overlap_param_gather for chunk in model_chunks
         )
-        groups = {id(o.get_grad_stats_parallel_group()) for o in self.optimizers}
-        if len(groups) > 1:
-            raise ValueError(
-                "megatron_fsam: sub-optimizers reduce gradient statistics over different "
-                "process groups (e.g. expert parallelism), which SAM does not support yet"
-            )
-        super().__init__(
-            device=next(model_chunks[0].parameters()).device,
-            stats_group=self.optimizers[0].get_grad_stats_parallel_group(),
-        )
+        # Each sub-optimizer's shards sum over its own group (experts without the
+        # distributed optimizer: expert-model-parallel ranks; dense: model-parallel ranks).
+        groups = [o.get_grad_stats_parallel_group() for o in self.optimizers]
+        distinct = [g for i, g in enumerate(groups) if all(g is not h for h in groups[:i])]
+        self._group_index = [next(j for j, d in enumerate(distinct) if d is g) for g in groups]
+        self.routers = [
+            module
+            for chunk in model_chunks
+            for module in chunk.modules()
+            if getattr(module, "expert_bias", None) is not None
+        ]
+        super().__init__(device=next(model_chunks[0].parameters()).device, stats_groups=distinct)
 
     # ----- checks that must hold before any work -------------------------------------
 
@@ -143,31 +148,78 @@ class MegatronBackend(ShardBackend):
             self.sync_params()
 
     @contextmanager
-    def validation_paused(self) -> Iterator[None]:
-        """Megatron's result validation off (pass 2 at theta + eps).
+    def replaying(self, side_loss_weight: float = 1.0) -> Iterator[None]:
+        """Megatron's result validation off, router losses weighted (a pass after the first).
 
         Megatron-LM's NaN/Inf checks of the loss and DDP's `check_for_nan_in_grad` go through
         the rerun state machine's `validate_result`: it aborts, or asks for a rerun, on the
         ranks that see the bad value only, and the others then hang in their collectives.
         A non-finite pass 2 is a SAM skip, decided on every rank by `all_finite`.
+
+        The router's load-balancing and z-losses enter backward through
+        `MoEAuxLossAutoScaler`, whose scale the schedule sets for every micro-batch: it is
+        multiplied by `side_loss_weight` for this pass.
         """
         machine = get_rerun_state_machine()
         machine.validate_result = _accept_result
+        set_scale = MoEAuxLossAutoScaler.set_loss_scale
+        if side_loss_weight != 1.0:
+            MoEAuxLossAutoScaler.set_loss_scale = staticmethod(
+                lambda scale: set_scale(scale * side_loss_weight)
+            )
         try:
             yield
         finally:
             del machine.validate_result
+            MoEAuxLossAutoScaler.set_loss_scale = staticmethod(set_scale)
 
-    # ----- internals ------------------------------------------------------------------
+    def replayed_state(self) -> list[Callable[[], ExpertBiasState]]:
+        """The routers' expert bias: every pass of a step routes with the bias it started
+        with, and the step keeps pass 1's one update (see `ExpertBiasState`)."""
+        return [functools.partial(ExpertBiasState.capture, self.routers)] if self.routers else []
 
     def _entries(self) -> Iterator[ShardEntry]:
-        for opt in self.optimizers:
+        for opt, group in zip(self.optimizers, self._group_index, strict=True):
             if isinstance(opt, DistributedOptimizer):
-                yield from _distributed_entries(opt)
+                entries = _distributed_entries(opt)
             elif isinstance(opt, Float16OptimizerWithFloat16Params):
-                yield from _float16_entries(opt)
+                entries = _float16_entries(opt)
             else:
-                yield from _fp32_entries(opt)
+                entries = _fp32_entries(opt)
+            for entry in entries:
+                entry.stats_group = group
+                yield entry
+
+
+@dataclass
+class ExpertBiasState:
+    """The aux-loss-free expert bias of every router on this rank, and its token counts.
+
+    megatron-core counts each router's tokens per expert in the forward and moves the bias
+    in `finalize_model_grads`, at the end of every forward-backward pass. A SAM step replays
+    its micro-batches: captured before pass 1 and restored before every later pass, the bias
+    routes all passes as a plain step routes all its micro-batches; captured after pass 1 and
+    restored after them, it ends the step with pass 1's update alone (counts of theta's
+    routing, one update), whether the SAM update is then applied, skipped or falls back.
+    """
+
+    routers: list[torch.nn.Module]
+    biases: list[torch.Tensor]
+    counts: list[torch.Tensor]
+
+    @classmethod
+    def capture(cls, routers: list[torch.nn.Module]) -> ExpertBiasState:
+        return cls(
+            routers,
+            [r.expert_bias.detach().clone() for r in routers],
+            [r.local_tokens_per_expert.detach().clone() for r in routers],
+        )
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for router, bias, count in zip(self.routers, self.biases, self.counts, strict=True):
+            router.expert_bias.copy_(bias)
+            router.local_tokens_per_expert.copy_(count)
 
 
 def _distributed_entries(opt: DistributedOptimizer) -> Iterator[ShardEntry]:
@@ -307,11 +359,6 @@ def _check_model(model_chunks: list[torch.nn.Module], config) -> None:
             or getattr(config, "external_cuda_graph", False),
             f"CUDA graphs (cuda_graph_impl={cuda_graph!r}): a captured graph cannot run "
             "the two passes",
-        ),
-        (
-            getattr(config, "moe_router_enable_expert_bias", False),
-            "moe_router_enable_expert_bias: finalize_model_grads would move the expert bias "
-            "in both passes",
         ),
     ]
     for failed, reason in reasons:

@@ -5,17 +5,25 @@ A backend (Megatron-core's optimizers, DeepSpeed's engine) lists this rank's sha
 where Adam keeps the second moment. `ShardBackend` turns them into the kernels' `Shards`
 (copying theta where the model reads the optimizer's own tensor), attaches the second
 moments and the precond floor, and owns the few collectives the step needs: the norm sums,
-the finiteness vote and the floor's RMS, all over `stats_group`, the ranks that hold
-distinct shards.
+the finiteness vote and the floor's RMS.
+
+Each shard's sums are reduced over its `stats_group`: the ranks that together hold each
+coordinate of its sub-optimizer once. Most layouts have one such group; a mixture-of-experts
+model without the distributed optimizer has two (dense params over the model-parallel ranks,
+experts over the expert-model-parallel ranks, as Megatron reduces their grad norms). Every
+collective then runs once per distinct group, in the same
+order on every rank, and the per-group totals are added: each coordinate of the model counts
+exactly once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -23,6 +31,12 @@ from megatron_fsam.kernels import Kernels, Shards
 from megatron_fsam.perturbation import NormSums
 
 logger = logging.getLogger("megatron_fsam")
+
+
+class Restorable(Protocol):
+    """A snapshot of some state that can be put back."""
+
+    def restore(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class ShardEntry:
     span: ParamSpan
     counted: bool = True
     state_range: tuple[int, int] | None = None
+    stats_group: int = 0  # index into the backend's stats_groups
 
     @property
     def theta(self) -> torch.Tensor:
@@ -67,11 +82,20 @@ class ShardEntry:
 
 @dataclass
 class RankShards:
-    """All of this rank's shards, and the subset whose theta lives in a copy."""
+    """All of this rank's shards, the subset whose theta lives in a copy, and which shards
+    sum over which of the backend's stats groups."""
 
     all: Shards
     aliased: Shards
     spans: list[ParamSpan]
+    group_of: list[int]
+
+    def by_group(self, count: int) -> list[list[int]]:
+        """The indices of the shards of each of `count` stats groups."""
+        members: list[list[int]] = [[] for _ in range(count)]
+        for index, group in enumerate(self.group_of):
+            members[group].append(index)
+        return members
 
 
 class ShardBackend:
@@ -83,9 +107,9 @@ class ShardBackend:
     (`zero_grads()`, `gradients()`, `optimizer_step()`).
     """
 
-    def __init__(self, device: torch.device, stats_group) -> None:
+    def __init__(self, device: torch.device, stats_groups: list) -> None:
         self.device = device  # where this rank's collectives run, also when it holds no shard
-        self.stats_group = stats_group
+        self.stats_groups = stats_groups  # distinct, in the same order on every rank
         self._cached: tuple[tuple, RankShards, list[ShardEntry]] | None = None
 
     # ----- what a layout provides -----------------------------------------------------
@@ -118,8 +142,15 @@ class ShardBackend:
         num_zeros_in_grad); it writes the new theta into what the model reads."""
         raise NotImplementedError
 
-    def validation_paused(self) -> AbstractContextManager[None]:
-        """The framework's own checks of non-finite results off (pass 2 at theta + eps)."""
+    def replayed_state(self) -> list[Callable[[], Restorable]]:
+        """Captures of model state besides the RNG that every pass of a step must start from
+        as pass 1 did, and that the step must end with as pass 1 left it (none by default)."""
+        return []
+
+    def replaying(self, side_loss_weight: float = 1.0) -> AbstractContextManager[None]:
+        """A pass after the first: the framework's own checks of non-finite results off (pass 2
+        is at theta + eps), and loss terms that bypass the logits (mixture-of-experts router
+        losses, whose cotangent is a constant) back-propagated with `side_loss_weight`."""
         return nullcontext()
 
     # ----- shards ---------------------------------------------------------------------
@@ -139,7 +170,10 @@ class ShardBackend:
         if precondition:
             real = self._attach_second_moments(shards, entries)
             shards.precond_floor = (
-                relative_floor * self._rms_sqrt_v(shards, real) if relative_floor else 0.0
+                relative_floor
+                * self._rms_sqrt_v(shards, real, rank_shards.by_group(len(self.stats_groups)))
+                if relative_floor
+                else 0.0
             )
         else:
             shards.second_moments = shards.v_scales = shards.adam_eps = None
@@ -174,50 +208,95 @@ class ShardBackend:
             counted=[e.counted for e in _aliased(entries)],
         )
         spans = [e.span for e in entries]
-        return RankShards(all=shards, aliased=aliased, spans=spans), entries
+        group_of = [e.stats_group for e in entries]
+        return RankShards(all=shards, aliased=aliased, spans=spans, group_of=group_of), entries
 
     # ----- collectives ----------------------------------------------------------------
 
-    def reduced_norm_sums(self, kernels: Kernels, shards: Shards) -> NormSums:
-        """[||g||^2, ||P g||^2, g.P g] over the whole model: one all-reduce."""
-        if len(shards):
-            local = kernels.norm_sums(shards).to(self.device)
-        else:
-            local = torch.zeros(3, dtype=torch.float32, device=self.device)
-        return NormSums.from_tensor(self.all_reduce_sums(local))
+    @property
+    def stats_group(self):
+        """The one group over which every shard's sums are reduced (most layouts)."""
+        if len(self.stats_groups) != 1:
+            raise ValueError(
+                "megatron_fsam: this optimizer reduces gradient statistics over "
+                f"{len(self.stats_groups)} process groups (experts without the distributed "
+                "optimizer); this needs the distributed optimizer"
+            )
+        return self.stats_groups[0]
+
+    def parts(self, rank_shards: RankShards, shards: Shards | None = None) -> list[tuple]:
+        """(the shards of one stats group, that group) for each group, in order."""
+        shards = shards if shards is not None else rank_shards.all
+        members = rank_shards.by_group(len(self.stats_groups))
+        return [
+            (shards.subset(indices), group)
+            for indices, group in zip(members, self.stats_groups, strict=True)
+        ]
+
+    def reduced_norm_sums(self, kernels: Kernels, rank_shards: RankShards) -> NormSums:
+        """[||g||^2, ||P g||^2, g.P g] over the whole model: one all-reduce per stats group."""
+        partials = [
+            kernels.norm_sums(part).to(self.device)
+            if len(part)
+            else torch.zeros(3, dtype=torch.float32, device=self.device)
+            for part, _ in self.parts(rank_shards)
+        ]
+        return NormSums.from_tensor(self.sum_over_groups(partials))
+
+    def sum_over_groups(self, partials: list[torch.Tensor]) -> torch.Tensor:
+        """Each stats group's partial sums, summed over its ranks, then added together."""
+        total = None
+        for partial, group in zip(partials, self.stats_groups, strict=True):
+            torch.distributed.all_reduce(partial, group=group)
+            total = partial if total is None else total + partial
+        return total
 
     def all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
-        """Sum the norm partials over the ranks that hold distinct shards."""
+        """Sum partials over the ranks of the one stats group (diagnostics)."""
         torch.distributed.all_reduce(sums, group=self.stats_group)
         return sums
 
-    def all_finite(self, grads: list[torch.Tensor]) -> bool:
-        """Whether every rank's gradient shards are finite: one fused max-norm, one MAX
-        all-reduce, one host sync."""
-        found = torch.zeros(1, dtype=torch.float32, device=self.device)
-        if grads:
-            largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
-            found = (~torch.isfinite(largest)).float().view(1).to(self.device)
-        torch.distributed.all_reduce(
-            found, op=torch.distributed.ReduceOp.MAX, group=self.stats_group
-        )
-        return found.item() == 0.0
+    def all_finite(self, grads: list[torch.Tensor], rank_shards: RankShards) -> bool:
+        """Whether every rank's gradient shards are finite: one fused max-norm and one MAX
+        all-reduce per stats group, one host sync."""
+        found = []
+        for indices in rank_shards.by_group(len(self.stats_groups)):
+            flag = torch.zeros(1, dtype=torch.float32, device=self.device)
+            if indices:
+                largest = torch.stack(
+                    torch._foreach_norm([grads[i] for i in indices], float("inf"))
+                )
+                flag = (~torch.isfinite(largest.max())).float().view(1).to(self.device)
+            found.append(flag)
+        for flag, group in zip(found, self.stats_groups, strict=True):
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        return torch.cat(found).max().item() == 0.0
 
     # ----- second moments -------------------------------------------------------------
 
-    def _rms_sqrt_v(self, shards: Shards, real: list[int]) -> float:
+    def _rms_sqrt_v(
+        self, shards: Shards, real: list[int], group_of_shards: list[list[int]]
+    ) -> float:
         """sqrt(mean v_hat) over the counted coordinates of the whole model that have Adam
         state (the root-mean-square of sqrt(v_hat)): one all-reduce."""
-        counted = [i for i in real if shards.counted[i] and shards.second_moments[i].numel()]
-        local = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if counted:
-            sums = torch._foreach_norm([shards.second_moments[i] for i in counted], 1)  # v >= 0
-            scales = [shards.v_scales[i] for i in counted]
-            scaled = torch.stack(sums).double()
-            scaled *= torch.tensor(scales, dtype=torch.float64, device=scaled.device)
-            local[0] = scaled.sum()
-            local[1] = sum(shards.second_moments[i].numel() for i in counted)
-        total, count = self.all_reduce_sums(local).tolist()
+        real_set = set(real)
+        partials = []
+        for indices in group_of_shards:
+            counted = [
+                i
+                for i in indices
+                if i in real_set and shards.counted[i] and shards.second_moments[i].numel()
+            ]
+            local = torch.zeros(2, dtype=torch.float64, device=self.device)
+            if counted:
+                sums = torch._foreach_norm([shards.second_moments[i] for i in counted], 1)  # v>=0
+                scales = [shards.v_scales[i] for i in counted]
+                scaled = torch.stack(sums).double()
+                scaled *= torch.tensor(scales, dtype=torch.float64, device=scaled.device)
+                local[0] = scaled.sum()
+                local[1] = sum(shards.second_moments[i].numel() for i in counted)
+            partials.append(local)
+        total, count = self.sum_over_groups(partials).tolist()
         return math.sqrt(total / count) if count else 0.0
 
     def _attach_second_moments(self, shards: Shards, entries: list[ShardEntry]) -> list[int]:

@@ -153,10 +153,6 @@ def _unsupported(args: argparse.Namespace) -> str | None:
             "rematerialization): untested with SAM",
         ),
         (
-            on("moe_router_enable_expert_bias"),
-            "--moe-router-enable-expert-bias: the bias would move in both passes",
-        ),
-        (
             on("use_precision_aware_optimizer"),
             "--use-precision-aware-optimizer: it hides the fp32 main params",
         ),

@@ -20,7 +20,9 @@ import torch.distributed as dist
 from megatron_fsam.kernels import torch_ops
 from megatron_fsam.kernels.shards import Shards
 
-__all__ = ["top_share"]
+__all__ = ["top_share", "grouped_top_share"]
+
+Part = tuple[Shards, "dist.ProcessGroup | None"]
 
 # Bit patterns of non-negative float32s order as int32s do; +inf is the first above all finite.
 _INF_BITS = 0x7F800000
@@ -42,24 +44,44 @@ def top_share(
     without shards (cpu by default; the shards' device otherwise). Costs one pass over the
     shards in batches, a buffer of the rank's top k values and at most 34 all-reduces of a
     scalar or two."""
+    return grouped_top_share([(shards, group)], fraction, device)
+
+
+@torch.no_grad()
+def grouped_top_share(
+    parts: list[Part], fraction: float = 1e-3, device: torch.device | str | None = None
+) -> float:
+    """`top_share` of the union of several parts, each summed over its own process group
+    (experts and dense params of one model): every collective runs once per part."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"top_share: fraction must be in (0, 1], got {fraction}")
-    device = shards.grads[0].device if len(shards) else torch.device(device or "cpu")
-    n_local = sum(shards.grads[i].numel() for i in range(len(shards)) if shards.counted[i])
-    n_global = int(_all_reduce(torch.tensor(n_local, device=device), group))
+    groups = [group for _, group in parts]
+    nonempty = [shards for shards, _ in parts if len(shards)]
+    device = nonempty[0].grads[0].device if nonempty else torch.device(device or "cpu")
+    n_locals = [
+        sum(shards.grads[i].numel() for i in range(len(shards)) if shards.counted[i])
+        for shards, _ in parts
+    ]
+    n_global = int(_summed([torch.tensor(n, device=device) for n in n_locals], groups))
     if n_global == 0:
         return 0.0
     k = math.ceil(fraction * n_global)
-    top, local_total = _local_top(shards, min(k, n_local), device)
-    total = float(_all_reduce(local_total, group))
+    local = [
+        _local_top(shards, min(k, n), device)
+        for (shards, _), n in zip(parts, n_locals, strict=True)
+    ]
+    tops, local_totals = [top for top, _ in local], [total for _, total in local]
+    total = float(_summed(local_totals, groups))
     if total == 0.0:
         return 0.0
     if not math.isfinite(total):
         return math.nan
-    threshold = _kth_largest(top, k, group)
-    above = top[top > threshold].double()
-    sums = torch.stack((above.sum(), above.new_tensor(above.numel())))
-    above_sum, above_count = _all_reduce(sums, group).tolist()
+    threshold = _kth_largest(tops, k, groups)
+    sums = []
+    for top in tops:
+        above = top[top > threshold].double()
+        sums.append(torch.stack((above.sum(), above.new_tensor(above.numel()))))
+    above_sum, above_count = _summed(sums, groups).tolist()
     # Values tied with the k-th largest fill the top k up to k.
     return (above_sum + (k - above_count) * threshold) / total
 
@@ -76,20 +98,25 @@ def _local_top(shards: Shards, k: int, device: torch.device) -> tuple[torch.Tens
     return top, total
 
 
-def _kth_largest(top: torch.Tensor, k: int, group: dist.ProcessGroup | None) -> float:
-    """The k-th largest value of all ranks' `top` (each rank's top values hold the global top k
-    that lie on it): the largest bit pattern b with at least k values >= b across ranks."""
-    bits = top.view(torch.int32)
+def _kth_largest(tops: list[torch.Tensor], k: int, groups: list) -> float:
+    """The k-th largest value of all ranks' `tops` (each rank's top values hold the global top
+    k that lie on it): the largest bit pattern b with at least k values >= b across ranks."""
+    bits = [top.view(torch.int32) for top in tops]
     low, high = 0, _INF_BITS  # at least k values >= low; fewer than k >= high (all finite)
     while high - low > 1:
         middle = (low + high) // 2
-        count = _all_reduce((bits >= middle).sum(), group)
+        count = _summed([(b >= middle).sum() for b in bits], groups)
         low, high = (middle, high) if int(count) >= k else (low, middle)
     return torch.tensor(low, dtype=torch.int32).view(torch.float32).item()
 
 
-def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Sum over the ranks of group; the tensor itself when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, group=group)
-    return tensor
+def _summed(tensors: list[torch.Tensor], groups: list) -> torch.Tensor:
+    """Each tensor summed over the ranks of its group, then added; local when not
+    distributed."""
+    distributed = dist.is_available() and dist.is_initialized()
+    total = None
+    for tensor, group in zip(tensors, groups, strict=True):
+        if distributed:
+            dist.all_reduce(tensor, group=group)
+        total = tensor if total is None else total + tensor
+    return total

@@ -63,3 +63,20 @@ class Shards:
 
     def __len__(self) -> int:
         return len(self.thetas)
+
+    def subset(self, indices: list[int]) -> Shards:
+        """The shards at `indices` (the same tensors), with their preconditioner."""
+
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[i] for i in indices]
+
+        return Shards(
+            thetas=pick(self.thetas),
+            grads=pick(self.grads),
+            targets=pick(self.targets),
+            counted=pick(self.counted),
+            second_moments=pick(self.second_moments),
+            v_scales=pick(self.v_scales),
+            adam_eps=pick(self.adam_eps),
+            precond_floor=self.precond_floor,
+        )
