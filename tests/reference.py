@@ -238,3 +238,27 @@ def angle_gradient(
     )
     logit_term, func_term = _plus(logit_term, aux_clean), _plus(func_term, aux_perturbed)
     return {n: g[n] + sin * (logit_term[n] - g[n]) + cos * (func_term[n] - g[n]) for n in g}
+
+
+def angle_first_order_gradient(
+    model: torch.nn.Module, theta: Params, batches: list[dict], *, degrees: float, **ascent
+) -> Params:
+    """ANGLE-SAM's two-pass form, which replaces J(theta)^T c(theta+eps) in Eq. 19 by
+    J(theta+eps)^T c(theta+eps):
+
+    (1 - cos) g + J(theta+eps)^T [sin c(theta+eps) + (cos - sin) c(theta)],
+
+    the router losses' constant cotangent mixed alike (cos A(theta + eps)), so that their
+    share is Eq. 19's exactly: cos A(theta + eps) + (1 - cos) A(theta).
+    """
+    g, at_eps = perturbed_weights(model, theta, batches, **ascent)
+    sin, cos = math.sin(math.radians(degrees)), math.cos(math.radians(degrees))
+    total = None
+    for batch in batches:
+        clean, perturbed = _leaves(theta), _leaves(at_eps)
+        c_clean = _cotangents(model, clean, batch, len(batches))
+        c_perturbed = _cotangents(model, perturbed, batch, len(batches))
+        mixed = [sin * p + (cos - sin) * c for p, c in zip(c_perturbed, c_clean, strict=True)]
+        total = _accumulate(total, _vjp(model, perturbed, batch, mixed))
+    total = _plus(total, aux_gradient(model, at_eps, batches), cos)
+    return {n: total[n] + (1.0 - cos) * g[n] for n in g}

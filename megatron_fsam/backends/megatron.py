@@ -37,10 +37,18 @@ from megatron.core.optimizer.optimizer import (
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_model_config
 
-from megatron_fsam.backends.shards import ParamSpan, RankShards, ShardBackend, ShardEntry
+from megatron_fsam.backends.shards import (
+    ParamSpan,
+    RankShards,
+    Restorable,
+    ShardBackend,
+    ShardEntry,
+)
 
 
 class MegatronBackend(ShardBackend):
@@ -173,10 +181,14 @@ class MegatronBackend(ShardBackend):
             del machine.validate_result
             MoEAuxLossAutoScaler.set_loss_scale = staticmethod(set_scale)
 
-    def replayed_state(self) -> list[Callable[[], ExpertBiasState]]:
-        """The routers' expert bias: every pass of a step routes with the bias it started
-        with, and the step keeps pass 1's one update (see `ExpertBiasState`)."""
-        return [functools.partial(ExpertBiasState.capture, self.routers)] if self.routers else []
+    def replayed_state(self) -> list[Callable[[], Restorable]]:
+        """The routers' expert bias (every pass of a step routes with the bias it started
+        with, and the step keeps pass 1's one update: `ExpertBiasState`) and the router and
+        MTP losses megatron-core accumulates for logging (the step logs pass 1's)."""
+        captures: list[Callable[[], Restorable]] = [LoggedLosses.capture]
+        if self.routers:
+            captures.append(functools.partial(ExpertBiasState.capture, self.routers))
+        return captures
 
     def _entries(self) -> Iterator[ShardEntry]:
         for opt, group in zip(self.optimizers, self._group_index, strict=True):
@@ -189,6 +201,38 @@ class MegatronBackend(ShardBackend):
             for entry in entries:
                 entry.stats_group = group
                 yield entry
+
+
+@dataclass
+class LoggedLosses:
+    """The values megatron-core accumulates over a step's forwards for logging: each router
+    loss per layer, and (multi-token prediction) each MTP head's loss. A replayed pass would
+    add its own; restored after it, the logs show pass 1's, like the step's returned losses.
+    """
+
+    saved: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def capture(cls) -> LoggedLosses:
+        return cls([(t, t.detach().clone()) for t in _logging_tensors()])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for tensor, value in self.saved:
+            tensor.copy_(value)
+
+
+def _logging_tensors() -> list[torch.Tensor]:
+    """The tensors of megatron-core's router-loss tracker (0.19: `get_moe_metrics_tracker`,
+    0.16: a dict per loss) and of its MTP-loss tracker."""
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        entries = [entry.values for entry in moe_utils.get_moe_metrics_tracker().metrics.values()]
+    else:
+        entries = [
+            entry.get("values") for entry in moe_utils.get_moe_layer_wise_logging_tracker().values()
+        ]
+    entries += list(MTPLossLoggingHelper.tracker.values())
+    return [t for t in entries if torch.is_tensor(t)]
 
 
 @dataclass
