@@ -11,6 +11,11 @@ Conventions the loader applies:
   padded for TP, at start-up (``resolve_vocab_size``);
 - ``data.seq_length`` defaults to ``model.seq_length``;
 - ``logging.run_name`` defaults to the run file's name.
+
+Mixture of experts (``model.num_experts`` and the ``model.moe_*`` keys, with
+``parallel.expert_parallel`` / ``expert_tensor_parallel``) and multi-token prediction
+(``model.mtp_num_layers``) are checked here too, so that megatron-core never meets a
+combination it would reject deep inside model construction or, worse, in the first forward.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from megatron_fsam.parallel import ParallelConfig
 
 AUTO_VOCAB = 0
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_DISPATCHERS = ("alltoall", "allgather")  # "flex" needs DeepEP / HybridEP (GPU only)
 
 
 class ConfigError(ValueError):
@@ -177,6 +184,8 @@ class RunConfig:
                 f"model.hidden_size {m.hidden_size} is not divisible by "
                 f"model.num_attention_heads {m.num_attention_heads}"
             )
+        _validate_moe(m)
+        _validate_mtp(m)
         _positive("data.seq_length", self.data.seq_length)
         if self.data.seq_length > m.seq_length:
             raise ConfigError(
@@ -240,15 +249,101 @@ class RunConfig:
             )
 
 
-def non_embedding_params(model: GPTConfig) -> int:
+_MOE_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name.startswith("moe_")}
+
+
+def _validate_moe(m: GPTConfig) -> None:
+    """The mixture-of-experts keys of the model section (megatron-core's rules, said early)."""
+    if m.num_experts is None:
+        changed = [k for k, default in _MOE_DEFAULTS.items() if getattr(m, k) != default]
+        if changed:
+            raise ConfigError(
+                f"model.{changed[0]} is set but model.num_experts is not (a dense model); "
+                "set model.num_experts to make every MLP a mixture of experts"
+            )
+        return
+    _positive("model.num_experts", m.num_experts)
+    if not 1 <= m.moe_router_topk <= m.num_experts:
+        raise ConfigError(
+            f"model.moe_router_topk must be in [1, num_experts = {m.num_experts}], "
+            f"got {m.moe_router_topk}"
+        )
+    if m.moe_ffn_hidden_size is not None:
+        _positive("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size)
+    if m.moe_router_score_function not in MOE_SCORE_FUNCTIONS:
+        raise ConfigError(
+            f"model.moe_router_score_function must be one of {MOE_SCORE_FUNCTIONS}, "
+            f"got {m.moe_router_score_function!r}"
+        )
+    if m.moe_router_topk == 1 and m.moe_router_score_function == "softmax":
+        raise ConfigError(
+            "model.moe_router_topk 1 with the softmax score function gives the router a zero "
+            "gradient (softmax over one expert); use moe_router_topk >= 2 or "
+            "moe_router_score_function: sigmoid"
+        )
+    if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
+        raise ConfigError(
+            "model.moe_router_enable_expert_bias needs model.moe_router_score_function: "
+            f"sigmoid, got {m.moe_router_score_function!r}"
+        )
+    if not m.moe_router_bias_update_rate > 0:
+        raise ConfigError(
+            f"model.moe_router_bias_update_rate must be > 0, got {m.moe_router_bias_update_rate}"
+        )
+    if not m.moe_aux_loss_coeff >= 0:
+        raise ConfigError(f"model.moe_aux_loss_coeff must be >= 0, got {m.moe_aux_loss_coeff}")
+    if m.moe_z_loss_coeff is not None and not m.moe_z_loss_coeff > 0:
+        raise ConfigError(
+            f"model.moe_z_loss_coeff must be > 0 or null (no z-loss), got {m.moe_z_loss_coeff}"
+        )
+    if m.moe_expert_capacity_factor is not None and not m.moe_expert_capacity_factor > 0:
+        raise ConfigError(
+            "model.moe_expert_capacity_factor must be > 0 or null (dropless), "
+            f"got {m.moe_expert_capacity_factor}"
+        )
+    if m.moe_token_dispatcher_type not in MOE_DISPATCHERS:
+        raise ConfigError(
+            f"model.moe_token_dispatcher_type must be one of {MOE_DISPATCHERS}, "
+            f"got {m.moe_token_dispatcher_type!r}"
+        )
+
+
+def _validate_mtp(m: GPTConfig) -> None:
+    if m.mtp_num_layers is not None:
+        _positive("model.mtp_num_layers", m.mtp_num_layers)
+    if not m.mtp_loss_scaling_factor >= 0:
+        raise ConfigError(
+            f"model.mtp_loss_scaling_factor must be >= 0, got {m.mtp_loss_scaling_factor}"
+        )
+
+
+def _layer_params(model: GPTConfig, *, active: bool = False) -> int:
+    """One transformer layer: attention 4 D^2, two LayerNorms 2 D, and the MLP (dense 2 D F;
+    mixture of experts: the router E D plus E experts of 2 D F_moe each, or, with `active`,
+    the top-k experts one token passes through)."""
+    d = model.hidden_size
+    f = model.ffn_hidden_size or 4 * d
+    if model.num_experts is None:
+        mlp = 2 * d * f
+    else:
+        experts = model.moe_router_topk if active else model.num_experts
+        mlp = model.num_experts * d + experts * 2 * d * (model.moe_ffn_hidden_size or f)
+    return 4 * d * d + 2 * d + mlp
+
+
+def non_embedding_params(model: GPTConfig, *, active: bool = False) -> int:
     """Parameters outside the embeddings: the count scaling laws (and the paper) quote.
 
     Per layer: q, k, v and output projections 4 D^2, MLP 2 D F, two bias-free LayerNorm
-    weights 2 D; plus the final LayerNorm D. There are no biases anywhere.
+    weights 2 D; plus the final LayerNorm D. There are no biases anywhere. A mixture of
+    experts counts every expert (``active=True``: the top-k a token uses, the router in
+    full); each multi-token-prediction layer adds a layer, its input projection 2 D^2 and
+    three LayerNorms 3 D (Chinchilla-style ``tokens_per_param`` uses the total).
     """
     d = model.hidden_size
-    f = model.ffn_hidden_size or 4 * d
-    return model.num_layers * (4 * d * d + 2 * d * f + 2 * d) + d
+    layer = _layer_params(model, active=active)
+    mtp = (model.mtp_num_layers or 0) * (layer + 2 * d * d + 3 * d)
+    return model.num_layers * layer + d + mtp
 
 
 def embedding_params(model: GPTConfig) -> int:
@@ -321,7 +416,52 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         )
     if p.overlap_param_gather and not p.distributed_optimizer:
         raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer")
+    _validate_expert_layout(cfg, world_size)
     return dp
+
+
+def _validate_expert_layout(cfg: RunConfig, world_size: int) -> None:
+    """Expert parallelism: megatron-core's grid of experts, and its sequence-parallel rule."""
+    p, m = cfg.parallel, cfg.model
+    ep, etp = p.expert_parallel, p.expert_tensor_parallel
+    if ep < 1 or (etp is not None and etp < 1):
+        raise ConfigError(
+            f"parallel.expert_parallel and expert_tensor_parallel must be >= 1, got {ep}, {etp}"
+        )
+    if m.num_experts is None:
+        if ep > 1 or etp is not None:
+            raise ConfigError(
+                "parallel.expert_parallel / expert_tensor_parallel need a mixture-of-experts "
+                "model (set model.num_experts)"
+            )
+        return
+    if m.num_experts % ep:
+        raise ConfigError(
+            f"model.num_experts {m.num_experts} is not divisible by parallel.expert_parallel {ep}"
+        )
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    etp = tp if etp is None else etp
+    if etp != tp and ep == 1:
+        raise ConfigError(
+            f"parallel.expert_tensor_parallel {etp} differs from tensor_parallel {tp}: that "
+            "needs parallel.expert_parallel > 1"
+        )
+    if world_size % (etp * ep * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by expert_tensor_parallel x "
+            f"expert_parallel x pipeline_parallel = {etp} x {ep} x {pp}"
+        )
+    moe_ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size
+    if moe_ffn % etp:
+        raise ConfigError(
+            f"the experts' hidden size {moe_ffn} (model.moe_ffn_hidden_size) is not divisible "
+            f"by expert_tensor_parallel {etp}"
+        )
+    if tp > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            "a mixture-of-experts model with parallel.tensor_parallel > 1 needs "
+            "parallel.sequence_parallel: true (megatron-core refuses it in training otherwise)"
+        )
 
 
 # --- loading -----------------------------------------------------------------------------

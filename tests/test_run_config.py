@@ -23,6 +23,8 @@ from megatron_fsam.run_config import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUNS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("_"))
 TINY = CONFIGS / "tiny_test.yaml"
+MOE = CONFIGS / "moe_demo_cpu.yaml"
+TWO_RANKS = ("demo_cpu", "moe_demo_cpu")  # the CPU demos run on 2 ranks
 
 # Non-embedding parameter counts stated in the paper. Table 1's "2M" model counts
 # 2,361,088 (4.59M with its 8192 x 256 embedding and 512 positions).
@@ -48,7 +50,7 @@ def test_configs_are_shipped():
     names = {p.name for p in RUNS}
     for size in STATED:
         assert {f"nanodo_{size}.yaml", f"nanodo_{size}_10k.yaml"} <= names
-    assert {"demo_cpu.yaml", "tiny_test.yaml"} <= names
+    assert {"demo_cpu.yaml", "tiny_test.yaml", "moe_demo_cpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
@@ -57,7 +59,7 @@ def test_every_config_loads_and_fits_its_world(path: Path):
     assert cfg.logging.run_name == path.stem
     assert cfg.data.seq_length == cfg.model.seq_length
     assert cfg.total_steps >= 1
-    world = 2 if path.stem == "demo_cpu" else 1
+    world = 2 if path.stem in TWO_RANKS else 1
     assert validate_layout(cfg, world) == world
 
 
@@ -315,3 +317,173 @@ def test_vocab_resolution():
     explicit = _tiny("model.vocab_size=256")
     with pytest.raises(ConfigError, match="smaller than the tokenizer's 500 tokens"):
         resolve_vocab_size(explicit, 500, 512)
+
+
+# ----- mixture of experts and multi-token prediction ------------------------------------------
+
+
+def test_moe_demo_maps_to_the_model_and_layout():
+    cfg = load_run_config(MOE, [])
+    m, p = cfg.model, cfg.parallel
+    assert (m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size) == (4, 2, 256)
+    assert (m.moe_router_score_function, m.moe_router_enable_expert_bias) == ("sigmoid", True)
+    assert (m.moe_aux_loss_coeff, m.moe_router_bias_update_rate) == (1e-3, 1e-3)
+    assert (m.moe_token_dispatcher_type, m.moe_expert_capacity_factor) == ("alltoall", None)
+    assert (m.mtp_num_layers, m.mtp_loss_scaling_factor) == (1, 0.1)
+    assert (p.expert_parallel, p.expert_tensor_parallel, p.distributed_optimizer) == (2, None, True)
+    assert (cfg.sam.mode, cfg.sam.precond) == ("fsam", True)
+    assert validate_layout(cfg, 2) == 2  # experts split over the 2 data-parallel ranks
+    overrides = [
+        "model.moe_z_loss_coeff=1e-3",
+        "model.moe_expert_capacity_factor=1.5",
+        "model.moe_token_dispatcher_type=allgather",
+        "model.mtp_num_layers=2",
+        "parallel.expert_tensor_parallel=1",
+    ]
+    cfg = load_run_config(MOE, overrides)
+    assert (cfg.model.moe_z_loss_coeff, cfg.model.moe_expert_capacity_factor) == (1e-3, 1.5)
+    assert (cfg.model.moe_token_dispatcher_type, cfg.model.mtp_num_layers) == ("allgather", 2)
+    assert cfg.parallel.expert_tensor_parallel == 1
+
+
+def test_moe_and_mtp_parameter_counts():
+    """Every expert counts; active: the top-k a token uses; MTP: a layer, 2 D^2 and 3 D."""
+    model = load_run_config(MOE, ["model.vocab_size=4096"]).model
+    d, f, moe_f, layers = 128, 512, 256, 2
+    attention = 4 * d * d + 2 * d
+    layer = attention + 4 * d + 4 * 2 * d * moe_f  # router 4 D, four experts
+    active = attention + 4 * d + 2 * 2 * d * moe_f  # the top-2
+    mtp = layer + 2 * d * d + 3 * d
+    assert non_embedding_params(model) == layers * layer + d + mtp
+    assert (
+        non_embedding_params(model, active=True) == layers * active + d + active + 2 * d * d + 3 * d
+    )
+    dense = load_run_config(TINY, ["model.mtp_num_layers=2"]).model
+    dense_layer = 4 * 32 * 32 + 2 * 32 + 2 * 32 * 128
+    assert non_embedding_params(dense) == 2 * dense_layer + 32 + 2 * (
+        dense_layer + 2 * 32 * 32 + 3 * 32
+    )
+    assert non_embedding_params(dense, active=True) == non_embedding_params(dense)
+    assert f == load_run_config(MOE, []).model.ffn_hidden_size
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.moe_router_topk=4"], "model.moe_router_topk is set but model.num_experts is not"),
+        (["model.mtp_num_layers=0"], "model.mtp_num_layers must be >= 1"),
+        (["model.mtp_loss_scaling_factor=-1"], "model.mtp_loss_scaling_factor must be >= 0"),
+        (
+            ["model.num_experts=4", "model.moe_router_topk=5"],
+            "model.moe_router_topk must be in [1, num_experts = 4], got 5",
+        ),
+        (["model.num_experts=0"], "model.num_experts must be >= 1"),
+        (["model.num_experts=4", "model.moe_ffn_hidden_size=0"], "moe_ffn_hidden_size must be >="),
+        (
+            ["model.num_experts=4", "model.moe_router_score_function=relu"],
+            "model.moe_router_score_function must be one of ('softmax', 'sigmoid')",
+        ),
+        (
+            ["model.num_experts=4", "model.moe_router_topk=1"],
+            "model.moe_router_topk 1 with the softmax score function",
+        ),
+        (
+            ["model.num_experts=4", "model.moe_router_enable_expert_bias=true"],
+            "moe_router_enable_expert_bias needs model.moe_router_score_function: sigmoid",
+        ),
+        (
+            ["model.num_experts=4", "model.moe_router_bias_update_rate=0"],
+            "model.moe_router_bias_update_rate must be > 0",
+        ),
+        (["model.num_experts=4", "model.moe_aux_loss_coeff=-1"], "moe_aux_loss_coeff must be >= 0"),
+        (["model.num_experts=4", "model.moe_z_loss_coeff=0"], "model.moe_z_loss_coeff must be > 0"),
+        (
+            ["model.num_experts=4", "model.moe_expert_capacity_factor=0"],
+            "model.moe_expert_capacity_factor must be > 0 or null (dropless)",
+        ),
+        (
+            ["model.num_experts=4", "model.moe_token_dispatcher_type=flex"],
+            "model.moe_token_dispatcher_type must be one of ('alltoall', 'allgather')",
+        ),
+        (["model.num_experts=four"], "model.num_experts must be int or null"),
+        (["parallel.expert_parallel=0"], "parallel: expert_parallel and expert_tensor_parallel"),
+    ],
+)
+def test_moe_and_mtp_mistakes_give_one_line_errors(overrides: list[str], expected: str):
+    assert expected in _one_line_error(TINY, overrides)
+
+
+def test_sigmoid_router_allows_top_1():
+    assert "softmax" in _one_line_error(TINY, ["model.num_experts=4", "model.moe_router_topk=1"])
+    ok = _tiny(
+        "model.num_experts=4", "model.moe_router_topk=1", "model.moe_router_score_function=sigmoid"
+    )
+    assert validate_layout(ok, 1) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, expected",
+    [
+        (
+            ["parallel.expert_parallel=2"],
+            2,
+            "need a mixture-of-experts model (set model.num_experts)",
+        ),
+        (
+            ["parallel.expert_tensor_parallel=1"],
+            1,
+            "need a mixture-of-experts model (set model.num_experts)",
+        ),
+        (
+            ["model.num_experts=3", "parallel.expert_parallel=2"],
+            2,
+            "model.num_experts 3 is not divisible by parallel.expert_parallel 2",
+        ),
+        (
+            ["model.num_experts=4", "parallel.expert_parallel=4", "train.global_batch_size=4"],
+            2,
+            "world size 2 is not divisible by expert_tensor_parallel x expert_parallel x "
+            "pipeline_parallel = 1 x 4 x 1",
+        ),
+        (
+            [
+                "model.num_experts=4",
+                "parallel.expert_tensor_parallel=2",
+                "train.global_batch_size=4",
+            ],
+            2,
+            "expert_tensor_parallel 2 differs from tensor_parallel 1: that needs",
+        ),
+        (
+            [
+                "model.num_experts=4",
+                "model.moe_ffn_hidden_size=33",
+                "parallel.expert_parallel=2",
+                "parallel.expert_tensor_parallel=2",
+            ],
+            4,
+            "the experts' hidden size 33 (model.moe_ffn_hidden_size) is not divisible by "
+            "expert_tensor_parallel 2",
+        ),
+        (
+            ["model.num_experts=4", "parallel.tensor_parallel=2"],
+            2,
+            "with parallel.tensor_parallel > 1 needs parallel.sequence_parallel: true",
+        ),
+    ],
+)
+def test_expert_layout_errors(overrides: list[str], world_size: int, expected: str):
+    assert expected in _layout_error(_tiny(*overrides), world_size)
+
+
+def test_expert_layouts_that_fit():
+    four = _tiny("model.num_experts=4", "parallel.expert_parallel=4", "train.global_batch_size=8")
+    assert validate_layout(four, 4) == 4  # EP 4 over DP 4
+    tp_ep = _tiny(
+        "model.num_experts=4",
+        "parallel.tensor_parallel=2",
+        "parallel.sequence_parallel=true",
+        "parallel.expert_parallel=2",
+        "parallel.expert_tensor_parallel=1",
+    )
+    assert validate_layout(tp_ep, 2) == 1  # DP 1; experts over the two TP ranks instead
