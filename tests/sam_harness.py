@@ -155,6 +155,8 @@ def received_gradients(model: list, optimizer) -> dict[str, torch.Tensor]:
                 for mp, main in zip(mg, sg, strict=True)
             ]
             for mp, main in pairs:
+                if id(mp) not in names:
+                    continue  # a weight the model never reads (see global_param_names)
                 r = opt._get_model_param_range_map(mp)["param"]
                 out.setdefault(names[id(mp)], []).append((mp, (r.start, r.end), main.grad))
         elif isinstance(opt, Float16OptimizerWithFloat16Params):
@@ -164,11 +166,13 @@ def received_gradients(model: list, optimizer) -> dict[str, torch.Tensor]:
             ):
                 for mg, sg in zip(*groups, strict=True):
                     for mp, main in zip(mg, sg, strict=True):
-                        out.setdefault(names[id(mp)], []).append((mp, None, main.grad))
+                        if id(mp) in names:
+                            out.setdefault(names[id(mp)], []).append((mp, None, main.grad))
         else:
             for group in opt.optimizer.param_groups:
                 for p in group["params"]:
-                    out.setdefault(names[id(p)], []).append((p, None, p.grad))
+                    if id(p) in names:
+                        out.setdefault(names[id(p)], []).append((p, None, p.grad))
     return out
 
 

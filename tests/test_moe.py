@@ -5,8 +5,9 @@ The model is the tiny GPT of the other step tests with every MLP a mixture of 4 
 against the paper's formulas (tests/reference.py, which takes the router losses as loss terms
 with a constant cotangent, and one cotangent per call of the output layer under multi-token
 prediction) and saves the references; one 2-rank spawn (EP=2 x DP=2 with and without the
-distributed optimizer, PP=2 with experts in both stages, the expert bias, MTP on the last
-stage) and one 4-rank spawn (EP=2 x TP=2 with sequence parallelism) check the same numbers.
+distributed optimizer, PP=2 with experts in both stages, 1F1B and interleaved, the expert
+bias, MTP on the last stage) and one 4-rank spawn (EP=2 x TP=2 with sequence parallelism,
+expert TP 2 and 1) check the same numbers.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ MOE = dataclasses.replace(
     moe_aux_loss_coeff=0.1,  # large, so that a wrong weighting of the router losses shows
     moe_z_loss_coeff=0.01,
 )
+MOE4 = dataclasses.replace(MOE, num_layers=4)  # one layer per virtual stage under PP=2 x VP=2
 DISPATCHERS = ("alltoall", "allgather")
 VARIANTS = (("sam", False), ("fsam", False), ("fsam", True))
 MTP_DEPTHS = (1, 2)
@@ -66,8 +68,8 @@ FROZEN_ADAM = {**ADAM, "lr": 0.0}
 BIAS_STEPS = 3  # fsam (P = 1: no Adam state yet), precond fsam, a skipped step
 
 
-def _moe(dispatcher: str = "alltoall", **more) -> GPTConfig:
-    return dataclasses.replace(MOE, moe_token_dispatcher_type=dispatcher, **more)
+def _moe(dispatcher: str = "alltoall", base: GPTConfig = MOE, **more) -> GPTConfig:
+    return dataclasses.replace(base, moe_token_dispatcher_type=dispatcher, **more)
 
 
 def _step_variant(parallel, full, batches, model: GPTConfig, mode: str, precond: bool, **cfg):
@@ -80,6 +82,17 @@ def _step_variant(parallel, full, batches, model: GPTConfig, mode: str, precond:
         ok, _, _, metrics = sam_step(sam, batches)
         assert ok
     return chunks, opt, metrics
+
+
+def _references(model: GPTConfig, batches) -> dict:
+    """The weights of `model` and its sam / fsam / precond fsam references."""
+    parallel, _, gpt, full = one_process_model(model)
+    references = {
+        (mode, False): reference.sam_gradient(gpt, full, batches, mode=mode, rho=0.05)
+        for mode in ("sam", "fsam")
+    }
+    references["fsam", True] = _precond_reference(gpt, full, batches, parallel, model)
+    return {"full": full, "references": references}
 
 
 def _precond_reference(gpt, full, batches, parallel, model: GPTConfig) -> dict:
@@ -117,6 +130,7 @@ def _single_process(rank: int, world: int, path: str) -> dict:
     }
     references["fsam", True] = _precond_reference(gpt, full, batches, parallel, MOE)
     saved["references"] = references
+    saved["deep"] = _references(MOE4, batches)
     for mode, precond in VARIANTS:
         for dispatcher in DISPATCHERS:
             model, opt, _ = _step_variant(parallel, full, batches, _moe(dispatcher), mode, precond)
@@ -232,6 +246,7 @@ LAYOUTS_2 = {
     "ep2_dp2": ParallelConfig(expert_parallel=2),
     "pp2": ParallelConfig(pipeline_parallel=2),
 }
+INTERLEAVED = {"pp2_vp2": ParallelConfig(pipeline_parallel=2, virtual_pipeline=2)}
 LAYOUTS_4 = {
     "ep2_tp2_sp": ParallelConfig(
         tensor_parallel=2, sequence_parallel=True, expert_parallel=2, distributed_optimizer=True
@@ -246,15 +261,17 @@ LAYOUTS_4 = {
 }
 
 
-def _layouts(layouts: dict[str, ParallelConfig], saved: dict) -> dict:
+def _layouts(
+    layouts: dict[str, ParallelConfig], saved: dict, batches, base: GPTConfig = MOE
+) -> dict:
     report = {}
-    full, batches, references = saved["full"], saved["batches"], saved["references"]
+    full, references = saved["full"], saved["references"]
     for name, parallel in layouts.items():
         use_layout(parallel)
         for mode, precond in VARIANTS:
             for dispatcher in DISPATCHERS:
                 model, opt, _ = _step_variant(
-                    parallel, full, batches, _moe(dispatcher), mode, precond
+                    parallel, full, batches, _moe(dispatcher, base), mode, precond
                 )
                 report[name, mode, precond, dispatcher] = relative_error(
                     received_gradients(model, opt), references[mode, precond]
@@ -264,7 +281,8 @@ def _layouts(layouts: dict[str, ParallelConfig], saved: dict) -> dict:
 
 def _two_ranks(rank: int, world: int, path: str) -> dict:
     saved = torch.load(path, weights_only=False)
-    report = _layouts(LAYOUTS_2, saved)
+    report = _layouts(LAYOUTS_2, saved, saved["batches"])
+    report.update(_layouts(INTERLEAVED, saved["deep"], saved["batches"], MOE4))
 
     parallel = LAYOUTS_2["ep2_dp2_distopt"]
     use_layout(parallel)
@@ -360,7 +378,8 @@ def _count_collectives(parallel: ParallelConfig, saved: dict) -> dict:
 
 
 def _four_ranks(rank: int, world: int, path: str) -> dict:
-    return _layouts(LAYOUTS_4, torch.load(path, weights_only=False))
+    saved = torch.load(path, weights_only=False)
+    return _layouts(LAYOUTS_4, saved, saved["batches"])
 
 
 # ----- fixtures and tests -------------------------------------------------------------------
@@ -411,7 +430,7 @@ def test_mtp_replays_each_heads_cotangent(single, depth, memory, mode):
     assert single[1][f"mtp{depth}/{mode}/{memory}"] < TOLERANCE
 
 
-@pytest.mark.parametrize("layout", LAYOUTS_2)
+@pytest.mark.parametrize("layout", [*LAYOUTS_2, *INTERLEAVED])
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 @pytest.mark.parametrize("mode, precond", VARIANTS)
 def test_expert_layouts_match_the_reference(two, layout, mode, precond, dispatcher):

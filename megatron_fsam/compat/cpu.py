@@ -7,7 +7,10 @@ RNG states in the CUDA generator, and its optimizers check
 ``param.type() == "torch.cuda.FloatTensor"``. Mixture-of-experts layers add two spots:
 megatron-core 0.16 calls ``te_general_gemm`` in the router but binds the name only when
 Transformer Engine imports, and the alltoall dispatcher hands ``all_to_all_single`` split
-sizes that ``maybe_move_tensor_to_cpu`` turns into lists only for CUDA tensors.
+sizes that ``maybe_move_tensor_to_cpu`` turns into lists only for CUDA tensors; with expert
+tensor parallelism it gathers and reduce-scatters uneven token counts over the expert-TP
+ranks, which gloo refuses (NCCL takes them): ``all_gather`` and ``reduce_scatter`` of uneven
+tensor lists are emulated on gloo with an even collective.
 ``enable_cpu_emulation`` redirects exactly those spots to the CPU, once per process. It is
 never switched on implicitly and refuses to run where a GPU is present, so no emulation
 reaches real runs.
@@ -121,12 +124,56 @@ def _split_sizes_to_host(tensor: Any, as_numpy: bool = False, record_stream: boo
     return tensor
 
 
+def _uneven(tensors: list[torch.Tensor], group: Any) -> bool:
+    return (
+        len({tuple(t.shape) for t in tensors}) > 1
+        and torch.distributed.get_backend(group) == torch.distributed.Backend.GLOO
+    )
+
+
+def _gathering_uneven(all_gather):
+    """``all_gather`` into tensors of different lengths (dim 0): padded to the longest."""
+
+    def gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or not _uneven(tensor_list, group):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        pieces = [torch.empty_like(padded) for _ in tensor_list]
+        all_gather(pieces, padded, group=group)
+        for out, piece in zip(tensor_list, pieces, strict=True):
+            out.copy_(piece[: out.shape[0]])
+        return None
+
+    return gather
+
+
+def _reduce_scattering_uneven(reduce_scatter, all_reduce):
+    """``reduce_scatter`` of pieces of different lengths (dim 0): one all-reduce of all."""
+
+    def scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        if async_op or not _uneven(input_list, group):
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        total = torch.cat([t.reshape(-1) for t in input_list])
+        all_reduce(total, op=op, group=group)
+        rank = torch.distributed.get_rank(group)
+        start = sum(t.numel() for t in input_list[:rank])
+        output.copy_(total[start : start + output.numel()].view_as(output))
+        return None
+
+    return scatter
+
+
 def _emulate_moe() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     if not hasattr(moe_utils, "te_general_gemm"):  # megatron-core 0.16 without TE
         moe_utils.te_general_gemm = None
     token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
+    dist = torch.distributed
+    dist.all_gather = _gathering_uneven(dist.all_gather)
+    dist.reduce_scatter = _reduce_scattering_uneven(dist.reduce_scatter, dist.all_reduce)
 
 
 def enable_cpu_emulation() -> None:

@@ -30,7 +30,10 @@ def global_param_names(chunks: list[Module]) -> dict[str, Parameter]:
 
     Chunks may be wrapped (DDP, Float16Module). Local layer indices become global ones via
     each TransformerLayer's 1-based global ``layer_number``; the last stage's copy of the
-    tied output weight becomes ``embedding.word_embeddings.weight``.
+    tied output weight becomes ``embedding.word_embeddings.weight``. A last stage with
+    multi-token prediction keeps the tied weight in its own embedding and reads that;
+    megatron-core still allocates an output-layer weight there that nothing reads, which is
+    left out.
     """
     names: dict[str, Parameter] = {}
     for chunk in chunks:
@@ -43,6 +46,8 @@ def global_param_names(chunks: list[Module]) -> dict[str, Parameter]:
                 layer_number = layers[int(match.group(1))].layer_number
                 name = f"decoder.layers.{layer_number - 1}.{local_name[match.end() :]}"
             elif local_name == _TIED_OUTPUT and model.share_embeddings_and_output_weights:
+                if getattr(model, "embedding", None) is not None:
+                    continue  # unread: the tied weight is the stage's embedding (MTP)
                 name = _WORD_EMBEDDINGS
             name = _LOCAL_EXPERT.sub(_global_expert(model, name), name)
             if name in names and names[name] is not param:
