@@ -6,7 +6,8 @@ Without --no-diff the script runs as it is (a plain or a patched tree) under the
 emulation alone; with it, through `python -m megatron_fsam.integrations.megatron_lm`'s main.
 
 --record PATH       after every train_step this rank saves its losses, skipped flags, learning
-                    rates and parameters to PATH.rank<R>.pt
+                    rates, parameters and MoE routers' expert bias (a buffer: before the first
+                    iteration and after each) to PATH.rank<R>.pt
 --nan-pass2-at K    at iteration K (0-based) rank 0 writes NaN into one weight right after the
                     SAM perturbation, so that only pass 2 sees it
 --direct-sam-at K   iteration K bypasses Megatron-LM's train_step and calls
@@ -54,11 +55,13 @@ def _recording(train_step, options):
     """Wraps train_step (outermost, so it sees the real optimizer) to record each iteration."""
     from megatron.training.global_vars import get_args
 
-    history = {"losses": [], "skipped": [], "lr": [], "update_sq": []}
+    history = {"losses": [], "skipped": [], "lr": [], "update_sq": [], "expert_bias": []}
 
     def record_step(forward_step_func, data_iterator, model, optimizer, *args, **kwargs):
         iteration = get_args().curr_iteration
         before = _parameters(model)
+        if not history["expert_bias"]:
+            history["expert_bias"].append(_expert_biases(model))
         if iteration == options.direct_sam_at:
             _direct_sam_step(forward_step_func, data_iterator, model, optimizer)
             _save(options.record, history, before, _parameters(model))
@@ -69,6 +72,7 @@ def _recording(train_step, options):
         history["skipped"].append(int(skipped))
         history["lr"].append(float(optimizer.param_groups[0]["lr"]))
         after = _parameters(model)
+        history["expert_bias"].append(_expert_biases(model))
         history["update_sq"].append(
             sum(float((after[k] - v).square().sum()) for k, v in before.items())
         )
@@ -126,6 +130,16 @@ def _parameters(model) -> dict[str, torch.Tensor]:
         f"{i}.{name}": param.detach().float().clone()
         for i, chunk in enumerate(model)
         for name, param in chunk.named_parameters()
+    }
+
+
+def _expert_biases(model) -> dict[str, torch.Tensor]:
+    """The routers' aux-loss-free expert bias (buffers, moved in finalize_model_grads)."""
+    return {
+        f"{i}.{name}": buffer.detach().clone()
+        for i, chunk in enumerate(model)
+        for name, buffer in chunk.named_buffers()
+        if name.endswith("expert_bias")
     }
 
 

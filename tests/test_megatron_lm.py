@@ -9,13 +9,15 @@ The tree is the Megatron-LM tag that goes with the installed megatron-core
 megatron-core 0.16, ../shared/megatron-lm-core_v0.19.0 for 0.19; the patch is that tag's.
 MEGATRON_LM_DIR overrides the tree. MEGATRON_LM_TESTS=essential (the second CI environment)
 runs only the tests marked essential: one 5-iteration Func-SAM run per route, the update
-against FuncSAM.train_step, the NaN skip, flag checking and the patches.
+against FuncSAM.train_step, the NaN skip, flag checking, the patches, and one mixture-of-experts
+model (expert bias, MTP) with --sam-rho 0 against plain Megatron-LM and with Func-SAM.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -224,6 +226,83 @@ def test_sam_trains_in_every_layout_and_logs_to_tensorboard(tmp_path, patched_tr
         assert pass2_loss == pytest.approx(pass1_loss, rel=1e-6)
 
 
+# Mixture of experts: 4 experts top-2 over 2 expert-parallel ranks (EP=2 x DP=2), the
+# aux-loss-free expert bias (needs the sigmoid score function), load-balancing and z-losses,
+# and one multi-token-prediction layer (Megatron-LM asserts rope or no position embedding with
+# MTP). CPU-only needs: --no-rope-fusion (the fused rope is Transformer Engine's: "please install
+# TE"), --moe-grouped-gemm left off (it asks the CUDA device capability), and the local
+# implementation (CPU above). --disable-bias-linear: the paper's models have no linear biases,
+# and megatron-core's local expert MLP adds its fc2 bias in place to a custom Function's output
+# at EP=1 (mlp.py:247 in 0.16.1: RuntimeError, with or without SAM); at EP=2 biases run.
+MOE = (
+    "--num-experts 4 --moe-router-topk 2 --expert-model-parallel-size 2 "
+    "--moe-router-score-function sigmoid --moe-router-enable-expert-bias "
+    "--moe-aux-loss-coeff 1e-2 --moe-z-loss-coeff 1e-3 --mtp-num-layers 1 "
+    "--disable-bias-linear --position-embedding-type rope --no-rope-fusion"
+).split()
+BIAS_UPDATE_RATE = 1e-3  # Megatron-LM's default --moe-router-bias-update-rate
+# Each runs plain Megatron-LM, --sam-rho 0 through one route and Func-SAM through the other.
+MOE_SETTINGS = {
+    "allgather": ([], "patched", "no-diff"),
+    "alltoall-distopt": (
+        ["--moe-token-dispatcher-type", "alltoall", "--use-distributed-optimizer"],
+        "no-diff",
+        "patched",
+    ),
+}
+
+
+def _logged(output: str, iteration: int, name: str) -> str:
+    """A value of Megatron-LM's log line of `iteration`, as printed."""
+    line = next(x for x in output.splitlines() if re.search(rf" iteration +{iteration}/", x))
+    return re.search(rf"\| {re.escape(name)}: ([^ |]+)", line).group(1)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [pytest.param(name, marks=[essential] if name == "allgather" else []) for name in MOE_SETTINGS],
+)
+def test_moe_expert_bias_mtp_rho0_is_plain_and_fsam_trains(tmp_path, patched_tree, setting):
+    """--sam-rho 0: losses, weights and the expert bias after every iteration bit-identical
+    to plain Megatron-LM. Func-SAM: trains, logs its metrics, moves the expert bias once per
+    step (pass 1's update: after iteration 1 it is plain Megatron-LM's), and logs pass 1's
+    router and MTP losses (iteration 1: plain Megatron-LM's)."""
+    extra, rho0_route, fsam_route = MOE_SETTINGS[setting]
+    routes = {"patched": (patched_tree, ()), "no-diff": (TREE, ("--no-diff",))}
+    args = [*MOE, *extra]
+    plain_output, plain = _run(tmp_path, TREE, *args, record="plain")
+    tree, driver = routes[rho0_route]
+    _, rho0 = _run(
+        tmp_path, tree, *args, "--sam-mode", "fsam", "--sam-rho", "0", driver=driver, record="rho0"
+    )
+    tree, driver = routes[fsam_route]
+    output, fsam = _run(tmp_path, tree, *args, *FSAM, driver=driver, record="fsam")
+
+    assert len(_losses(plain)) == 5 and all(math.isfinite(x) for x in _losses(plain))
+    assert _losses(rho0) == _losses(plain)
+    for rank_plain, rank_rho0 in zip(plain, rho0, strict=True):
+        _assert_same_params(rank_plain["after"], rank_rho0["after"])
+        assert len(rank_plain["expert_bias"]) == 6 and len(rank_plain["expert_bias"][0]) == 3
+        for bias_plain, bias_rho0 in zip(
+            rank_plain["expert_bias"], rank_rho0["expert_bias"], strict=True
+        ):
+            _assert_same_params(bias_plain, bias_rho0)
+
+    losses = _losses(fsam)
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses), losses
+    assert all(skipped == 0 for skipped in fsam[-1]["skipped"])
+    assert output.count(" sam eps_norm: 0.0500 |") == 5, output[-3000:]
+    for rank_plain, rank_fsam in zip(plain, fsam, strict=True):
+        biases = rank_fsam["expert_bias"]
+        _assert_same_params(biases[1], rank_plain["expert_bias"][1])
+        for before, after in zip(biases[:-1], biases[1:], strict=True):
+            steps = torch.cat([(after[k] - before[k]).abs() for k in before])
+            once = torch.isclose(steps, torch.tensor(BIAS_UPDATE_RATE), rtol=0, atol=1e-6)
+            assert (once | (steps == 0)).all() and once.any(), steps
+    for name in ("lm loss", "mtp_1 loss", "load_balancing_loss", "z_loss"):
+        assert _logged(output, 1, name) == _logged(plain_output, 1, name), name
+
+
 @essential
 def test_update_equals_funcsam_train_step_on_the_same_model(tmp_path):
     """One SAM iteration through Megatron-LM's train_step vs FuncSAM.train_step called
@@ -312,6 +391,9 @@ def test_flags_are_checked_at_parsing(tmp_path):
         ("--sam-mode", "sam", "--rerun-mode", "report_stats"): "--rerun-mode report_stats",
         ("--sam-mode", "angle", "--sam-angle", "120"): "SAMConfig.angle must be",
     }
+    if TAG == "core_v0.19.0":  # quantile-balancing routing is new in core_v0.19
+        flags = ("--sam-mode", "fsam", "--num-experts", "4", "--moe-router-load-balancing-type")
+        cases[(*flags, "quantile_balancing")] = "does not work with --moe-router-load-balancing"
     for flags, message in cases.items():
         result = subprocess.run(
             [sys.executable, "-m", "megatron_fsam.integrations.megatron_lm",
@@ -347,10 +429,17 @@ def test_the_adapter_detects_the_megatron_lm_version():
 
 @essential
 def test_settings_of_newer_megatron_lm_are_refused():
-    """core_v0.19's --optimizer-cuda-graph, --fp4-param-gather and GTP weight shards."""
+    """core_v0.19's --optimizer-cuda-graph, --fp4-param-gather, GTP weight shards (also the
+    experts') and quantile-balancing routing; the expert bias is not refused."""
     from megatron_fsam.integrations.megatron_lm import sam_config_from_args
 
     cases = [
+        (dict(moe_router_load_balancing_type=["quantile_balancing"]), "quantile_balancing"),
+        (dict(moe_router_load_balancing_type="quantile_balancing"), "quantile_balancing"),
+        (
+            dict(expert_tensor_parallel_num_weight_shards=4, expert_tensor_parallel_size=2),
+            "--expert-tensor-parallel-num-weight-shards",
+        ),
         (dict(optimizer_cuda_graph=True), "--optimizer-cuda-graph"),
         (dict(fp4_param_gather=True), "--fp4-param-gather"),
         (
@@ -365,6 +454,12 @@ def test_settings_of_newer_megatron_lm_are_refused():
     plain = types.SimpleNamespace(sam_mode="fsam", tensor_parallel_num_weight_shards=2,
                                   tensor_model_parallel_size=2)  # fmt: skip
     assert sam_config_from_args(plain).mode == "fsam"
+    moe = types.SimpleNamespace(
+        sam_mode="fsam", moe_router_enable_expert_bias=True, tensor_model_parallel_size=2,
+        moe_router_load_balancing_type=["seq_aux_loss", "global_aux_loss"],
+        expert_tensor_parallel_num_weight_shards=2,
+    )  # fmt: skip
+    assert sam_config_from_args(moe).mode == "fsam"  # the backend holds the expert bias
 
 
 @essential

@@ -153,11 +153,34 @@ def _unsupported(args: argparse.Namespace) -> str | None:
             "rematerialization): untested with SAM",
         ),
         (
+            int(getattr(args, "expert_tensor_parallel_num_weight_shards", None) or 1)
+            > int(
+                getattr(args, "expert_tensor_parallel_size", None)
+                or getattr(args, "tensor_model_parallel_size", 1)
+                or 1
+            ),
+            "--expert-tensor-parallel-num-weight-shards above the expert tensor-parallel size "
+            "(GTP weight rematerialization of the experts): untested with SAM",
+        ),
+        (
+            "quantile_balancing" in _names(getattr(args, "moe_router_load_balancing_type", None)),
+            "--moe-router-load-balancing-type quantile_balancing: its per-expert bias (qb_beta) "
+            "moves at the end of every forward-backward pass, so twice per SAM step; SAM holds "
+            "back only --moe-router-enable-expert-bias's bias",
+        ),
+        (
             on("use_precision_aware_optimizer"),
             "--use-precision-aware-optimizer: it hides the fp32 main params",
         ),
     ]
     return next((reason for failed, reason in checks if failed), None)
+
+
+def _names(value: str | list[str] | None) -> list[str]:
+    """A flag that takes one name or several (core_v0.19's `nargs="+"`) as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 # ----- Megatron-LM versions -------------------------------------------------------------
