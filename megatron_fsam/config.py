@@ -65,6 +65,14 @@ class SAMConfig:
         then the clean one, logged as loss_pass2_clean), or "auto" (recompute where the
         logits module and the mode allow it, else device).
     cotangent_offload: the older spelling of cotangent_memory="offload".
+
+    Mixture-of-experts models: pass 2 routes its own tokens at theta + eps. The router's
+    load-balancing and z-losses do not pass through the logits: their cotangent is a
+    constant, so Func-SAM's formula gives their gradient at theta + eps (as SAM does); ANGLE-SAM
+    weights them as Eq. 19 does (cos(phi) at theta + eps, 1 - cos(phi) at theta). The expert
+    bias moves once per step, by pass 1's token counts, as in a plain step. With multi-token
+    prediction each call of the logits module (every MTP head, then the main head) replays
+    its own clean cotangent.
     """
 
     mode: str = "fsam"

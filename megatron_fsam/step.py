@@ -3,7 +3,7 @@ forward_backward_func (DeepSpeed's engine: `megatron_fsam.deepspeed`).
 
 One step, as in the paper (Singh et al. 2025, Eq. 2, Eq. 11 and App. D):
 
-    pass 1   g = J(theta)^T c(theta)          record micro-batches, RNG, c(theta)
+    pass 1   g = J(theta)^T c(theta)          record micro-batches, RNG (expert bias), c(theta)
     ascent   eps = rho * P g / N              three sums, one all-reduce
     perturb  model <- theta + eps             written from fp32 theta, all-gathered
     pass 2   sam:   J(theta+eps)^T c(theta+eps)

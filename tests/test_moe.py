@@ -72,6 +72,12 @@ def _moe(dispatcher: str = "alltoall", base: GPTConfig = MOE, **more) -> GPTConf
     return dataclasses.replace(base, moe_token_dispatcher_type=dispatcher, **more)
 
 
+def _mtp(depth: int) -> GPTConfig:
+    """MTP heads on a rotary model: with learned positions, an MTP stage under PP would keep
+    its own untied position table (see GPTConfig.position_embedding_type)."""
+    return _moe(mtp_num_layers=depth, position_embedding_type="rope")
+
+
 def _step_variant(parallel, full, batches, model: GPTConfig, mode: str, precond: bool, **cfg):
     """One SAM step (after a plain warm-up step when preconditioning): model and optimizer."""
     optimizer = ADAM if precond or parallel.distributed_optimizer else SGD
@@ -160,7 +166,7 @@ def _single_process(rank: int, world: int, path: str) -> dict:
 
     # Multi-token prediction: each call of the output layer replays its own clean cotangent.
     for depth in MTP_DEPTHS:
-        mtp = _moe(mtp_num_layers=depth)
+        mtp = _mtp(depth)
         parallel, _, gpt, mtp_full = one_process_model(mtp)
         want = {
             "fsam": reference.sam_gradient(gpt, mtp_full, batches, mode="fsam", rho=0.05),
@@ -302,7 +308,7 @@ def _two_ranks(rank: int, world: int, path: str) -> dict:
         for memory in ("device", "recompute"):
             for mode, more in (("fsam", {}), ("angle", dict(angle=30.0, angle_impl="exact"))):
                 model, opt, _ = _step_variant(
-                    parallel, mtp["full"], saved["batches"], _moe(mtp_num_layers=depth), mode,
+                    parallel, mtp["full"], saved["batches"], _mtp(depth), mode,
                     False, cotangent_memory=memory, **more,
                 )  # fmt: skip
                 report[f"pp2/mtp{depth}/{mode}/{memory}"] = relative_error(

@@ -62,6 +62,10 @@ class GPTConfig:
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-6
     tie_embeddings: bool = True  # Nanodo's output projection is the input embedding
+    # "learned_absolute" (Nanodo) or "rope". Under pipeline parallelism a multi-token
+    # prediction stage keeps its own, untied copy of a learned position table (megatron-core
+    # ties only the word embeddings across stages): a different model than in one process.
+    position_embedding_type: str = "learned_absolute"
     # Mixture of experts: every MLP becomes a router over `num_experts` experts (None: dense).
     num_experts: int | None = None
     moe_router_topk: int = 2
@@ -275,7 +279,7 @@ def _gpt_chunk(model: GPTConfig, config: TransformerConfig, vp_stage: int | None
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=model.tie_embeddings,
-        position_embedding_type="learned_absolute",
+        position_embedding_type=model.position_embedding_type,
         vp_stage=vp_stage,
         mtp_block_spec=mtp,
     )
