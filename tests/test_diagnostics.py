@@ -10,12 +10,19 @@ tau_cross = -64.6), where the taus say little and amplify every error.
 
 One single-process spawn compares the finite-difference diagnostics with the exact values
 and saves weights, batches and results; one 4-rank spawn recomputes everything under
-TP2 x PP2 and under PP2 x DP2 with the distributed optimizer. A last spawn trains the tiny
+TP2 x PP2 and under PP2 x DP2 with the distributed optimizer. A spawn trains the tiny
 config for six steps and runs diagnose.py and plot.py on its checkpoints.
+
+A last 2-rank spawn does the same for a mixture-of-experts model with an expert bias, router
+losses and a multi-token-prediction layer: the diagnostics agree between EP=1, EP=2 (two stats
+groups: experts without the distributed optimizer) and EP=2 with the distributed optimizer,
+leave the weights and the expert bias as they found them, the logit pass is J^T c alone (the
+router losses left out), and diagnose.py runs on a checkpoint of launch/pretrain.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -32,6 +39,7 @@ from megatron_fsam.diagnostics import (
     pruning_curve,
     sharpness_composition,
 )
+from megatron_fsam.diagnostics.hessian import _products
 from megatron_fsam.diagnostics.pruning import prunable_mask
 from megatron_fsam.diagnostics.sharpness import composition, sharpness_deltas
 from megatron_fsam.models.gpt import (
@@ -48,7 +56,7 @@ from megatron_fsam.parallel import (
     wrap_model,
 )
 from tests import reference
-from tests.sam_harness import my_batches, use_layout
+from tests.sam_harness import fresh_loss_trackers, my_batches, use_layout
 from tests.spawn import run_ranks
 
 SMALL = GPTConfig(
@@ -479,3 +487,208 @@ def test_angle_taus_split_the_gradient_the_angle_follows():
     assert at_30["angle_tau_logit"] == pytest.approx(
         (sin * a).square().sum().item() / mixed.square().sum().item(), rel=1e-6
     )
+
+
+# ----- mixture of experts: two ranks ----------------------------------------------------------
+
+MOE_SMALL = dataclasses.replace(
+    SMALL,
+    num_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=8,
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_aux_loss_coeff=1e-2,
+    moe_z_loss_coeff=1e-3,
+    mtp_num_layers=1,
+)
+NO_ROUTER_LOSSES = dataclasses.replace(MOE_SMALL, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
+MOE_LAYOUTS = {
+    "ep1": ParallelConfig(),  # DP 2, every rank holds every expert: the reference
+    "ep2": ParallelConfig(expert_parallel=2),  # dense and expert stats groups differ
+    "ep2_distopt": ParallelConfig(expert_parallel=2, distributed_optimizer=True),
+}
+MOE_H = 3e-4
+
+
+def _moe_build(parallel: ParallelConfig, full: dict, model: GPTConfig = MOE_SMALL):
+    fresh_loss_trackers()  # megatron-core's trackers are sized by the first model's depth
+    config = transformer_config(model, parallel)
+    chunks = build_model_chunks(model, config, parallel)
+    load_full_state(chunks, full)
+    wrapped = wrap_model(chunks, config, parallel)
+    optimizer = dict(name="adam", lr=1e-3, distributed_optimizer=parallel.distributed_optimizer)
+    return wrapped, build_optimizer(wrapped, **optimizer)
+
+
+def _expert_biases(model) -> list[torch.Tensor]:
+    return [
+        m.expert_bias.detach().clone()
+        for chunk in model
+        for m in chunk.modules()
+        if getattr(m, "expert_bias", None) is not None
+    ]
+
+
+def _set_expert_biases(model) -> None:
+    """A bias that changes routing, the same on every rank and in every layout."""
+    routers = [
+        m for chunk in model for m in chunk.modules() if getattr(m, "expert_bias", None) is not None
+    ]
+    for i, router in enumerate(routers):
+        values = torch.tensor([0.02, -0.01, 0.0, 0.01]).roll(i)
+        router.expert_bias.copy_(values)
+
+
+def _moe_diagnose(model, optimizer, batches: list) -> dict:
+    schedule = dict(
+        num_microbatches=len(batches), seq_length=SMALL.seq_length, micro_batch_size=MICRO_BATCH
+    )
+    biases = _expert_biases(model)
+    before, rng = _snapshot(model), torch.get_rng_state()
+    out = {
+        "taus": sharpness_composition(
+            model, optimizer, forward_step, batches, h=MOE_H, central=True, **schedule
+        ),
+        "hessian": hessian_metrics(
+            model, optimizer, forward_step, batches, h=H_HESSIAN, lanczos_iters=4,
+            trace_samples=2, **schedule,
+        ),
+        "pruning": pruning_curve(model, optimizer, forward_step, batches, SPARSITIES, **schedule),
+    }  # fmt: skip
+    with ModelShards(model, optimizer) as shards:
+        out["thresholds"] = magnitude_thresholds(shards, SPARSITIES)
+        out["groups"] = len(shards.backend.stats_groups)
+    out["untouched"] = _untouched(model, before, rng)
+    out["bias_kept"] = all(
+        torch.equal(a, b) for a, b in zip(_expert_biases(model), biases, strict=True)
+    )
+    out["bias_moves"] = any(b.abs().sum() > 0 for b in biases)
+    return out
+
+
+def _products_along_a_fixed_vector(model, optimizer, batches: list) -> dict:
+    """H v and GGN v (central differences) along one Rademacher vector, on this rank."""
+    schedule = dict(
+        num_microbatches=len(batches), seq_length=SMALL.seq_length, micro_batch_size=MICRO_BATCH
+    )
+    with GradientProbe(model, optimizer, forward_step, batches, **schedule) as probe:
+        v = probe.random(seed=7)
+        (norm_sq,) = probe.dots([(v, v)])
+        hv, ggn_v = _products(probe, v, math.sqrt(norm_sq), H_HESSIAN, ggn=True)
+        return {"hessian": hv, "ggn": ggn_v}
+
+
+def _moe_cli(rank: int, work: str) -> dict:
+    """launch/pretrain.py trains the MoE demo shape for 2 steps; diagnose.py runs on it."""
+    from launch import diagnose, pretrain
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "moe_demo_cpu.yaml")
+    small = [
+        "model.hidden_size=32", "model.ffn_hidden_size=64", "model.moe_ffn_hidden_size=32",
+        "model.seq_length=32", "data.vocab_size=512", "data.max_documents=8",
+        "train.micro_batch_size=2", "train.global_batch_size=8", "train.train_steps=2",
+        "train.eval_iters=1", "optimizer.lr_warmup_steps=1", "sam.rho_warmup_steps=1",
+        "diagnostics.sharpness_interval=null", "logging.tensorboard_dir=null",
+        f"data.cache_dir={work}/cache",
+    ]  # fmt: skip
+    saving = [f"checkpoint.save_dir={work}/ckpt", "checkpoint.save_interval=null"]
+    assert pretrain.main(["--config", config, *small, *saving]) == 0
+    commands = {
+        "taus": ["taus", "--central"],
+        "hessian": ["hessian", "--trace-samples", "2", "--lanczos-iters", "2"],
+        "prune": ["prune", "--sparsities", "0,0.5", "--eval-steps", "1"],
+    }
+    out = {}
+    for name, args in commands.items():
+        parallel_state.destroy_model_parallel()
+        log = f"{work}/{name}.jsonl"
+        where = ["--config", config, "--checkpoint", f"{work}/ckpt", "--json", log]
+        assert diagnose.main([*where, *args, *small]) == 0
+        if rank == 0:
+            from launch import plot
+
+            out[name] = plot.read_jsonl(log, name)
+    return out
+
+
+def _moe_two_ranks(rank: int, world: int, work: str) -> dict:
+    use_layout(ParallelConfig())
+    fresh_loss_trackers()
+    one = ParallelConfig()
+    full = full_state(build_model_chunks(MOE_SMALL, transformer_config(MOE_SMALL, one), one))
+    batches = my_batches(_batches(MICROBATCHES))
+    report: dict = {}
+    for name, parallel in MOE_LAYOUTS.items():
+        use_layout(parallel)
+        model, optimizer = _moe_build(parallel, full)
+        _set_expert_biases(model)
+        report[name] = _moe_diagnose(model, optimizer, batches)
+    # A pass that back-propagates a chosen logit cotangent gives J^T c alone: GGN v is the
+    # same with and without router losses, H v is not (it has their curvature). Two stats
+    # groups here.
+    use_layout(MOE_LAYOUTS["ep2"])
+    products = {}
+    for label, model_cfg in (("with", MOE_SMALL), ("without", NO_ROUTER_LOSSES)):
+        model, optimizer = _moe_build(MOE_LAYOUTS["ep2"], full, model_cfg)
+        _set_expert_biases(model)
+        products[label] = _products_along_a_fixed_vector(model, optimizer, batches)
+    report["router_losses"] = {}
+    for key in ("hessian", "ggn"):
+        with_, without = (torch.cat(products[label][key]) for label in ("with", "without"))
+        report["router_losses"][key] = ((with_ - without).norm() / without.norm()).item()
+    parallel_state.destroy_model_parallel()
+    report["cli"] = _moe_cli(rank, work)
+    return report
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return run_ranks(_moe_two_ranks, 2, str(tmp_path_factory.mktemp("moe")))
+
+
+@pytest.mark.parametrize("layout", ["ep2", "ep2_distopt"])
+def test_moe_diagnostics_equal_in_every_expert_layout(moe, layout):
+    for rank_report in moe:
+        got, want = rank_report[layout], rank_report["ep1"]
+        assert _same_composition(got["taus"], want["taus"]), (got["taus"], want["taus"])
+        hessian, reference = got["hessian"], want["hessian"]
+        assert hessian.lambda_max == pytest.approx(reference.lambda_max, rel=LAYOUT_TOLERANCE)
+        assert hessian.samples_hessian == pytest.approx(
+            reference.samples_hessian, rel=LAYOUT_TOLERANCE
+        )
+        assert hessian.samples_ggn == pytest.approx(reference.samples_ggn, rel=LAYOUT_TOLERANCE)
+        assert [t.value for t in got["thresholds"]] == [t.value for t in want["thresholds"]]
+        for point, ref in zip(got["pruning"], want["pruning"], strict=True):
+            assert point.pruned_fraction == ref.pruned_fraction
+            assert point.loss == pytest.approx(ref.loss, rel=1e-5)
+    assert [r["ep2"]["groups"] for r in moe] == [2, 2]  # experts sum over their own group
+    assert [r["ep2_distopt"]["groups"] for r in moe] == [1, 1]
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+def test_moe_diagnostics_leave_weights_and_expert_bias_untouched(moe, layout):
+    for rank_report in moe:
+        report = rank_report[layout]
+        assert report["untouched"] and report["bias_kept"] and report["bias_moves"]
+        assert sum(report["taus"][k] for k in TAU_KEYS) == pytest.approx(1.0)
+
+
+def test_moe_logit_pass_leaves_out_the_router_losses(moe):
+    for rank_report in moe:
+        differences = rank_report["router_losses"]
+        assert differences["ggn"] < 1e-6, differences
+        assert differences["hessian"] > 1e-5, differences  # their curvature is there
+
+
+def test_moe_diagnose_command_line_on_a_pretrain_checkpoint(moe):
+    cli = moe[0]["cli"]
+    (taus,) = cli["taus"]
+    assert taus["iteration"] == 2
+    assert sum(taus["results"][k] for k in TAU_KEYS) == pytest.approx(1.0)
+    (hessian,) = cli["hessian"]
+    assert math.isfinite(hessian["results"]["lambda_max"])
+    assert len(hessian["results"]["samples_ggn"]) == 2
+    (prune,) = cli["prune"]
+    fractions = [p["pruned_fraction"] for p in prune["results"]["points"]]
+    assert fractions == [0.0, pytest.approx(0.5, abs=1e-3)]

@@ -8,7 +8,8 @@ product differentiates the logit cotangent c = dL/dF along v: c(theta + s v) - c
 = H_out (F(theta + s v) - F(theta - s v)) + O(s^3), so it is H_out applied to the central
 difference of the logits, with H_out supplied by the loss's own backward (its masking,
 micro-batch and data-parallel averaging included) instead of a re-derived formula. The
-+s and -s passes serve both products, so a Hutchinson sample of tr(H) and tr(GGN) costs
++s and -s passes serve both products (the GGN pass leaves out MoE router losses, which bypass the
+logits; H v includes their curvature), so a Hutchinson sample of tr(H) and tr(GGN) costs
 three passes. lambda_max comes from Lanczos on H v (two passes per iteration): with the
 memory of power iteration (three vectors) it needs far fewer products when the top
 eigenvalues are close (measured on a 1.8k-parameter GPT at initialisation, top eigenvalues
@@ -123,7 +124,7 @@ def _products(
     hv = combine(0.5 / step, grad_plus, -0.5 / step, grad_minus)
     if not ggn:
         return hv, None
-    return hv, probe.gradient(cotangent=scaled(shift, 0.5 / step))
+    return hv, probe.gradient(cotangent=scaled(shift, 0.5 / step), side_losses=False)
 
 
 def _lanczos(

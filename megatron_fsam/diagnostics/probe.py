@@ -8,14 +8,24 @@ read the reduced gradient from this rank's shards.
 
 Vectors in parameter space are lists of fp32 1-D tensors aligned with this rank's shards
 (the optimizer's view: whole parameters, or their distributed-optimizer ranges). Global
-inner products sum the counted shards (each parameter once) and reduce in one all-reduce.
+inner products sum the counted shards (each parameter once) and reduce in one all-reduce per
+stats group (one in most layouts; two for a mixture-of-experts model without the distributed
+optimizer, whose experts sum over the expert-parallel ranks).
+
+Mixture-of-experts models: every pass routes with the expert bias the probe found (megatron-core
+would move it at the end of each pass), and the bias is left as found. The routers' load-
+balancing and z-losses enter backward with a constant cotangent, not through the logits: a
+pass that back-propagates a chosen logit cotangent (`side_losses=False`) leaves them out, so
+J^T c is exactly that; passes of the loss's own gradient keep them (their curvature then counts
+in H u, and in the Eq. 9 split on the functional side). Top-k routing is piecewise constant:
+a finite-difference step that flips a token's experts adds a jump, so keep h small.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +33,7 @@ import torch
 from megatron.core.optimizer import MegatronOptimizer
 
 from megatron_fsam.backends.megatron import MegatronBackend
-from megatron_fsam.backends.shards import ParamSpan
+from megatron_fsam.backends.shards import ParamSpan, Restorable
 from megatron_fsam.gate import LogitGate, Rewrite, find_logits_module
 from megatron_fsam.kernels import Shards, get_kernels
 from megatron_fsam.models.weights import full_shape, global_param_names, tp_slice
@@ -64,6 +74,7 @@ class ModelShards:
         rank_shards = self.backend.shards(precondition=False)
         self.shards = rank_shards.all
         self.spans = _name_spans(rank_shards.spans, self.model_chunks)
+        self.group_of = rank_shards.group_of  # each shard's stats group
         copied = {id(t) for t in rank_shards.aliased.targets}  # theta is a copy already
         self._saved = [
             theta if id(target) in copied else target.detach().clone()
@@ -73,7 +84,7 @@ class ModelShards:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
-        del self.shards, self.spans, self._saved
+        del self.shards, self.spans, self.group_of, self._saved
 
     # ----- writing theta -------------------------------------------------------------------
 
@@ -106,14 +117,20 @@ class ModelShards:
         return [g.detach().float().clone() for g in self.shards.grads]
 
     def dots(self, pairs: Sequence[tuple[Vector, Vector]]) -> list[float]:
-        """Global <a, b> for each pair, every parameter counted once: one all-reduce."""
-        device = self.shards.grads[0].device if len(self.shards) else torch.device("cpu")
-        local = torch.zeros(len(pairs), dtype=torch.float64, device=device)
+        """Global <a, b> for each pair, every parameter counted once: one all-reduce per
+        stats group."""
+        groups = len(self.backend.stats_groups)
+        local = torch.zeros(groups, len(pairs), dtype=torch.float64, device=self.backend.device)
         for i, (a, b) in enumerate(pairs):
-            for x, y, counted in zip(a, b, self.shards.counted, strict=True):
+            for x, y, counted, group in zip(a, b, self.shards.counted, self.group_of, strict=True):
                 if counted and x.numel():
-                    local[i] += torch.mul(x, y).sum(dtype=torch.float64)
-        return self.backend.all_reduce_sums(local).tolist()
+                    local[group, i] += torch.mul(x, y).sum(dtype=torch.float64)
+        return self.reduce(list(local)).tolist()
+
+    def reduce(self, partials: list[torch.Tensor]) -> torch.Tensor:
+        """Each stats group's partial sums (in the backend's group order), summed over that
+        group's ranks, then added together."""
+        return self.backend.sum_over_groups(partials)
 
     def random(self, seed: int, kind: str = "rademacher") -> Vector:
         """A random vector that is the same in every layout.
@@ -176,11 +193,13 @@ class GradientProbe(ModelShards):
         )
         self.logits_module = logits_module
         self.gate: LogitGate | None = None
-        self._rng: RNGState | None = None
+        self._states: list[Restorable] = []
 
     def __enter__(self) -> GradientProbe:
         super().__enter__()
-        self._rng = RNGState.capture()
+        # The RNG, and what the backend names besides (MoE routers' expert bias and token
+        # counts, the router-loss trackers): every pass starts from it, and exit puts it back.
+        self._states = [RNGState.capture()] + [c() for c in self.backend.replayed_state()]
         module = find_logits_module(self.model_chunks, (self.logits_module or "output_layer",))
         self.gate = LogitGate(module) if module is not None else None
         return self
@@ -189,7 +208,7 @@ class GradientProbe(ModelShards):
         try:
             super().__exit__(*exc)
             self.zero_grads()
-            self._rng.restore()
+            self._restore_states()
         finally:
             if self.gate is not None:
                 self.gate.remove()
@@ -200,18 +219,22 @@ class GradientProbe(ModelShards):
         direction: Vector | None = None,
         step: float = 0.0,
         cotangent: Rewrite | None = None,
+        *,
+        side_losses: bool = True,
     ) -> Vector:
         """J(theta + step d)^T c for c = cotangent(index, incoming) (default: the loss's own).
 
         `cotangent` runs at the logits of the last stage; it may record the incoming
         cotangent c(theta + step d) and return another one. Theta is restored afterwards.
+        `side_losses=False` leaves out the loss terms that bypass the logits (MoE router
+        losses), for a pass whose result must be J^T c alone.
         """
         if direction is not None and step != 0.0:
             self.perturb(direction, step)
         self.zero_grads()
-        self._rng.restore()
+        self._restore_states()
         rewrite = self.gate.rewriting(cotangent) if self.gate and cotangent else nullcontext()
-        with rewrite:
+        with rewrite, self._side_losses(side_losses):
             forward_backward_func()(
                 forward_step_func=self.forward_step_func,
                 data_iterator=self._iterators(),
@@ -222,6 +245,13 @@ class GradientProbe(ModelShards):
         if direction is not None and step != 0.0:
             self.restore()
         return self.grads()
+
+    def _restore_states(self) -> None:
+        for state in self._states:
+            state.restore()
+
+    def _side_losses(self, keep: bool) -> AbstractContextManager[None]:
+        return nullcontext() if keep else self.backend.replaying(side_loss_weight=0.0)
 
     def _iterators(self) -> Iterator[Any] | list[Iterator[Any]]:
         if len(self.model_chunks) > 1:  # interleaved schedule: one iterator per chunk

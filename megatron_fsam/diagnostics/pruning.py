@@ -8,7 +8,8 @@ weights (and biases, if a model has them) are kept, as is usual.
 The threshold is found by bisection on the bit pattern of |theta|: for non-negative fp32
 values the int32 view orders like the values, so 31 halvings of [0, +inf] pin the k-th
 smallest magnitude exactly. Each halving all-reduces one count per sparsity, so all
-sparsities share the same 31 all-reduces and no rank ever holds more than its own shards.
+sparsities share the same 31 all-reduces (one per stats group: two for experts without the
+distributed optimizer) and no rank ever holds more than its own shards.
 """
 
 from __future__ import annotations
@@ -57,18 +58,25 @@ def magnitude_thresholds(shards: ModelShards, sparsities: Sequence[float]) -> li
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"sparsity must lie in [0, 1], got {s}")
     keep = [p and c for p, c in zip(prunable_mask(shards), shards.shards.counted, strict=True)]
-    local = [t.detach().float().abs() for t, k in zip(shards.thetas(), keep, strict=True) if k]
-    device = shards.shards.grads[0].device if len(shards.shards) else torch.device("cpu")
-    bits = (
-        torch.cat(local).view(torch.int32).sort().values
-        if local
-        else torch.zeros(0, dtype=torch.int32, device=device)
-    )
+    device = shards.backend.device
+    bits = []  # per stats group: the sorted int32 patterns of this rank's prunable magnitudes
+    for group in range(len(shards.backend.stats_groups)):
+        local = [
+            t.detach().float().abs()
+            for t, k, g in zip(shards.thetas(), keep, shards.group_of, strict=True)
+            if k and g == group
+        ]
+        bits.append(
+            torch.cat(local).view(torch.int32).sort().values.to(device)
+            if local
+            else torch.zeros(0, dtype=torch.int32, device=device)
+        )
 
     def global_counts(at: torch.Tensor) -> torch.Tensor:
         """How many prunable magnitudes have bits <= at (per entry), over the whole model."""
-        counts = torch.searchsorted(bits, at.to(torch.int32), right=True).to(torch.float64)
-        return shards.backend.all_reduce_sums(counts)
+        return shards.reduce(
+            [torch.searchsorted(b, at.to(torch.int32), right=True).to(torch.float64) for b in bits]
+        )
 
     total = int(global_counts(torch.tensor([_INF_BITS], device=device)).item())
     wanted = torch.tensor([int(s * total) for s in sparsities], dtype=torch.float64, device=device)

@@ -12,6 +12,10 @@ tau_cross = 2 <delta_logit, delta_func> / |delta_logit + delta_func|^2 (they sum
 The logit term back-propagates the cotangent difference in one pass at theta instead of
 subtracting two gradients: the same quantity by linearity, without the cancellation.
 
+Mixture-of-experts router losses (load balancing, z-loss) do not pass through the logits: their
+curvature is in H u but not in H_G u, so it is counted in delta_func (the logit pass leaves them
+out, see `GradientProbe`).
+
 ANGLE-SAM at angle phi (App. D) follows sin(phi) H_G u + cos(phi) H_F u to first order; given
 the run's angle, the same split of that vector is reported as angle_tau_* (fsam: all
 functional, logit: all logit, sam at 45 degrees: the plain taus).
@@ -64,12 +68,12 @@ def sharpness_deltas(probe: GradientProbe, h: float, central: bool) -> Sharpness
         func_plus = probe.gradient(g, step, accumulate(shift, 1.0, replace=clean))
         func_minus = probe.gradient(g, -step, accumulate(shift, -1.0, replace=clean))
         delta_func = combine(0.5 / h, func_plus, -0.5 / h, func_minus)
-        delta_logit = probe.gradient(cotangent=scaled(shift, 0.5 / h))
+        delta_logit = probe.gradient(cotangent=scaled(shift, 0.5 / h), side_losses=False)
     else:
         # clean becomes c(theta) - c(theta + h u) while pass 2 back-propagates c(theta).
         func_plus = probe.gradient(g, step, accumulate(clean, -1.0, replace=clean))
         delta_func = combine(1.0 / h, func_plus, -1.0 / h, g)
-        delta_logit = probe.gradient(cotangent=scaled(clean, -1.0 / h))
+        delta_logit = probe.gradient(cotangent=scaled(clean, -1.0 / h), side_losses=False)
     return SharpnessDeltas(g, grad_norm, delta_logit, delta_func)
 
 
