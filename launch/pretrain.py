@@ -28,12 +28,12 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_fsam import FuncSAM, enable_cpu_emulation
-from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
+from megatron_fsam.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_fsam.compat.cpu import share_cpu_cores
 from megatron_fsam.data import GPTData, build_datasets, microbatch_iterator
 from megatron_fsam.diagnostics import sharpness_composition
 from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
-from megatron_fsam.monitor import Monitor, UpdateNorm, mean_over_ranks
+from megatron_fsam.monitor import Monitor, SideLosses, UpdateNorm, mean_over_ranks
 from megatron_fsam.parallel import (
     build_optimizer,
     forward_backward_func,
@@ -91,7 +91,7 @@ def setup_or_report(config_path: str, overrides: list[str]) -> Run | None:
     """
     try:
         return setup(config_path, overrides)
-    except (ValueError, FileNotFoundError) as error:  # ConfigError is a ValueError
+    except (ValueError, FileNotFoundError, CheckpointError) as error:  # ConfigError: ValueError
         if is_logging_rank():
             print(f"error: {error}", file=sys.stderr, flush=True)
         if torch.distributed.is_initialized():
@@ -179,14 +179,16 @@ def train(run: Run) -> None:
 
     cfg, train_cfg = run.cfg, run.cfg.train
     p, sam = cfg.parallel, cfg.sam
+    experts = f" (experts: EP {p.expert_parallel})" if cfg.model.num_experts else ""
     run.monitor.message(
         f"training {run.train_steps} steps: TP {p.tensor_parallel} x PP {p.pipeline_parallel} "
-        f"x DP {run.dp_size}, {run.num_microbatches} micro-batches of "
+        f"x DP {run.dp_size}{experts}, {run.num_microbatches} micro-batches of "
         f"{train_cfg.micro_batch_size} per step; SAM {sam.describe()}, "
         f"kernels {run.sam.kernels.name}"
     )
     batches = _train_iterators(run)
     update_norm = UpdateNorm(run.sam.backend)
+    side_losses = _side_losses(run)
     tokens_per_step = train_cfg.global_batch_size * cfg.data.seq_length
     run.monitor.begin(run.iteration)
     while run.iteration < run.train_steps:
@@ -196,6 +198,8 @@ def train(run: Run) -> None:
             update_norm.start()
         lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
         start = time.perf_counter()
+        if side_losses:
+            side_losses.begin()
         ok, _, _, metrics = run.sam.train_step(
             forward_step,
             batches,
@@ -205,6 +209,8 @@ def train(run: Run) -> None:
             log_step=logging_step,
         )
         step_time = time.perf_counter() - start
+        if side_losses:
+            side_losses.end()
         if ok:
             run.scheduler.step(increment=1)
         run.iteration, run.consumed_samples = (
@@ -217,6 +223,8 @@ def train(run: Run) -> None:
                 {**metrics, **run.sam.phase_times(), "skipped": None, "num_zeros_in_grad": None}
             )
             scalars.update(update_norm.finish())
+            if side_losses:
+                scalars.update(side_losses.scalars())
             scalars["lr"] = lr
             scalars["tokens_per_second"] = tokens_per_step / step_time
             scalars["step_time"] = step_time
@@ -313,6 +321,16 @@ def save(run: Run) -> None:
     run.monitor.message(f"saved checkpoint {path}")
 
 
+def _side_losses(run: Run) -> SideLosses | None:
+    """The MoE router losses and MTP losses of pass 1 (None for a dense model without MTP)."""
+    model = run.cfg.model
+    mtp = model.mtp_num_layers or 0
+    if model.num_experts is None and not mtp:
+        return None
+    moe_layers = model.num_layers + mtp if model.num_experts else 0
+    return SideLosses(run.num_microbatches, moe_layers, mtp)
+
+
 def _train_iterators(run: Run):
     """This rank's training micro-batches from where the run stands (one per model chunk)."""
 
@@ -345,6 +363,8 @@ def _console_fields(scalars: dict[str, float]) -> dict[str, float]:
         "loss_clean",
         "loss_perturbed",
         "loss_pass2_clean",
+        "moe_load_balancing_loss",
+        "mtp_1_loss",
         "lr",
         "rho",
         "grad_norm",
@@ -365,10 +385,17 @@ def _should_save(checkpoint: CheckpointSettings, step: int, last: int) -> bool:
 
 
 def _report_parameters(cfg: RunConfig, monitor: Monitor) -> None:
-
+    m = cfg.model
+    active = ""
+    if m.num_experts:
+        active = (
+            f" ({non_embedding_params(m, active=True) / 1e6:.2f}M active per token: "
+            f"top-{m.moe_router_topk} of {m.num_experts} experts)"
+        )
+    mtp = f", {m.mtp_num_layers} multi-token-prediction layer(s)" if m.mtp_num_layers else ""
     monitor.message(
-        f"model: {non_embedding_params(cfg.model) / 1e6:.2f}M non-embedding parameters, "
-        f"{embedding_params(cfg.model) / 1e6:.2f}M embedding parameters"
+        f"model: {non_embedding_params(m) / 1e6:.2f}M non-embedding parameters{active}, "
+        f"{embedding_params(m) / 1e6:.2f}M embedding parameters{mtp}"
     )
 
 

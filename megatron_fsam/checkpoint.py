@@ -18,6 +18,13 @@ state (0.16-0.18 write it to common.pt):
   parameter gets its own tensor back;
 - its fully_reshardable restore fails (KeyError 'step'), and with fp32 params it writes
   into views of leaf tensors that require grad.
+
+Mixture-of-experts models: the routers' expert bias is a persistent buffer of the model's
+sharded state, so it is saved and restored with the weights (resume is bit-identical, tested
+through launch/pretrain.py with and without the distributed optimizer). The expert layout
+(expert_parallel x expert_tensor_parallel) must stay the same: megatron-core chains a separate
+expert optimizer only when experts are split, so another split names the optimizer state
+differently. Such a load is refused with one clear error.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -155,14 +163,23 @@ def load_checkpoint(
     if path is None:
         return None
     common = _read_common(path)
-    same_layout = common["layout"] == _layout()
+    saved_layout = _with_expert_defaults(common["layout"])
+    same_layout = saved_layout == _layout()
+    expert = {k: saved_layout[k] for k in _EXPERT_KEYS}
+    if _has_experts(model_chunks) and expert != {k: _layout()[k] for k in _EXPERT_KEYS}:
+        raise CheckpointError(
+            f"{path} was saved with expert_parallel {expert['expert_parallel']} x "
+            f"expert_tensor_parallel {expert['expert_tensor_parallel']}; it loads only into the "
+            f"same expert layout, not {_layout()['expert_parallel']} x "
+            f"{_layout()['expert_tensor_parallel']}"
+        )
     if common["distributed_optimizer"] != _is_distributed(optimizer):
         raise CheckpointError(
             f"{path} was saved with distributed_optimizer={common['distributed_optimizer']}; "
             "load it with the same kind of optimizer"
         )
     changes_model_split = any(
-        common["layout"][k] != _layout()[k] for k in ("tensor_parallel", "pipeline_parallel")
+        saved_layout[k] != _layout()[k] for k in ("tensor_parallel", "pipeline_parallel")
     )
     if common["distributed_optimizer"] and changes_model_split:
         if common["sharding_type"] != "fully_reshardable":
@@ -201,7 +218,7 @@ def load_checkpoint(
         logger.warning(
             "megatron_fsam: %s was saved in layout %s, loading into %s: RNG states not restored",
             path,
-            common["layout"],
+            saved_layout,
             _layout(),
         )
     return loaded["extra"]
@@ -252,13 +269,29 @@ def _read_common(path: Path) -> dict[str, Any]:
     return common
 
 
+_EXPERT_KEYS = ("expert_parallel", "expert_tensor_parallel")
+
+
 def _layout() -> dict[str, int]:
     return {
         "world_size": dist.get_world_size(),
         "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel": parallel_state.get_data_parallel_world_size(),
+        "expert_parallel": parallel_state.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel": parallel_state.get_expert_tensor_parallel_world_size(),
     }
+
+
+def _has_experts(model_chunks: list[torch.nn.Module]) -> bool:
+    """Whether the model has mixture-of-experts layers."""
+    return any(isinstance(m, MoELayer) for chunk in model_chunks for m in chunk.modules())
+
+
+def _with_expert_defaults(layout: dict[str, int]) -> dict[str, int]:
+    """A saved layout with the expert sizes checkpoints from before them imply."""
+    defaults = {"expert_parallel": 1, "expert_tensor_parallel": layout["tensor_parallel"]}
+    return {**defaults, **layout}
 
 
 def _check_plain(extra: dict) -> None:

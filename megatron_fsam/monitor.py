@@ -7,8 +7,9 @@ import sys
 import time
 
 import torch
+from megatron.core import parallel_state
 
-from megatron_fsam.backends.megatron import MegatronBackend
+from megatron_fsam.backends.shards import ShardBackend
 
 
 def mean_over_ranks(values: dict[str, float | None]) -> dict[str, float]:
@@ -29,32 +30,130 @@ def mean_over_ranks(values: dict[str, float | None]) -> dict[str, float]:
 
 
 class UpdateNorm:
-    """||theta_{t+1} - theta_t|| and ||theta_t|| of one step, from this rank's main shards."""
+    """||theta_{t+1} - theta_t|| and ||theta_t|| of one step, from this rank's main shards.
 
-    def __init__(self, backend: MegatronBackend) -> None:
+    Each shard's sums are reduced over its stats group (one group in most layouts; a
+    mixture-of-experts model without the distributed optimizer has the dense and the expert
+    group), so every coordinate of the model counts once.
+    """
+
+    def __init__(self, backend: ShardBackend) -> None:
         self.backend = backend
         self._before: list[torch.Tensor] | None = None
 
     def start(self) -> None:
-        mains, _ = self.backend.main_params()
-        self._before = [m.clone() for m in mains]
+        self._before = [theta.clone() for theta in self.backend.shards(False).all.thetas]
 
     def finish(self) -> dict[str, float]:
-        mains, counted = self.backend.main_params()
-        deltas = [m - b for m, b in zip(mains, self._before, strict=True)]
-        local = torch.cat([_sum_sq(deltas, counted), _sum_sq(self._before, counted)])
-        update_sq, param_sq = self.backend.all_reduce_sums(local).tolist()
+        rank_shards = self.backend.shards(False)  # theta now (copies refreshed where aliased)
+        thetas, counted = rank_shards.all.thetas, rank_shards.all.counted
+        partials = []
+        for indices in rank_shards.by_group(len(self.backend.stats_groups)):
+            mine = [i for i in indices if counted[i]]
+            deltas = [thetas[i] - self._before[i] for i in mine]
+            before = [self._before[i] for i in mine]
+            partials.append(torch.cat([_sum_sq(deltas), _sum_sq(before)]).to(self.backend.device))
+        update_sq, param_sq = self.backend.sum_over_groups(partials).tolist()
         self._before = None
         return {"update_norm": math.sqrt(update_sq), "param_norm": math.sqrt(param_sq)}
 
 
-def _sum_sq(tensors: list[torch.Tensor], counted: list[bool]) -> torch.Tensor:
-    """This rank's share of sum ||t||^2, each parameter counted once over the model."""
+def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """sum ||t||^2 over `tensors`, in fp32."""
     total = torch.zeros(1, dtype=torch.float32, device=tensors[0].device if tensors else "cpu")
-    for tensor, keep in zip(tensors, counted, strict=True):
-        if keep and tensor.numel():
+    for tensor in tensors:
+        if tensor.numel():
             total += tensor.float().square().sum()
     return total
+
+
+class SideLosses:
+    """The losses beside the language-model loss of each step's pass 1, as Megatron-LM logs them:
+    the routers' load-balancing and z-losses (mean over MoE layers, micro-batches and
+    data-parallel ranks) and each multi-token-prediction layer's loss.
+
+    megatron-core accumulates them in its trackers at every training-mode forward; the SAM step
+    puts pass 1's values back after its later passes (`MegatronBackend.replayed_state`).
+    `begin()` zeroes the trackers before a step (other forwards, e.g. the sharpness
+    diagnostics, add to them too), `end()` keeps what the step left; `scalars()` is collective.
+    """
+
+    def __init__(self, num_microbatches: int, moe_layers: int, mtp_layers: int) -> None:
+        self.num_microbatches = num_microbatches
+        self.moe_layers = moe_layers  # decoder and MTP layers with a router; 0: dense
+        self.mtp_layers = mtp_layers
+        self._pass1: dict[str, tuple] | None = None
+
+    def begin(self) -> None:
+        self._pass1 = None
+        for values, *_ in _tracked(copy=False).values():
+            values.zero_()
+
+    def end(self) -> None:
+        self._pass1 = _tracked()
+
+    def scalars(self) -> dict[str, float]:
+        """Pass 1's values of the last step, reduced over the ranks (every rank calls it)."""
+        tracked = self._pass1 or {}
+        out: dict[str, float | None] = {}
+        scale = 1.0 / self.num_microbatches
+        for name in sorted(k for k in tracked if not k.startswith("mtp")):
+            values, reduce_group, avg_group, dp_average = tracked[name]
+            _sum(values, parallel_state.get_pipeline_model_parallel_group())
+            _sum(values, reduce_group)
+            _mean(values, avg_group)
+            if dp_average:
+                _mean(values, parallel_state.get_data_parallel_group())
+            out[f"moe_{name}"] = values.sum().item() * scale / max(self.moe_layers, 1)
+        mtp = tracked.get("mtp")
+        if mtp is not None:
+            values, reduce_group, avg_group, _ = mtp
+            _sum(values, reduce_group)
+            _mean(values, avg_group)
+        for i in range(self.mtp_layers):  # MTP layers live on the last stage only
+            value = None if mtp is None else mtp[0][i].item() * scale
+            out[f"mtp_{i + 1}_loss"] = value
+        if self.mtp_layers:
+            out.update(mean_over_ranks({k: v for k, v in out.items() if k.startswith("mtp_")}))
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _tracked(copy: bool = True) -> dict[str, tuple]:
+    """megatron-core's loss trackers: name -> (per-layer values, reduce group, average group,
+    whether to average over data-parallel ranks); "mtp" for the MTP losses."""
+    out: dict[str, tuple] = {}
+    try:  # megatron-core >= 0.17
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        for name, e in get_moe_metrics_tracker().metrics.items():
+            out[name] = (e.values, e.reduce_group, e.avg_group, e.needs_dp_avg)
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        for name, e in get_moe_layer_wise_logging_tracker().items():
+            dp_average = not e.get("reduce_group_has_dp", False)
+            out[name] = (e["values"], e.get("reduce_group"), e.get("avg_group"), dp_average)
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    mtp = MTPLossLoggingHelper.tracker
+    values = mtp.get("loss_values", mtp.get("values"))  # megatron-core 0.19 / 0.16
+    if values is not None:
+        out["mtp"] = (values, mtp.get("reduce_group"), mtp.get("avg_group"), False)
+    if copy:
+        out = {k: (v[0].detach().clone(), *v[1:]) for k, v in out.items()}
+    return out
+
+
+def _sum(values: torch.Tensor, group) -> None:
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(values, group=group)
+
+
+def _mean(values: torch.Tensor, group) -> None:
+    """All-reduce average (gloo has no ReduceOp.AVG: a sum, divided)."""
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(values, group=group)
+        values /= torch.distributed.get_world_size(group)
 
 
 class Monitor:

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.spawn import free_port
+from tests.spawn import free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_test.yaml"
+MOE = "configs/moe_demo_cpu.yaml"
 
 
 def _pretrain(*args: str, cwd: Path, env: dict[str, str] | None = None, launcher=()):
@@ -166,6 +168,9 @@ def test_paper_configs_build_with_the_stated_parameter_counts():
             built, formula = counts[name + scheme]
             assert built == formula
             assert abs(built - want) / want < 0.01, (name, built)
+    for name in ("moe_demo_cpu", "moe_demo_cpu mtp 2", "tiny_test mtp 2"):  # experts, MTP layers
+        built, formula = counts[name]
+        assert built == formula, name
 
 
 _COUNT_SCRIPT = """
@@ -183,6 +188,13 @@ for scheme in ("", "_10k"):
         cfg = load_run_config(f"configs/{name}{scheme}.yaml", ["model.vocab_size=32768"])
         built = count_parameters(cfg.model)["non_embedding"]
         counts[name + scheme] = (built, non_embedding_params(cfg.model))
+for name, path, more in (
+    ("moe_demo_cpu", "configs/moe_demo_cpu.yaml", []),
+    ("moe_demo_cpu mtp 2", "configs/moe_demo_cpu.yaml", ["model.mtp_num_layers=2"]),
+    ("tiny_test mtp 2", "configs/tiny_test.yaml", ["model.mtp_num_layers=2"]),
+):
+    cfg = load_run_config(path, ["model.vocab_size=4096", *more])
+    counts[name] = (count_parameters(cfg.model)["non_embedding"], non_embedding_params(cfg.model))
 print(json.dumps(counts))
 """
 
@@ -225,3 +237,145 @@ def test_two_deepspeed_nodes_are_one_job(tmp_path):
 
     for tag in ("train/loss_clean", "train/loss_perturbed", "eval/loss"):
         assert curve("two", tag) == curve("one", tag) and curve("one", tag), tag
+
+
+# ----- mixture of experts: resume through launch/pretrain.py ---------------------------------
+
+# The MoE demo's model, shrunk to seconds per step; 6 steps, the expert bias moving every step.
+MOE_SMALL = [
+    "model.hidden_size=32", "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=64",
+    "model.seq_length=32", "data.vocab_size=512", "data.max_documents=8",
+    "train.micro_batch_size=2", "train.global_batch_size=8", "train.train_steps=6",
+    "train.eval_interval=100", "train.eval_iters=1", "train.log_interval=1",
+    "optimizer.lr_warmup_steps=1", "sam.rho_warmup_steps=2", "model.moe_z_loss_coeff=1e-3",
+    "diagnostics.sharpness_interval=null", "logging.tensorboard_dir=null",
+    "checkpoint.save_dir=null", "checkpoint.save_interval=null",
+]  # fmt: skip
+COMPARED = (
+    "loss_clean", "loss_perturbed", "grad_norm", "eps_norm", "update_norm", "param_norm",
+    "moe_load_balancing_loss", "moe_z_loss", "mtp_1_loss",
+)  # fmt: skip
+
+
+def _moe_training(overrides: list[str], stop: int | None = None) -> dict:
+    """launch/pretrain.py's set-up and loop in this rank (optionally stopped early, the
+    schedule still that of the whole run); its logged scalars, weights and expert biases."""
+    from megatron.core import parallel_state
+
+    from launch import pretrain
+    from megatron_fsam.models.weights import global_param_names
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    run = pretrain.setup(str(ROOT / MOE), [*MOE_SMALL, *overrides])
+    logged: dict[int, dict[str, float]] = {}
+    write = run.monitor.scalars
+
+    def record(step: int, values: dict[str, float], prefix: str = "train") -> None:
+        if prefix == "train":
+            logged[step] = {k: values[k] for k in COMPARED if k in values}
+        write(step, values, prefix)
+
+    run.monitor.scalars = record
+    if stop is not None:
+        run.train_steps = stop
+    pretrain.train(run)
+    return {
+        "logged": logged,
+        "params": {n: p.detach().clone() for n, p in global_param_names(run.model).items()},
+        "biases": {
+            n: b.detach().clone()
+            for chunk in run.model
+            for n, b in chunk.named_buffers()
+            if n.endswith("expert_bias")
+        },
+    }
+
+
+def _unequal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(a.keys() ^ b.keys()) + [
+        n for n in a.keys() & b.keys() if not torch.equal(a[n], b[n])
+    ]
+
+
+def _moe_resume(rank: int, world: int, work: str) -> dict:
+    from launch import pretrain
+    from megatron_fsam.checkpoint import CheckpointError
+
+    report = {}
+    for distributed in ("true", "false"):  # one stats group, or dense and expert groups
+        common = [f"data.cache_dir={work}/cache", f"parallel.distributed_optimizer={distributed}"]
+        ckpt = f"{work}/ckpt_{distributed}"
+        # The straight run also measures the taus every 2 steps: they must leave no trace.
+        tensorboard = f"logging.tensorboard_dir={work}/tb_{distributed}"
+        watched = ["diagnostics.sharpness_interval=2", tensorboard]
+        straight = _moe_training([*common, *watched])
+        first = _moe_training([*common, f"checkpoint.save_dir={ckpt}"], stop=3)
+        resumed = _moe_training([*common, f"checkpoint.load_dir={ckpt}"])
+        report[distributed] = {
+            "steps": (sorted(first["logged"]), sorted(resumed["logged"])),
+            "logged": [
+                (step, key)
+                for step, values in straight["logged"].items()
+                for key, value in values.items()
+                if value != {**first["logged"], **resumed["logged"]}[step].get(key)
+            ],
+            "logged_keys": sorted(straight["logged"][6]),
+            "params": [
+                n for n, p in straight["params"].items() if not torch.equal(p, resumed["params"][n])
+            ],
+            "biases": [
+                n for n, b in straight["biases"].items() if not torch.equal(b, resumed["biases"][n])
+            ],
+            "bias_count": len(straight["biases"]),
+            "bias_moved": all(
+                not torch.equal(b, first["biases"][n]) for n, b in straight["biases"].items()
+            ),
+        }
+    # Another expert layout cannot take the optimizer state: one clear error.
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    overrides = [*MOE_SMALL, f"data.cache_dir={work}/cache", "parallel.expert_parallel=1"]
+    try:
+        pretrain.setup(str(ROOT / MOE), [*overrides, f"checkpoint.load_dir={work}/ckpt_true"])
+    except CheckpointError as error:
+        report["other_expert_layout"] = str(error)
+    return report
+
+
+@pytest.fixture(scope="module")
+def moe_resumed(tmp_path_factory):
+    work = tmp_path_factory.mktemp("moe")
+    return work, run_ranks(_moe_resume, 2, str(work), timeout=900)
+
+
+@pytest.mark.parametrize("distributed", ["true", "false"])
+def test_moe_resume_equals_straight_run_bitwise(moe_resumed, distributed):
+    """Saved after step 3 and resumed: steps 4-6 log the same values, and the weights and the
+    routers' expert biases end bit for bit as in 6 straight steps (which also measured taus)."""
+    for rank_report in moe_resumed[1]:
+        report = rank_report[distributed]
+        assert report["steps"] == ([1, 2, 3], [4, 5, 6])
+        assert report["logged"] == [] and report["params"] == [] and report["biases"] == []
+        assert report["bias_count"] == 3 and report["bias_moved"]  # 2 layers and the MTP layer
+        assert {"moe_load_balancing_loss", "moe_z_loss", "mtp_1_loss"} <= set(report["logged_keys"])
+
+
+def test_moe_run_logs_sam_and_moe_scalars_to_tensorboard(moe_resumed):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(moe_resumed[0] / "tb_true")).Reload()
+    tags = set(events.Tags()["scalars"])
+    wanted = {"train/loss_clean", "train/loss_perturbed", "train/rho", "train/eps_norm"}
+    wanted |= {"train/moe_load_balancing_loss", "train/moe_z_loss", "train/mtp_1_loss"}
+    wanted |= {"sharpness/tau_logit", "eval/loss"}
+    assert wanted <= tags, sorted(tags)
+    balance = [e.value for e in events.Scalars("train/moe_load_balancing_loss")]
+    assert len(balance) >= 6 and all(0.5 < v < 4.0 for v in balance), balance
+
+
+def test_moe_checkpoint_refuses_another_expert_layout(moe_resumed):
+    message = moe_resumed[1][0]["other_expert_layout"]
+    assert "saved with expert_parallel 2 x expert_tensor_parallel 1" in message
+    assert "not 1 x 1" in message
