@@ -77,13 +77,12 @@ def loss_of_heads(
     last k positions masked), weighted mtp_loss_scaling_factor / mtp_num_layers."""
     loss = loss_of_logits(heads[-1], batch, num_microbatches)
     labels, mask = batch["labels"], batch["loss_mask"].float()
-    config = model.config
     for logits in heads[:-1]:
         labels, mask = _shifted(labels), _shifted(mask)
         ce = F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
         )
-        weight = config.mtp_loss_scaling_factor / config.mtp_num_layers
+        weight = _setting(model, "mtp_loss_scaling_factor") / _setting(model, "mtp_num_layers")
         loss = loss + weight * (ce * mask.reshape(-1)).sum() / mask.sum() / num_microbatches
     return loss
 

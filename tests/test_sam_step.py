@@ -259,6 +259,9 @@ REFUSED = {
     "cuda_graphs": lambda model, opt: setattr(
         get_model_config(model[0]), "cuda_graph_impl", "local"
     ),
+    "quantile_balancing": lambda model, opt: setattr(
+        get_model_config(model[0]), "moe_router_load_balancing_type", "quantile_balancing"
+    ),
     "cpu_offload": lambda model, opt: setattr(opt.config, "optimizer_cpu_offload", True),
     "fp4_param": lambda model, opt: setattr(get_model_config(model[0]), "fp4_param", True),
     # megatron-core 0.19 settings (set on a 0.16 config too: the checks read them by name)

@@ -398,6 +398,13 @@ def _check_model(model_chunks: list[torch.nn.Module], config) -> None:
             "Megatron-FSDP / torch FSDP (SAM reads the distributed optimizer's shards)",
         ),
         (
+            # megatron-core >= 0.19: a per-expert bias moved after every pass, like the expert
+            # bias, but not held back by the step (untested): refused.
+            "quantile_balancing" in str(getattr(config, "moe_router_load_balancing_type", "")),
+            "moe_router_load_balancing_type='quantile_balancing': its per-expert bias "
+            "(qb_beta) moves after every forward-backward pass, so twice per SAM step",
+        ),
+        (
             cuda_graph != "none"
             or getattr(config, "enable_cuda_graph", False)
             or getattr(config, "external_cuda_graph", False),
