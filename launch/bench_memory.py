@@ -12,8 +12,10 @@ its weight shard. The exact ANGLE-SAM form keeps twice as much (both sides, duri
 
 `--check` builds the demo model (configs/demo_cpu.yaml's shape and micro-batches per rank),
 runs one step of fsam and of the exact angle form in every memory mode, and prints the bytes
-the gate actually held (the sum of its stored tensors) next to the formula. On a GPU it also
-prints torch.cuda.max_memory_allocated of an AdamW step and of each SAM step.
+the gate actually held (the sum of its stored tensors) next to the formula; then the same with
+1 and 2 multi-token-prediction layers, whose heads call the logits layer once more each per
+micro-batch (`--mtp-check 0` skips them). On a GPU it also prints
+torch.cuda.max_memory_allocated of an AdamW step and of each SAM step.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ CHECKED_MODES = {
 def main() -> None:
     args = _parse_args()
     if args.check:
-        check(bf16=args.bf16)
+        check(bf16=args.bf16, mtp_depths=range(args.mtp_check + 1))
         return
     shapes = dict(SHAPES)
     if args.hidden:
@@ -98,23 +100,15 @@ def print_table(shapes: dict[str, LogitShapes]) -> None:
         )
 
 
-def check(bf16: bool) -> None:
-    """Held bytes measured on the demo model against the formula; GPU peak memory if any."""
+def check(bf16: bool, mtp_depths=(0, 1, 2)) -> None:
+    """Held bytes measured on the demo model (and with MTP layers) against the formula; GPU
+    peak memory if any."""
     parallel = single_process()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batches = random_batches(
         DEMO_MICROBATCHES, DEMO_MICRO_BATCH, DEMO.seq_length, DEMO.vocab_size, device
     )
     element = 2 if bf16 else 4
-    shapes = LogitShapes(
-        seq_length=DEMO.seq_length,
-        micro_batch_size=DEMO_MICRO_BATCH,
-        num_microbatches=DEMO_MICROBATCHES,
-        hidden_size=DEMO.hidden_size,
-        vocab_size=DEMO.vocab_size,
-        activation_bytes=element,
-        weight_bytes=element,
-    )
     print(
         f"demo model on {device}, {'bf16' if bf16 else 'fp32'}: {DEMO_MICROBATCHES} micro-batches "
         f"of {DEMO_MICRO_BATCH} x {DEMO.seq_length}, hidden {DEMO.hidden_size}, vocab "
@@ -122,16 +116,29 @@ def check(bf16: bool) -> None:
     )
     _, peak = _measured_step(build_sam(SAMConfig(mode="adamw"), DEMO, parallel, bf16), batches)
     print(f"  {'adamw':>26}: peak {peak}")
-    for name, (cfg, passes) in CHECKED_MODES.items():
-        for memory in ("device", "offload", "recompute"):
-            sam_cfg = dataclasses.replace(cfg, cotangent_memory=memory)
-            metrics, peak = _measured_step(build_sam(sam_cfg, DEMO, parallel, bf16), batches)
-            held = int(metrics["held_bytes"])
-            want = bytes_between_passes(shapes, memory, passes)
-            print(
-                f"  {name:>14} {memory:>11}: held {held:>10,} B, formula {want:>10,} B "
-                f"({'equal' if held == want else 'DIFFERENT'}), peak {peak}"
-            )
+    for depth in mtp_depths:
+        model = dataclasses.replace(DEMO, mtp_num_layers=depth or None)
+        shapes = LogitShapes(
+            seq_length=DEMO.seq_length,
+            micro_batch_size=DEMO_MICRO_BATCH,
+            num_microbatches=DEMO_MICROBATCHES,
+            hidden_size=DEMO.hidden_size,
+            vocab_size=DEMO.vocab_size,
+            logits_calls=1 + depth,
+            activation_bytes=element,
+            weight_bytes=element,
+        )
+        mtp = f" mtp {depth}" if depth else ""
+        for name, (cfg, passes) in CHECKED_MODES.items():
+            for memory in ("device", "offload", "recompute"):
+                sam_cfg = dataclasses.replace(cfg, cotangent_memory=memory)
+                metrics, peak = _measured_step(build_sam(sam_cfg, model, parallel, bf16), batches)
+                held = int(metrics["held_bytes"])
+                want = bytes_between_passes(shapes, memory, passes)
+                print(
+                    f"  {name + mtp:>20} {memory:>9}: held {held:>11,} B, formula {want:>11,} B "
+                    f"({'equal' if held == want else 'DIFFERENT'}), peak {peak}"
+                )
     destroy_distributed()
 
 
@@ -155,6 +162,12 @@ def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="measure on the demo model")
     parser.add_argument("--bf16", action="store_true", help="--check with bf16 params")
+    parser.add_argument(
+        "--mtp-check",
+        type=int,
+        default=2,
+        help="--check also with 1 .. this many multi-token-prediction layers (0: none)",
+    )
     shape = parser.add_argument_group("a run of your own (one more table row)")
     shape.add_argument("--hidden", type=int, help="hidden size (turns the row on)")
     shape.add_argument("--vocab", type=int, default=128256, help="padded vocabulary")

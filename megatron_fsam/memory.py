@@ -7,6 +7,9 @@ pass 2, so the last pipeline stage keeps, per rank, one of these per logits-modu
     recompute          sequence/TP (sequence parallel) or sequence x micro-batch x hidden
                        (the module's input), plus one vocab/TP x hidden weight shard per step
 
+With multi-token prediction (mtp_num_layers = k) the logits module runs 1 + k times per
+micro-batch (the main head and each MTP head share it), so there are 1 + k calls per
+micro-batch (`LogitShapes.logits_calls`); recompute still keeps one weight copy per step.
 The exact ANGLE-SAM form keeps the same again for c(theta + eps) during pass 3. "offload"
 holds the bytes in pinned host memory instead of on the device. `RecomputeGate.held_bytes()`
 and `LogitGate.held_bytes()` count the tensors actually kept; these formulas must equal them.

@@ -144,6 +144,23 @@ def _tracked(copy: bool = True) -> dict[str, tuple]:
     return out
 
 
+def reset_loss_trackers() -> None:
+    """Forget megatron-core's process-wide router- and MTP-loss trackers: they are sized by
+    the first model's depth, so a process that builds a second model of another depth (or
+    with more MTP layers) must start them afresh."""
+    try:  # megatron-core >= 0.17
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        get_moe_metrics_tracker().metrics.clear()
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.tracker.clear()
+
+
 def _sum(values: torch.Tensor, group) -> None:
     if group is not None and torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(values, group=group)

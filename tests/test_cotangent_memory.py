@@ -1,8 +1,9 @@
 """cotangent_memory="recompute" against "device": the same update, and the bytes it holds.
 
 One single-process spawn (tied and untied embeddings, fsam, precond fsam, the exact angle
-form, bf16, the refusals) and one 2-rank spawn that walks the layouts (TP=2 with and without
-sequence parallel, PP=2 with 1F1B and interleaved, DP=2 with the distributed optimizer).
+form, bf16, the refusals, 1 and 2 multi-token-prediction layers: one more logits-layer call per
+micro-batch each) and one 2-rank spawn that walks the layouts (TP=2 with and without sequence
+parallel, PP=2 with 1F1B and interleaved, DP=2 with the distributed optimizer).
 Recompute and device runs start from the same weights in the same layout, so they must agree
 to fp32 rounding; the bytes held must equal `megatron_fsam.memory`'s formulas.
 """
@@ -43,6 +44,10 @@ TOLERANCE = 1e-6
 SPAWN_TIMEOUT = 900
 UNTIED = dataclasses.replace(TINY, tie_embeddings=False)
 MODELS = {"tied": TINY, "untied": UNTIED}
+# Multi-token prediction: the output layer runs 1 + k times per micro-batch, the gate keeps
+# one cotangent (device, offload) or one input (recompute) per call.
+MTP_MODELS = {f"mtp{k}": dataclasses.replace(TINY, mtp_num_layers=k) for k in (1, 2)}
+MTP_CASES = ("fsam", "angle 30 exact")
 PRECOND = dict(precond=True, precond_floor=0.0, rho_schedule="linear_warmup", rho_warmup_steps=1)
 # name: (config without cotangent_memory, optimizer, steps, passes)
 CASES = {
@@ -82,6 +87,7 @@ def _formula(layout: ParallelConfig, batches, model, memory: str, passes: int, e
         vocab_size=model.vocab_size,
         tensor_parallel=layout.tensor_parallel,
         sequence_parallel=layout.sequence_parallel,
+        logits_calls=1 + (model.mtp_num_layers or 0),
         activation_bytes=elt,
         weight_bytes=elt,
     )
@@ -204,6 +210,17 @@ def _single_process(rank: int, world: int) -> dict:
         parallel, batches, _, full = one_process_model(model)
         for case in CASES:
             report[f"{tie}/{case}"] = _compare(parallel, full, batches, model, case)
+    for name, model in MTP_MODELS.items():
+        parallel, batches, _, full = one_process_model(model)
+        for case in MTP_CASES:
+            result = _compare(parallel, full, batches, model, case)
+            passes = CASES[case][3]
+            _, _, offload = _run(parallel, full, batches, model, case, "offload")
+            result["offload"] = (
+                offload["held_bytes"],
+                _formula(parallel, batches, model, "offload", passes, 4),
+            )
+            report[f"{name}/{case}"] = result
     parallel, batches, _, full = one_process_model(TINY)
     report["bf16"] = _bf16_cotangents(parallel, full, batches)
     report["refusals"] = _refusals(parallel, full, batches)
@@ -240,6 +257,23 @@ def test_pass2_loss_of_recompute_is_the_clean_loss(single, check):
     clean, pass2_clean, perturbed = single[check]["losses"]
     assert perturbed is None
     assert pass2_clean == pytest.approx(clean, rel=1e-6)
+
+
+MTP_CHECKS = [f"{name}/{case}" for name in MTP_MODELS for case in MTP_CASES]
+
+
+@pytest.mark.parametrize("check", MTP_CHECKS)
+def test_mtp_held_bytes_equal_the_formula_in_every_memory(single, check):
+    """1 + k logits-layer calls per micro-batch: device, offload and recompute hold what
+    `megatron_fsam.memory` says, and recompute still gives the device update."""
+    result = single[check]
+    assert result["gate"] == "RecomputeGate"
+    assert result["error"] <= TOLERANCE, result
+    assert result["held"] == result["formula"], result
+    held, formula = result["offload"]
+    assert held == formula == result["formula"][0]  # offload holds the device bytes (host)
+    depth = int(check.split("/")[0].removeprefix("mtp"))
+    assert result["formula"][0] == (1 + depth) * single[f"tied/{check.split('/')[1]}"]["held"][0]
 
 
 def test_bf16_recompute_reproduces_the_clean_cotangent(single):
@@ -312,7 +346,8 @@ def test_bench_memory_check_finds_the_formula_on_the_demo_model():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if "held" in line]
-    assert len(lines) == 6 and all("(equal)" in line for line in lines), result.stdout
+    assert len(lines) == 18 and all("(equal)" in line for line in lines), result.stdout
+    assert sum(" mtp 2 " in line for line in lines) == 6, result.stdout
 
 
 def test_formula_of_the_issue_shapes():
