@@ -1,6 +1,7 @@
 """Time a Func-SAM step against a plain AdamW step on the same Megatron model and data.
 
     python launch/bench_step.py [--layers 4 --hidden 256 --heads 4 --seq 256 --vocab 8192 ...]
+    python launch/bench_step.py --config configs/moe_demo_cpu.yaml   # a run file's model
 
 Runs as one process (on the CPU under the emulation when there is no GPU) and prints,
 for every SAM mode, the median and the mean step time and their ratios to the AdamW step
@@ -10,11 +11,17 @@ it is SAM's own cost. Modes that thin out SAM steps (`fsam every 4`: sam_interva
 judged by the mean over many steps (--steps 40: ideally 1.25).
 The last line is Func-SAM's own cost over SAM: the median over rounds of fsam's step time
 minus sam's in the same round, in ms and as a fraction of that round's AdamW step.
+
+`--config` times the model of a run file (mixture of experts and multi-token prediction
+included) with its sequence length and micro-batch size, in one process: every expert on
+this rank (expert_parallel 1), `--microbatches` micro-batches; a vocabulary of 'auto' takes
+`--vocab`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -29,6 +36,7 @@ import torch
 
 from megatron_fsam import FuncSAM, SAMConfig, enable_cpu_emulation
 from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
+from megatron_fsam.monitor import reset_loss_trackers
 from megatron_fsam.parallel import (
     ParallelConfig,
     build_optimizer,
@@ -36,6 +44,7 @@ from megatron_fsam.parallel import (
     initialize_distributed,
     wrap_model,
 )
+from megatron_fsam.run_config import AUTO_VOCAB, load_run_config
 
 PHASES = ("time_pass1", "time_perturb", "time_pass2", "time_pass3", "time_optimizer")
 MODES = {
@@ -52,20 +61,16 @@ MODES = {
 
 def main() -> None:
     args = _parse_args()
+    model_cfg = _model(args)
     parallel = single_process()
-    model_cfg = GPTConfig(
-        num_layers=args.layers,
-        hidden_size=args.hidden,
-        num_attention_heads=args.heads,
-        vocab_size=args.vocab,
-        seq_length=args.seq,
-    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    batches = random_batches(args.microbatches, args.micro_batch, args.seq, args.vocab, device)
+    vocab = model_cfg.vocab_size
+    batches = random_batches(args.microbatches, args.micro_batch, args.seq, vocab, device)
     modes = [(name, MODES[name]) for name in ["adamw", *(m for m in args.modes if m != "adamw")]]
     print(
-        f"{device}, bf16={args.bf16}: {args.layers} layers x {args.hidden} wide, vocab "
-        f"{args.vocab}, {args.microbatches} micro-batches of {args.micro_batch} x {args.seq}"
+        f"{device}, bf16={args.bf16}: {model_cfg.num_layers} layers x {model_cfg.hidden_size} "
+        f"wide{_moe_shape(model_cfg)}, vocab {vocab}, {args.microbatches} micro-batches of "
+        f"{args.micro_batch} x {args.seq}"
     )
     # Interleaved rounds, one step of every mode each, so drifting machine load hits all alike.
     sams = {name: build_sam(cfg, model_cfg, parallel, args.bf16) for name, cfg in modes}
@@ -105,6 +110,33 @@ def main() -> None:
     destroy_distributed()
 
 
+def _model(args: argparse.Namespace) -> GPTConfig:
+    """The model of --config (its sequence and micro-batch size into `args`), or of the flags."""
+    if args.config is None:
+        return GPTConfig(
+            num_layers=args.layers,
+            hidden_size=args.hidden,
+            num_attention_heads=args.heads,
+            vocab_size=args.vocab,
+            seq_length=args.seq,
+        )
+    run = load_run_config(args.config)
+    args.seq, args.micro_batch = run.data.seq_length, run.train.micro_batch_size
+    vocab = args.vocab if run.model.vocab_size == AUTO_VOCAB else run.model.vocab_size
+    return dataclasses.replace(run.model, vocab_size=vocab)
+
+
+def _moe_shape(model: GPTConfig) -> str:
+    parts = []
+    if model.num_experts:
+        parts.append(f"{model.num_experts} experts top-{model.moe_router_topk}")
+        if model.moe_router_enable_expert_bias:
+            parts.append("expert bias")
+    if model.mtp_num_layers:
+        parts.append(f"{model.mtp_num_layers} MTP layer(s)")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def single_process() -> ParallelConfig:
     """Join a one-rank job (CPU emulation without a GPU); its layout."""
     if not torch.cuda.is_available():
@@ -120,6 +152,7 @@ def build_sam(
     cfg: SAMConfig, model_cfg: GPTConfig, parallel: ParallelConfig, bf16: bool
 ) -> FuncSAM:
     """A fresh model, its Megatron optimizer and the SAM step around them."""
+    reset_loss_trackers()  # megatron-core sizes them by the first model's depth
     config = transformer_config(model_cfg, parallel, bf16=bf16)
     model = wrap_model(build_model_chunks(model_cfg, config, parallel), config, parallel)
     return FuncSAM(cfg, model, build_optimizer(model, lr=1e-4, bf16=bf16))
@@ -161,10 +194,13 @@ def random_batches(
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", help="time a run file's model (its seq and micro-batch size; one process)"
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=8192, help="(also for vocab_size: auto)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=2)
