@@ -5,7 +5,10 @@
         [--json results.jsonl] [--tensorboard DIR] \\
         taus|hessian|prune [options] [section.key=value ...]
 
-Launch it like pretrain.py (deepspeed, torchrun or one process) in any TP/PP/DP layout.
+Launch it like pretrain.py (deepspeed, torchrun or one process) in any TP/PP/DP layout, and
+for mixture-of-experts models in the checkpoint's expert layout (with or without the
+distributed optimizer): every pass routes with the checkpoint's expert bias, and the router
+losses' curvature counts on the functional side of the taus (they bypass the logits).
 A checkpoint is a save root (its latest checkpoint; with --all-iterations, every one it
 holds) or one iter_XXXXXXX directory. The model is built once from the config and each
 checkpoint loaded in turn. Each checkpoint
