@@ -416,6 +416,13 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         )
     if p.overlap_param_gather and not p.distributed_optimizer:
         raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer")
+    if m.mtp_num_layers and pp > 1:
+        raise ConfigError(
+            "model.mtp_num_layers with parallel.pipeline_parallel > 1: megatron-core gives the "
+            "multi-token-prediction layers on the last stage their own copy of the learned "
+            "position table (it ties only the word embeddings across stages), a model other "
+            "than the one configured; use pipeline_parallel 1 with MTP"
+        )
     _validate_expert_layout(cfg, world_size)
     return dp
 

@@ -470,6 +470,11 @@ def test_sigmoid_router_allows_top_1():
             2,
             "with parallel.tensor_parallel > 1 needs parallel.sequence_parallel: true",
         ),
+        (
+            ["model.mtp_num_layers=1", "parallel.pipeline_parallel=2"],
+            2,
+            "model.mtp_num_layers with parallel.pipeline_parallel > 1",
+        ),
     ],
 )
 def test_expert_layout_errors(overrides: list[str], world_size: int, expected: str):
