@@ -38,6 +38,7 @@ from megatron_fsam.parallel import ParallelConfig
 
 AUTO_VOCAB = 0
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("alltoall", "allgather")  # "flex" needs DeepEP / HybridEP (GPU only)
 
@@ -183,6 +184,11 @@ class RunConfig:
             raise ConfigError(
                 f"model.hidden_size {m.hidden_size} is not divisible by "
                 f"model.num_attention_heads {m.num_attention_heads}"
+            )
+        if m.position_embedding_type not in POSITION_EMBEDDINGS:
+            raise ConfigError(
+                f"model.position_embedding_type must be one of {POSITION_EMBEDDINGS}, "
+                f"got {m.position_embedding_type!r}"
             )
         _validate_moe(m)
         _validate_mtp(m)
@@ -347,11 +353,13 @@ def non_embedding_params(model: GPTConfig, *, active: bool = False) -> int:
 
 
 def embedding_params(model: GPTConfig) -> int:
-    """Tied token embedding V D (also the output layer) plus learned positions S D."""
+    """Tied token embedding V D (also the output layer) plus learned positions S D (none
+    with rope)."""
     if model.vocab_size == AUTO_VOCAB:
         raise ConfigError("model.vocab_size is 'auto': resolve it from the tokenizer first")
     tables = 1 if model.tie_embeddings else 2  # input embedding (and output projection)
-    return (tables * model.vocab_size + model.seq_length) * model.hidden_size
+    positions = model.seq_length if model.position_embedding_type == "learned_absolute" else 0
+    return (tables * model.vocab_size + positions) * model.hidden_size
 
 
 def resolve_vocab_size(cfg: RunConfig, tokenizer_vocab_size: int, padded_vocab_size: int) -> int:
@@ -416,12 +424,12 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         )
     if p.overlap_param_gather and not p.distributed_optimizer:
         raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer")
-    if m.mtp_num_layers and pp > 1:
+    if m.mtp_num_layers and pp > 1 and m.position_embedding_type == "learned_absolute":
         raise ConfigError(
-            "model.mtp_num_layers with parallel.pipeline_parallel > 1: megatron-core gives the "
-            "multi-token-prediction layers on the last stage their own copy of the learned "
-            "position table (it ties only the word embeddings across stages), a model other "
-            "than the one configured; use pipeline_parallel 1 with MTP"
+            "model.mtp_num_layers with parallel.pipeline_parallel > 1 and learned positions: "
+            "megatron-core gives the multi-token-prediction layers on the last stage their own "
+            "copy of the position table (it ties only the word embeddings across stages), a "
+            "model other than the one configured; set model.position_embedding_type: rope"
         )
     _validate_expert_layout(cfg, world_size)
     return dp

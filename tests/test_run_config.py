@@ -406,6 +406,7 @@ def test_moe_and_mtp_parameter_counts():
             "model.moe_token_dispatcher_type must be one of ('alltoall', 'allgather')",
         ),
         (["model.num_experts=four"], "model.num_experts must be int or null"),
+        (["model.position_embedding_type=alibi"], "model.position_embedding_type must be one of"),
         (["parallel.expert_parallel=0"], "parallel: expert_parallel and expert_tensor_parallel"),
     ],
 )
@@ -473,12 +474,23 @@ def test_sigmoid_router_allows_top_1():
         (
             ["model.mtp_num_layers=1", "parallel.pipeline_parallel=2"],
             2,
-            "model.mtp_num_layers with parallel.pipeline_parallel > 1",
+            "model.mtp_num_layers with parallel.pipeline_parallel > 1 and learned positions",
         ),
     ],
 )
 def test_expert_layout_errors(overrides: list[str], world_size: int, expected: str):
     assert expected in _layout_error(_tiny(*overrides), world_size)
+
+
+def test_rope_allows_mtp_under_pipeline_parallelism():
+    cfg = _tiny(
+        "model.mtp_num_layers=1",
+        "parallel.pipeline_parallel=2",
+        "model.position_embedding_type=rope",
+    )
+    assert validate_layout(cfg, 2) == 1
+    resolve_vocab_size(cfg, 500, 512)
+    assert embedding_params(cfg.model) == 512 * 32  # no position table
 
 
 def test_expert_layouts_that_fit():
