@@ -10,13 +10,12 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
-from megatron.core.transformer.moe import moe_utils
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import unwrap_model
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
 from megatron_fsam.models.weights import full_state, global_param_names, load_full_state, tp_slice
+from megatron_fsam.monitor import reset_loss_trackers
 from megatron_fsam.parallel import (
     ParallelConfig,
     build_optimizer,
@@ -65,21 +64,11 @@ def use_layout(parallel: ParallelConfig) -> None:
     initialize_distributed(parallel)
 
 
-def fresh_loss_trackers() -> None:
-    """Forget megatron-core's process-wide logging trackers of router and MTP losses: they are
-    sized by the first model's layer count, and tests build models of several depths."""
-    if hasattr(moe_utils, "get_moe_metrics_tracker"):  # megatron-core >= 0.17
-        moe_utils.get_moe_metrics_tracker().metrics.clear()
-    else:
-        moe_utils.get_moe_layer_wise_logging_tracker().clear()
-    MTPLossLoggingHelper.tracker.clear()
-
-
 def one_process_model(model: GPTConfig = TINY):
     """One process: its layout, the global batch, a GPT and its weights (for references)."""
     parallel = ParallelConfig()
     use_layout(parallel)
-    fresh_loss_trackers()
+    reset_loss_trackers()
     batches = make_batches(GLOBAL_MICROBATCHES)
     gpt = build_model_chunks(model, transformer_config(model, parallel), parallel)[0]
     return parallel, batches, gpt, full_state([gpt])
@@ -94,7 +83,7 @@ def build(
     model: GPTConfig = TINY,
 ):
     """DDP chunks of `model` holding `full` and a Megatron optimizer over them."""
-    fresh_loss_trackers()
+    reset_loss_trackers()
     config = transformer_config(model, parallel, bf16=bf16)
     chunks = build_model_chunks(model, config, parallel)
     load_full_state(chunks, full)

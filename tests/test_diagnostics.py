@@ -49,6 +49,7 @@ from megatron_fsam.models.gpt import (
     transformer_config,
 )
 from megatron_fsam.models.weights import full_state, global_param_names, load_full_state
+from megatron_fsam.monitor import reset_loss_trackers
 from megatron_fsam.parallel import (
     ParallelConfig,
     build_optimizer,
@@ -56,7 +57,7 @@ from megatron_fsam.parallel import (
     wrap_model,
 )
 from tests import reference
-from tests.sam_harness import fresh_loss_trackers, my_batches, use_layout
+from tests.sam_harness import my_batches, use_layout
 from tests.spawn import run_ranks
 
 SMALL = GPTConfig(
@@ -512,7 +513,7 @@ MOE_H = 3e-4
 
 
 def _moe_build(parallel: ParallelConfig, full: dict, model: GPTConfig = MOE_SMALL):
-    fresh_loss_trackers()  # megatron-core's trackers are sized by the first model's depth
+    reset_loss_trackers()  # megatron-core's trackers are sized by the first model's depth
     config = transformer_config(model, parallel)
     chunks = build_model_chunks(model, config, parallel)
     load_full_state(chunks, full)
@@ -614,7 +615,7 @@ def _moe_cli(rank: int, work: str) -> dict:
 
 def _moe_two_ranks(rank: int, world: int, work: str) -> dict:
     use_layout(ParallelConfig())
-    fresh_loss_trackers()
+    reset_loss_trackers()
     one = ParallelConfig()
     full = full_state(build_model_chunks(MOE_SMALL, transformer_config(MOE_SMALL, one), one))
     batches = my_batches(_batches(MICROBATCHES))

@@ -479,3 +479,14 @@ def test_norm_sums_run_once_per_stats_group(two):
 def test_mtp_on_the_last_pipeline_stage(two, depth, memory, mode):
     for rank_report in two:
         assert rank_report[f"pp2/mtp{depth}/{mode}/{memory}"] < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "asked", [dict(num_experts=4), dict(mtp_num_layers=1), dict(position_embedding_type="rope")]
+)
+def test_the_plain_pytorch_gpt_refuses_what_it_does_not_build(asked):
+    """The DeepSpeed entry point's dense decoder must not silently drop experts or MTP."""
+    from megatron_fsam.models.torch_gpt import TorchGPT
+
+    with pytest.raises(ValueError, match="dense Nanodo decoder"):
+        TorchGPT(dataclasses.replace(TINY, **asked))

@@ -251,11 +251,6 @@ class ShardBackend:
             total = partial if total is None else total + partial
         return total
 
-    def all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
-        """Sum partials over the ranks of the one stats group (diagnostics)."""
-        torch.distributed.all_reduce(sums, group=self.stats_group)
-        return sums
-
     def all_finite(self, grads: list[torch.Tensor], rank_shards: RankShards) -> bool:
         """Whether every rank's gradient shards are finite: one fused max-norm and one MAX
         all-reduce per stats group, one host sync."""

@@ -44,11 +44,31 @@ class _Block(nn.Module):
         return x + self.dropout(mlp)
 
 
+def _check_dense(cfg: GPTConfig) -> None:
+    """This decoder has no experts, MTP heads or rotary positions: refuse a config that asks."""
+    asked = [
+        name
+        for name, value in (
+            ("num_experts", cfg.num_experts),
+            ("mtp_num_layers", cfg.mtp_num_layers),
+            ("position_embedding_type", cfg.position_embedding_type != "learned_absolute"),
+        )
+        if value
+    ]
+    if asked:
+        raise ValueError(
+            f"TorchGPT (the DeepSpeed entry point's model) is the dense Nanodo decoder; it does "
+            f"not build {', '.join(asked)}: train mixture-of-experts / MTP / rope models with "
+            "launch/pretrain.py (megatron-core)"
+        )
+
+
 class TorchGPT(nn.Module):
     """Nanodo's decoder as one `nn.Module`; `seed` fixes the initial weights."""
 
     def __init__(self, cfg: GPTConfig, seed: int = 1234) -> None:
         super().__init__()
+        _check_dense(cfg)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.seq_length, cfg.hidden_size)
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
