@@ -19,6 +19,7 @@ from megatron_fsam.monitor import reset_loss_trackers
 from megatron_fsam.parallel import (
     ParallelConfig,
     build_optimizer,
+    forward_backward_func,
     initialize_distributed,
     wrap_model,
 )
@@ -269,3 +270,78 @@ def poisoned(model, calls_to_poison: range):
     finally:
         if handle is not None:
             handle.remove()
+
+
+def step_collectives(
+    parallel: ParallelConfig,
+    full: dict[str, torch.Tensor],
+    batches: list[dict],
+    configs: dict[str, SAMConfig],
+    model: GPTConfig = TINY,
+) -> dict[str, list[int]]:
+    """Per config, the sizes of the all-reduces one step issues outside its forward-backward
+    passes (Adam, fresh model from `full` each time)."""
+    sizes: dict[str, list[int]] = {}
+    original = torch.distributed.all_reduce
+    in_pass = [True]
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        if not in_pass[0]:
+            sizes[current].append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    def passes(**kwargs):
+        in_pass[0] = True
+        try:
+            return forward_backward_func()(**kwargs)
+        finally:
+            in_pass[0] = False
+
+    torch.distributed.all_reduce = counting_all_reduce
+    try:
+        for current, config in configs.items():
+            in_pass[0] = True  # construction is not part of the step
+            chunks, opt = build(parallel, full, ADAM, model=model)
+            sam = FuncSAM(config, chunks, opt, forward_backward_func=passes)
+            in_pass[0] = False
+            sizes[current] = []
+            sam_step(sam, batches)
+    finally:
+        torch.distributed.all_reduce = original
+    return sizes
+
+
+def beyond(sizes: list[int], baseline: list[int]) -> list[int]:
+    """`sizes` without one occurrence of each of `baseline`'s, sorted."""
+    extra = list(sizes)
+    for size in baseline:
+        extra.remove(size)
+    return sorted(extra)
+
+
+def plain_step(model: list, opt, batches: list[dict]) -> None:
+    """One plain Megatron step (no SAM) on this rank's share of `batches`."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    opt.zero_grad()
+    mine = my_batches(batches)
+    forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator(model, mine),
+        model=model,
+        num_microbatches=len(mine),
+        seq_length=TINY.seq_length,
+        micro_batch_size=MICRO_BATCH,
+        forward_only=False,
+    )
+    opt.step()
+
+
+def expert_biases(model: list) -> list[torch.Tensor]:
+    """Copies of the MoE routers' expert biases on this rank, in module order."""
+    return [
+        m.expert_bias.detach().clone()
+        for chunk in model
+        for m in chunk.modules()
+        if getattr(m, "expert_bias", None) is not None
+    ]

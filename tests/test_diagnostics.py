@@ -57,7 +57,7 @@ from megatron_fsam.parallel import (
     wrap_model,
 )
 from tests import reference
-from tests.sam_harness import my_batches, use_layout
+from tests.sam_harness import expert_biases, my_batches, use_layout
 from tests.spawn import run_ranks
 
 SMALL = GPTConfig(
@@ -522,16 +522,7 @@ def _moe_build(parallel: ParallelConfig, full: dict, model: GPTConfig = MOE_SMAL
     return wrapped, build_optimizer(wrapped, **optimizer)
 
 
-def _expert_biases(model) -> list[torch.Tensor]:
-    return [
-        m.expert_bias.detach().clone()
-        for chunk in model
-        for m in chunk.modules()
-        if getattr(m, "expert_bias", None) is not None
-    ]
-
-
-def _set_expert_biases(model) -> None:
+def _setexpert_biases(model) -> None:
     """A bias that changes routing, the same on every rank and in every layout."""
     routers = [
         m for chunk in model for m in chunk.modules() if getattr(m, "expert_bias", None) is not None
@@ -545,7 +536,7 @@ def _moe_diagnose(model, optimizer, batches: list) -> dict:
     schedule = dict(
         num_microbatches=len(batches), seq_length=SMALL.seq_length, micro_batch_size=MICRO_BATCH
     )
-    biases = _expert_biases(model)
+    biases = expert_biases(model)
     before, rng = _snapshot(model), torch.get_rng_state()
     out = {
         "taus": sharpness_composition(
@@ -562,7 +553,7 @@ def _moe_diagnose(model, optimizer, batches: list) -> dict:
         out["groups"] = len(shards.backend.stats_groups)
     out["untouched"] = _untouched(model, before, rng)
     out["bias_kept"] = all(
-        torch.equal(a, b) for a, b in zip(_expert_biases(model), biases, strict=True)
+        torch.equal(a, b) for a, b in zip(expert_biases(model), biases, strict=True)
     )
     out["bias_moves"] = any(b.abs().sum() > 0 for b in biases)
     return out
@@ -623,7 +614,7 @@ def _moe_two_ranks(rank: int, world: int, work: str) -> dict:
     for name, parallel in MOE_LAYOUTS.items():
         use_layout(parallel)
         model, optimizer = _moe_build(parallel, full)
-        _set_expert_biases(model)
+        _setexpert_biases(model)
         report[name] = _moe_diagnose(model, optimizer, batches)
     # A pass that back-propagates a chosen logit cotangent gives J^T c alone: GGN v is the
     # same with and without router losses, H v is not (it has their curvature). Two stats
@@ -632,7 +623,7 @@ def _moe_two_ranks(rank: int, world: int, work: str) -> dict:
     products = {}
     for label, model_cfg in (("with", MOE_SMALL), ("without", NO_ROUTER_LOSSES)):
         model, optimizer = _moe_build(MOE_LAYOUTS["ep2"], full, model_cfg)
-        _set_expert_biases(model)
+        _setexpert_biases(model)
         products[label] = _products_along_a_fixed_vector(model, optimizer, batches)
     report["router_losses"] = {}
     for key in ("hessian", "ggn"):

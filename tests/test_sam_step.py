@@ -16,27 +16,26 @@ from megatron.core.utils import get_model_config
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.backends.megatron import gather_params
 from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
-from megatron_fsam.models.gpt import forward_step
-from megatron_fsam.parallel import ParallelConfig, forward_backward_func
+from megatron_fsam.parallel import ParallelConfig
 from tests import reference
 from tests.sam_harness import (
     ADAM,
-    MICRO_BATCH,
     SGD,
-    TINY,
+    beyond,
     build,
-    data_iterator,
     model_is_cast_of_main,
     my_batches,
     one_process_model,
     optimizer_state,
     params_of,
+    plain_step,
     poisoned,
     received_gradients,
     relative_error,
     sam_config,
     sam_step,
     same,
+    step_collectives,
     use_layout,
 )
 from tests.spawn import run_ranks
@@ -100,57 +99,7 @@ def _check_skips(parallel, full, batches, *, bf16: bool) -> dict[str, bool]:
 
 def _plain_megatron(model, opt, batches, steps: int) -> None:
     for _ in range(steps):
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        opt.zero_grad()
-        mine = my_batches(batches)
-        forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data_iterator(model, mine),
-            model=model,
-            num_microbatches=len(mine),
-            seq_length=TINY.seq_length,
-            micro_batch_size=MICRO_BATCH,
-            forward_only=False,
-        )
-        opt.step()
-
-
-def _count_norm_collectives(parallel, full, batches) -> dict[str, list[int]]:
-    """Sizes of the all-reduces a step issues outside the forward-backward passes."""
-    sizes: dict[str, list[int]] = {}
-    original = torch.distributed.all_reduce
-    in_pass = [False]
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        if not in_pass[0]:
-            sizes[current].append(tensor.numel())
-        return original(tensor, *args, **kwargs)
-
-    def passes(**kwargs):
-        in_pass[0] = True
-        try:
-            return forward_backward_func()(**kwargs)
-        finally:
-            in_pass[0] = False
-
-    torch.distributed.all_reduce = counting_all_reduce
-    try:
-        for current, floor in (("adamw", 0.0), ("fsam", 0.0), ("fsam floor", 0.1)):
-            model, opt = build(parallel, full, ADAM)
-            in_pass[0] = True  # construction is not part of the step
-            sam = FuncSAM(
-                SAMConfig(mode=current.split()[0], rho=0.05, precond=True, precond_floor=floor),
-                model,
-                opt,
-                forward_backward_func=passes,
-            )
-            in_pass[0] = False
-            sizes[current] = []
-            sam_step(sam, batches)
-    finally:
-        torch.distributed.all_reduce = original
-    return sizes
+        plain_step(model, opt, batches)
 
 
 def _single_process(rank: int, world: int, path: str) -> dict:
@@ -205,7 +154,15 @@ def _single_process(rank: int, world: int, path: str) -> dict:
 
     report["skip/fp32"] = _check_skips(parallel, full, batches, bf16=False)
     report["skip/bf16"] = _check_skips(parallel, full, batches, bf16=True)
-    report["collectives"] = _count_norm_collectives(parallel, full, batches)
+    report["collectives"] = step_collectives(
+        parallel,
+        full,
+        batches,
+        {
+            name: SAMConfig(mode=name.split()[0], rho=0.05, precond=True, precond_floor=floor)
+            for name, floor in (("adamw", 0.0), ("fsam", 0.0), ("fsam floor", 0.1))
+        },
+    )
 
     model, opt = build(parallel, full, SGD)
     report["offload_reaches_gate"] = FuncSAM(
@@ -325,16 +282,10 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(single, dtype):
 
 def test_one_all_reduce_for_the_norm_sums(single):
     sizes = single[1]["collectives"]
-    extra = list(sizes["fsam"])
-    for size in sizes["adamw"]:
-        extra.remove(size)
     # One 3-vector (the norm sums) and the pass-2 finiteness flag; nothing else.
-    assert sorted(extra) == [1, 3], sizes
+    assert beyond(sizes["fsam"], sizes["adamw"]) == [1, 3], sizes
     # The precond floor adds one 2-vector (the RMS of sqrt(v_hat)).
-    floored = list(sizes["fsam floor"])
-    for size in sizes["adamw"]:
-        floored.remove(size)
-    assert sorted(floored) == [1, 2, 3], sizes
+    assert beyond(sizes["fsam floor"], sizes["adamw"]) == [1, 2, 3], sizes
 
 
 def test_cotangent_offload_setting_reaches_the_gate(single):
