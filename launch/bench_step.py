@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from megatron_fsam import FuncSAM, SAMConfig, enable_cpu_emulation
+from megatron_fsam.backends.megatron import reset_loss_trackers
 from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
-from megatron_fsam.monitor import reset_loss_trackers
 from megatron_fsam.parallel import (
     ParallelConfig,
     build_optimizer,

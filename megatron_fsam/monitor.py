@@ -9,6 +9,7 @@ import time
 import torch
 from megatron.core import parallel_state
 
+from megatron_fsam.backends.megatron import loss_trackers
 from megatron_fsam.backends.shards import ShardBackend
 
 
@@ -48,7 +49,7 @@ class UpdateNorm:
         rank_shards = self.backend.shards(False)  # theta now (copies refreshed where aliased)
         thetas, counted = rank_shards.all.thetas, rank_shards.all.counted
         partials = []
-        for indices in rank_shards.by_group(len(self.backend.stats_groups)):
+        for indices in rank_shards.members:
             mine = [i for i in indices if counted[i]]
             deltas = [thetas[i] - self._before[i] for i in mine]
             before = [self._before[i] for i in mine]
@@ -119,46 +120,11 @@ class SideLosses:
 
 
 def _tracked(copy: bool = True) -> dict[str, tuple]:
-    """megatron-core's loss trackers: name -> (per-layer values, reduce group, average group,
-    whether to average over data-parallel ranks); "mtp" for the MTP losses."""
-    out: dict[str, tuple] = {}
-    try:  # megatron-core >= 0.17
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-
-        for name, e in get_moe_metrics_tracker().metrics.items():
-            out[name] = (e.values, e.reduce_group, e.avg_group, e.needs_dp_avg)
-    except ImportError:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        for name, e in get_moe_layer_wise_logging_tracker().items():
-            dp_average = not e.get("reduce_group_has_dp", False)
-            out[name] = (e["values"], e.get("reduce_group"), e.get("avg_group"), dp_average)
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
-    mtp = MTPLossLoggingHelper.tracker
-    values = mtp.get("loss_values", mtp.get("values"))  # megatron-core 0.19 / 0.16
-    if values is not None:
-        out["mtp"] = (values, mtp.get("reduce_group"), mtp.get("avg_group"), False)
+    """`loss_trackers()`, the values copied (a snapshot) unless `copy` is False."""
+    tracked = loss_trackers()
     if copy:
-        out = {k: (v[0].detach().clone(), *v[1:]) for k, v in out.items()}
-    return out
-
-
-def reset_loss_trackers() -> None:
-    """Forget megatron-core's process-wide router- and MTP-loss trackers: they are sized by
-    the first model's depth, so a process that builds a second model of another depth (or
-    with more MTP layers) must start them afresh."""
-    try:  # megatron-core >= 0.17
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-
-        get_moe_metrics_tracker().metrics.clear()
-    except ImportError:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        get_moe_layer_wise_logging_tracker().clear()
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
-    MTPLossLoggingHelper.tracker.clear()
+        tracked = {k: (v[0].detach().clone(), *v[1:]) for k, v in tracked.items()}
+    return tracked
 
 
 def _sum(values: torch.Tensor, group) -> None:

@@ -13,9 +13,9 @@ from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.utils import unwrap_model
 
 from megatron_fsam import FuncSAM, SAMConfig
+from megatron_fsam.backends.megatron import reset_loss_trackers
 from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
 from megatron_fsam.models.weights import full_state, global_param_names, load_full_state, tp_slice
-from megatron_fsam.monitor import reset_loss_trackers
 from megatron_fsam.parallel import (
     ParallelConfig,
     build_optimizer,

@@ -30,6 +30,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
+from megatron_fsam.backends.megatron import reset_loss_trackers
 from megatron_fsam.diagnostics import (
     GradientProbe,
     ModelShards,
@@ -49,7 +50,6 @@ from megatron_fsam.models.gpt import (
     transformer_config,
 )
 from megatron_fsam.models.weights import full_state, global_param_names, load_full_state
-from megatron_fsam.monitor import reset_loss_trackers
 from megatron_fsam.parallel import (
     ParallelConfig,
     build_optimizer,

@@ -223,16 +223,38 @@ class LoggedLosses:
 
 
 def _logging_tensors() -> list[torch.Tensor]:
-    """The tensors of megatron-core's router-loss tracker (0.19: `get_moe_metrics_tracker`,
-    0.16: a dict per loss) and of its MTP-loss tracker."""
-    if hasattr(moe_utils, "get_moe_metrics_tracker"):
-        entries = [entry.values for entry in moe_utils.get_moe_metrics_tracker().metrics.values()]
+    """Every tensor of megatron-core's router-loss and MTP-loss trackers."""
+    moe = [values for name, (values, *_) in loss_trackers().items() if name != "mtp"]
+    return moe + [t for t in MTPLossLoggingHelper.tracker.values() if torch.is_tensor(t)]
+
+
+def loss_trackers() -> dict[str, tuple]:
+    """megatron-core's process-wide trackers of the losses it logs beside the language-model
+    loss: name -> (per-layer values, reduce group, average group, whether to average over
+    data-parallel ranks); "mtp" for the multi-token-prediction losses."""
+    out: dict[str, tuple] = {}
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):  # megatron-core >= 0.17
+        for name, e in moe_utils.get_moe_metrics_tracker().metrics.items():
+            out[name] = (e.values, e.reduce_group, e.avg_group, e.needs_dp_avg)
     else:
-        entries = [
-            entry.get("values") for entry in moe_utils.get_moe_layer_wise_logging_tracker().values()
-        ]
-    entries += list(MTPLossLoggingHelper.tracker.values())
-    return [t for t in entries if torch.is_tensor(t)]
+        for name, e in moe_utils.get_moe_layer_wise_logging_tracker().items():
+            dp_average = not e.get("reduce_group_has_dp", False)
+            out[name] = (e["values"], e.get("reduce_group"), e.get("avg_group"), dp_average)
+    mtp = MTPLossLoggingHelper.tracker
+    values = mtp.get("loss_values", mtp.get("values"))  # megatron-core 0.19 / 0.16
+    if values is not None:
+        out["mtp"] = (values, mtp.get("reduce_group"), mtp.get("avg_group"), False)
+    return out
+
+
+def reset_loss_trackers() -> None:
+    """Forget megatron-core's loss trackers: they are sized by the first model's depth, so a
+    process that builds a second model of another depth (or more MTP layers) starts afresh."""
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):  # megatron-core >= 0.17
+        moe_utils.get_moe_metrics_tracker().metrics.clear()
+    else:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    MTPLossLoggingHelper.tracker.clear()
 
 
 @dataclass

@@ -11,9 +11,8 @@ Each shard's sums are reduced over its `stats_group`: the ranks that together ho
 coordinate of its sub-optimizer once. Most layouts have one such group; a mixture-of-experts
 model without the distributed optimizer has two (dense params over the model-parallel ranks,
 experts over the expert-model-parallel ranks, as Megatron reduces their grad norms). Every
-collective then runs once per distinct group, in the same
-order on every rank, and the per-group totals are added: each coordinate of the model counts
-exactly once.
+collective then runs once per distinct group, in the same order on every rank, and the
+per-group totals are added: each coordinate of the model counts exactly once.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from typing import Protocol
 import torch
 
 from megatron_fsam.kernels import Kernels, Shards
+from megatron_fsam.kernels.concentration import summed_over_groups
 from megatron_fsam.perturbation import NormSums
 
 logger = logging.getLogger("megatron_fsam")
@@ -88,14 +88,8 @@ class RankShards:
     all: Shards
     aliased: Shards
     spans: list[ParamSpan]
-    group_of: list[int]
-
-    def by_group(self, count: int) -> list[list[int]]:
-        """The indices of the shards of each of `count` stats groups."""
-        members: list[list[int]] = [[] for _ in range(count)]
-        for index, group in enumerate(self.group_of):
-            members[group].append(index)
-        return members
+    group_of: list[int]  # each shard's stats group
+    members: list[list[int]]  # the shards of each stats group
 
 
 class ShardBackend:
@@ -170,8 +164,7 @@ class ShardBackend:
         if precondition:
             real = self._attach_second_moments(shards, entries)
             shards.precond_floor = (
-                relative_floor
-                * self._rms_sqrt_v(shards, real, rank_shards.by_group(len(self.stats_groups)))
+                relative_floor * self._rms_sqrt_v(shards, real, rank_shards.members)
                 if relative_floor
                 else 0.0
             )
@@ -209,7 +202,12 @@ class ShardBackend:
         )
         spans = [e.span for e in entries]
         group_of = [e.stats_group for e in entries]
-        return RankShards(all=shards, aliased=aliased, spans=spans, group_of=group_of), entries
+        members = [
+            [i for i, group in enumerate(group_of) if group == g]
+            for g in range(len(self.stats_groups))
+        ]
+        rank_shards = RankShards(shards, aliased, spans, group_of, members)
+        return rank_shards, entries
 
     # ----- collectives ----------------------------------------------------------------
 
@@ -224,13 +222,13 @@ class ShardBackend:
             )
         return self.stats_groups[0]
 
-    def parts(self, rank_shards: RankShards, shards: Shards | None = None) -> list[tuple]:
+    def parts(self, rank_shards: RankShards) -> list[tuple]:
         """(the shards of one stats group, that group) for each group, in order."""
-        shards = shards if shards is not None else rank_shards.all
-        members = rank_shards.by_group(len(self.stats_groups))
+        if len(self.stats_groups) == 1:  # all of them: no subset to build at every step
+            return [(rank_shards.all, self.stats_groups[0])]
         return [
-            (shards.subset(indices), group)
-            for indices, group in zip(members, self.stats_groups, strict=True)
+            (rank_shards.all.subset(indices), group)
+            for indices, group in zip(rank_shards.members, self.stats_groups, strict=True)
         ]
 
     def reduced_norm_sums(self, kernels: Kernels, rank_shards: RankShards) -> NormSums:
@@ -245,17 +243,13 @@ class ShardBackend:
 
     def sum_over_groups(self, partials: list[torch.Tensor]) -> torch.Tensor:
         """Each stats group's partial sums, summed over its ranks, then added together."""
-        total = None
-        for partial, group in zip(partials, self.stats_groups, strict=True):
-            torch.distributed.all_reduce(partial, group=group)
-            total = partial if total is None else total + partial
-        return total
+        return summed_over_groups(partials, self.stats_groups)
 
     def all_finite(self, grads: list[torch.Tensor], rank_shards: RankShards) -> bool:
         """Whether every rank's gradient shards are finite: one fused max-norm and one MAX
         all-reduce per stats group, one host sync."""
         found = []
-        for indices in rank_shards.by_group(len(self.stats_groups)):
+        for indices in rank_shards.members:
             flag = torch.zeros(1, dtype=torch.float32, device=self.device)
             if indices:
                 largest = torch.stack(
@@ -269,14 +263,12 @@ class ShardBackend:
 
     # ----- second moments -------------------------------------------------------------
 
-    def _rms_sqrt_v(
-        self, shards: Shards, real: list[int], group_of_shards: list[list[int]]
-    ) -> float:
+    def _rms_sqrt_v(self, shards: Shards, real: list[int], members: list[list[int]]) -> float:
         """sqrt(mean v_hat) over the counted coordinates of the whole model that have Adam
         state (the root-mean-square of sqrt(v_hat)): one all-reduce."""
         real_set = set(real)
         partials = []
-        for indices in group_of_shards:
+        for indices in members:
             counted = [
                 i
                 for i in indices

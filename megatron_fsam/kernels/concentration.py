@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_fsam.kernels import torch_ops
 from megatron_fsam.kernels.shards import Shards
 
-__all__ = ["top_share", "grouped_top_share"]
+__all__ = ["top_share", "grouped_top_share", "summed_over_groups"]
 
 Part = tuple[Shards, "dist.ProcessGroup | None"]
 
@@ -62,7 +62,7 @@ def grouped_top_share(
         sum(shards.grads[i].numel() for i in range(len(shards)) if shards.counted[i])
         for shards, _ in parts
     ]
-    n_global = int(_summed([torch.tensor(n, device=device) for n in n_locals], groups))
+    n_global = int(summed_over_groups([torch.tensor(n, device=device) for n in n_locals], groups))
     if n_global == 0:
         return 0.0
     k = math.ceil(fraction * n_global)
@@ -71,7 +71,7 @@ def grouped_top_share(
         for (shards, _), n in zip(parts, n_locals, strict=True)
     ]
     tops, local_totals = [top for top, _ in local], [total for _, total in local]
-    total = float(_summed(local_totals, groups))
+    total = float(summed_over_groups(local_totals, groups))
     if total == 0.0:
         return 0.0
     if not math.isfinite(total):
@@ -81,7 +81,7 @@ def grouped_top_share(
     for top in tops:
         above = top[top > threshold].double()
         sums.append(torch.stack((above.sum(), above.new_tensor(above.numel()))))
-    above_sum, above_count = _summed(sums, groups).tolist()
+    above_sum, above_count = summed_over_groups(sums, groups).tolist()
     # Values tied with the k-th largest fill the top k up to k.
     return (above_sum + (k - above_count) * threshold) / total
 
@@ -105,14 +105,14 @@ def _kth_largest(tops: list[torch.Tensor], k: int, groups: list) -> float:
     low, high = 0, _INF_BITS  # at least k values >= low; fewer than k >= high (all finite)
     while high - low > 1:
         middle = (low + high) // 2
-        count = _summed([(b >= middle).sum() for b in bits], groups)
+        count = summed_over_groups([(b >= middle).sum() for b in bits], groups)
         low, high = (middle, high) if int(count) >= k else (low, middle)
     return torch.tensor(low, dtype=torch.int32).view(torch.float32).item()
 
 
-def _summed(tensors: list[torch.Tensor], groups: list) -> torch.Tensor:
-    """Each tensor summed over the ranks of its group, then added; local when not
-    distributed."""
+def summed_over_groups(tensors: list[torch.Tensor], groups: list) -> torch.Tensor:
+    """Each tensor summed over the ranks of its group (in place), then added; local when not
+    distributed. Every rank calls it with the groups in the same order."""
     distributed = dist.is_available() and dist.is_initialized()
     total = None
     for tensor, group in zip(tensors, groups, strict=True):
