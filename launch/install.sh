@@ -15,4 +15,4 @@ fi
 if [[ -n "${MEGATRON_CORE:-}" ]] && ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet "$MEGATRON_CORE"
 fi
-DS_BUILD_OPS=0 "$PYTHON" -m pip install --quiet -e ".[train,kernels,megatron-lm,test]"
+DS_BUILD_OPS=0 "$PYTHON" -m pip install --quiet -e ".[train,kernels,megatron-lm,hf,test]"

@@ -66,6 +66,7 @@ class ShardEntry:
     counted: bool = True
     state_range: tuple[int, int] | None = None
     stats_group: int = 0  # index into the backend's stats_groups
+    param_group: dict | None = None  # inner's param group (None: the one that lists `main`)
 
     @property
     def theta(self) -> torch.Tensor:
@@ -298,7 +299,7 @@ class ShardBackend:
             for p in g["params"]
         }
         for entry in entries:
-            group = group_of[id(entry.main)]
+            group = entry.param_group or group_of[id(entry.main)]
             state = entry.inner.state.get(entry.main, {})
             step = _adam_step(state, group)
             if step == 0 or "exp_avg_sq" not in state:

@@ -11,6 +11,7 @@ megatron-core's GPTModel does.
 from __future__ import annotations
 
 import zlib
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +105,22 @@ class TorchGPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, hidden_size: int, seed: int) -> None:
-        """Nanodo's initialisation, each tensor drawn from (seed, its name) as in gpt.py."""
+        """Nanodo's initialisation, each tensor drawn from (seed, its name) as in gpt.py; also
+        when built under DeepSpeed's `zero.Init`, which partitions each param as it is made."""
         for name, param in self.named_parameters():
-            generator = torch.Generator(device=param.device)
-            generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            param.copy_(init_tensor(name, param.shape, hidden_size, generator, param.device))
+            with _gathered(param):
+                generator = torch.Generator(device=param.device)
+                generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                param.copy_(init_tensor(name, param.shape, hidden_size, generator, param.device))
+
+
+def _gathered(param: nn.Parameter) -> AbstractContextManager:
+    """The full param while it is written, for a param partitioned by ZeRO-3's `zero.Init`."""
+    if not hasattr(param, "ds_id"):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
 
 def micro_batch_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
