@@ -14,11 +14,17 @@ whose cotangent is a constant: their gradient A(params) is taken separately (meg
 autoscaler injects it; it is switched off everywhere else), and enters every mode as the
 paper's formulas give it for such a term: sam and fsam A(theta + eps), ANGLE-SAM
 cos(phi) A(theta + eps) + (1 - cos(phi)) A(theta).
+
+Hugging Face `transformers` causal LMs are called with keywords (`input_ids`, `position_ids`)
+and give their logits as `.logits`; `logits_at` is the one place that tells them apart. A tied
+lm_head / embedding is one parameter: its name appears once in `named_parameters()`, and
+`functional_call` (tie_weights=True) substitutes the one tensor everywhere it is used.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -31,8 +37,18 @@ Params = dict[str, torch.Tensor]
 
 
 def logits_at(model: torch.nn.Module, params: Params, batch: dict) -> torch.Tensor:
-    """[b, s, V] logits of an unwrapped single-process Megatron GPTModel."""
+    """[b, s, V] logits of an unwrapped single-process Megatron GPTModel (or TorchGPT), or of
+    a Hugging Face causal LM."""
+    if _is_hf(model):
+        inputs = {"input_ids": batch["tokens"], "position_ids": batch["position_ids"]}
+        return functional_call(model, params, (), inputs).logits
     return functional_call(model, params, (batch["tokens"], batch["position_ids"], None))
+
+
+def _is_hf(model: torch.nn.Module) -> bool:
+    """A `transformers` model (which is only built where transformers is imported already)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def loss_of_logits(logits: torch.Tensor, batch: dict, num_microbatches: int) -> torch.Tensor:
