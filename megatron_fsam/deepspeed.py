@@ -1,4 +1,4 @@
-"""SAM / Func-SAM on a DeepSpeed engine (ZeRO stages 0, 1 and 2).
+"""SAM / Func-SAM on a DeepSpeed engine (ZeRO stages 0 to 3).
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=..., config=ds_config)
     sam = megatron_fsam.deepspeed.FuncSAM(SAMConfig(mode="fsam", precond=True), engine)
@@ -12,6 +12,10 @@ boundary on the last micro-batch of each pass so that the engine reduces (ZeRO: 
 scatters) the gradients once per pass, and calls `engine.step()` once: DeepSpeed's gradient
 clipping, optimizer and LR scheduler act on the SAM gradient. The logit gate sits on the
 module named `lm_head` or `output_layer` (or `SAMConfig.logits_module`).
+
+Checkpoints: after `train_step` the engine holds theta (never theta + eps) at every stage, so
+`engine.save_checkpoint(dir, client_state={"sam": sam.state_dict()})` saves a resumable state;
+after `engine.load_checkpoint(dir)`, `sam.load_state_dict(client_state["sam"])`.
 """
 
 from __future__ import annotations
