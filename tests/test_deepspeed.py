@@ -59,9 +59,11 @@ CASES = {
     "zero1": Case(1),
     "zero2": Case(2),
     # ZeRO-3 keeps params under stage3_param_persistence_threshold (by default every param of
-    # the tiny model) whole on every rank besides their partitions; 0 partitions them all.
+    # the tiny model) whole on every rank besides their partitions; 0 partitions them all,
+    # 100 only the layer norms.
     "zero3": Case(3),
     "zero3 persistence 0": Case(3, (("stage3_param_persistence_threshold", 0),)),
+    "zero3 persistence 100": Case(3, (("stage3_param_persistence_threshold", 100),)),
     "zero3 zero.Init": Case(3, zero_init=True),
     "zero3 persistence 0 zero.Init": Case(3, (("stage3_param_persistence_threshold", 0),), True),
 }
