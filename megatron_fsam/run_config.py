@@ -16,6 +16,12 @@ Mixture of experts (``model.num_experts`` and the ``model.moe_*`` keys, with
 ``parallel.expert_parallel`` / ``expert_tensor_parallel``) and multi-token prediction
 (``model.mtp_num_layers``) are checked here too, so that megatron-core never meets a
 combination it would reject deep inside model construction or, worse, in the first forward.
+
+``model.family`` names the architecture: "nanodo" (the default; megatron-core's GPTModel, or
+TorchGPT on DeepSpeed) or a Hugging Face causal LM built from the model section, "llama" or
+"gpt2"; ``model.hf_config`` (a transformers config JSON) builds any causal LM instead. Hugging
+Face models train through launch/pretrain_deepspeed.py only (``validate_layout``, the Megatron
+check, refuses them).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ LR_DECAY_STYLES = ("cosine", "linear", "constant")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("alltoall", "allgather")  # "flex" needs DeepEP / HybridEP (GPU only)
+FAMILIES = ("nanodo", "llama", "gpt2")
 
 
 class ConfigError(ValueError):
@@ -192,6 +199,7 @@ class RunConfig:
             )
         _validate_moe(m)
         _validate_mtp(m)
+        _validate_family(m)
         _positive("data.seq_length", self.data.seq_length)
         if self.data.seq_length > m.seq_length:
             raise ConfigError(
@@ -323,12 +331,56 @@ def _validate_mtp(m: GPTConfig) -> None:
         )
 
 
+def _validate_family(m: GPTConfig) -> None:
+    """model.family / model.hf_config: the Hugging Face models are dense, built as named."""
+    if m.family not in FAMILIES:
+        raise ConfigError(f"model.family must be one of {FAMILIES}, got {m.family!r}")
+    if m.hf_config is not None and m.family != "nanodo":
+        raise ConfigError(
+            f"model.family {m.family!r} and model.hf_config both name the architecture: set "
+            "one (with model.hf_config, the JSON's model_type is the family)"
+        )
+    if m.hf_config is not None and not m.hf_config.strip():
+        raise ConfigError("model.hf_config must be the path of a transformers config JSON")
+    if not is_hugging_face(m):
+        return
+    which = "model.hf_config" if m.hf_config is not None else f"model.family {m.family!r}"
+    for name in ("num_experts", "mtp_num_layers"):
+        if getattr(m, name) is not None:
+            raise ConfigError(
+                f"model.{name} is set, but {which} builds a dense Hugging Face model: mixture "
+                "of experts and multi-token prediction are the megatron-core Nanodo model's "
+                "(model.family: nanodo, launch/pretrain.py)"
+            )
+    if m.family == "gpt2" and m.position_embedding_type != "learned_absolute":
+        raise ConfigError(
+            f"model.position_embedding_type {m.position_embedding_type!r}: GPT-2 has learned "
+            "absolute positions (model.family 'llama' has rotary ones)"
+        )
+    if m.family == "llama" and m.hidden_dropout:
+        raise ConfigError(
+            f"model.hidden_dropout {m.hidden_dropout}: LlamaForCausalLM has no hidden dropout "
+            "(only model.attention_dropout); set it to 0"
+        )
+
+
+def is_hugging_face(model: GPTConfig) -> bool:
+    """Whether the model section names a Hugging Face model (a family other than nanodo, or
+    a transformers config JSON)."""
+    return model.family != "nanodo" or model.hf_config is not None
+
+
 def _layer_params(model: GPTConfig, *, active: bool = False) -> int:
     """One transformer layer: attention 4 D^2, two LayerNorms 2 D, and the MLP (dense 2 D F;
     mixture of experts: the router E D plus E experts of 2 D F_moe each, or, with `active`,
-    the top-k experts one token passes through)."""
+    the top-k experts one token passes through). Llama: a SwiGLU MLP 3 D F and two RMSNorms;
+    GPT-2: biases on every linear layer (3 D + D + F + D) and LayerNorms with biases (4 D)."""
     d = model.hidden_size
     f = model.ffn_hidden_size or 4 * d
+    if model.family == "llama":
+        return 4 * d * d + 3 * d * f + 2 * d
+    if model.family == "gpt2":
+        return 4 * d * d + 2 * d * f + f + 9 * d
     if model.num_experts is None:
         mlp = 2 * d * f
     else:
@@ -346,19 +398,30 @@ def non_embedding_params(model: GPTConfig, *, active: bool = False) -> int:
     full); each multi-token-prediction layer adds a layer, its input projection 2 D^2 and
     three LayerNorms 3 D (Chinchilla-style ``tokens_per_param`` uses the total).
     """
+    if model.hf_config is not None:
+        raise ConfigError(
+            "the parameter count of a model.hf_config model is known once it is built; set "
+            "train.train_steps instead of train.tokens_per_param"
+        )
     d = model.hidden_size
     layer = _layer_params(model, active=active)
     mtp = (model.mtp_num_layers or 0) * (layer + 2 * d * d + 3 * d)
-    return model.num_layers * layer + d + mtp
+    final_norm = 2 * d if model.family == "gpt2" else d  # GPT-2's ln_f has a bias
+    return model.num_layers * layer + final_norm + mtp
 
 
 def embedding_params(model: GPTConfig) -> int:
     """Tied token embedding V D (also the output layer) plus learned positions S D (none
-    with rope)."""
+    with rope, or for Llama, whose positions are rotary)."""
     if model.vocab_size == AUTO_VOCAB:
         raise ConfigError("model.vocab_size is 'auto': resolve it from the tokenizer first")
+    if model.hf_config is not None:
+        raise ConfigError("the parameter count of a model.hf_config model is known once built")
     tables = 1 if model.tie_embeddings else 2  # input embedding (and output projection)
-    positions = model.seq_length if model.position_embedding_type == "learned_absolute" else 0
+    learned = model.family == "gpt2" or (
+        model.family == "nanodo" and model.position_embedding_type == "learned_absolute"
+    )
+    positions = model.seq_length if learned else 0
     return (tables * model.vocab_size + positions) * model.hidden_size
 
 
@@ -378,6 +441,12 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     """Check that the run fits ``world_size`` ranks as Megatron requires; return the DP size."""
     cfg.validate()
     p, m, t = cfg.parallel, cfg.model, cfg.train
+    if is_hugging_face(m):
+        which = "model.hf_config" if m.hf_config is not None else f"model.family {m.family!r}"
+        raise ConfigError(
+            f"{which} is a Hugging Face model, trained by launch/pretrain_deepspeed.py; "
+            "megatron-core (launch/pretrain.py) builds the Nanodo model only (model.family: nanodo)"
+        )
     tp, pp, vp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline or 1
     if tp < 1 or pp < 1 or vp < 1:
         raise ConfigError(f"parallel sizes must be >= 1, got TP={tp} PP={pp} virtual={vp}")

@@ -504,3 +504,86 @@ def test_expert_layouts_that_fit():
         "parallel.expert_tensor_parallel=1",
     )
     assert validate_layout(tp_ep, 2) == 1  # DP 1; experts over the two TP ranks instead
+
+
+# ----- Hugging Face models (model.family, model.hf_config) ----------------------------------
+
+
+def test_model_family_defaults_to_nanodo():
+    cfg = _tiny()
+    assert (cfg.model.family, cfg.model.hf_config) == ("nanodo", None)
+    llama = _tiny("model.family=llama", "model.tie_embeddings=false")
+    assert (llama.model.family, llama.model.tie_embeddings) == ("llama", False)
+    assert _tiny("model.hf_config=configs/llama.json").model.hf_config == "configs/llama.json"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.family=mistral"], "model.family must be one of ('nanodo', 'llama', 'gpt2')"),
+        (["model.family=3"], "model.family must be str, got int 3"),
+        (
+            ["model.family=llama", "model.hf_config=llama.json"],
+            "model.family 'llama' and model.hf_config both name the architecture",
+        ),
+        (["model.hf_config=' '"], "model.hf_config must be the path of a transformers config"),
+        (
+            ["model.family=llama", "model.num_experts=4"],
+            "model.num_experts is set, but model.family 'llama' builds a dense Hugging Face",
+        ),
+        (
+            ["model.hf_config=x.json", "model.mtp_num_layers=1"],
+            "model.mtp_num_layers is set, but model.hf_config builds a dense Hugging Face",
+        ),
+        (
+            ["model.family=gpt2", "model.position_embedding_type=rope"],
+            "GPT-2 has learned absolute positions",
+        ),
+        (
+            ["model.family=llama", "model.hidden_dropout=0.1"],
+            "LlamaForCausalLM has no hidden dropout",
+        ),
+        (
+            ["model.hf_config=x.json", "train.train_steps=null", "train.tokens_per_param=20"],
+            "set train.train_steps instead of train.tokens_per_param",
+        ),
+    ],
+)
+def test_model_family_mistakes_give_one_line_errors(overrides: list[str], expected: str):
+    assert expected in _one_line_error(TINY, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, which",
+    [
+        (["model.family=llama"], "model.family 'llama'"),
+        (["model.hf_config=x.json"], "model.hf_config"),
+    ],
+)
+def test_megatron_refuses_hugging_face_models(overrides: list[str], which: str):
+    error = _layout_error(_tiny(*overrides), 2)
+    assert error == (
+        f"{which} is a Hugging Face model, trained by launch/pretrain_deepspeed.py; megatron-core "
+        "(launch/pretrain.py) builds the Nanodo model only (model.family: nanodo)"
+    )
+
+
+def test_hugging_face_parameter_counts():
+    """Llama: SwiGLU MLP 3 D F, two RMSNorms, rotary positions; GPT-2: biases everywhere,
+    LayerNorms with biases, learned positions. The totals are the built models' (the launcher
+    logs 65,696 and 42,880 for tiny_test; tests/test_pretrain_deepspeed.py counts them)."""
+    d, f, v, s = 32, 128, 512, 32
+    llama = _tiny("model.family=llama", "model.tie_embeddings=false")
+    resolve_vocab_size(llama, 500, 512)
+    assert non_embedding_params(llama.model) == 2 * (4 * d * d + 3 * d * f + 2 * d) + d
+    assert embedding_params(llama.model) == 2 * v * d
+    assert non_embedding_params(llama.model) + embedding_params(llama.model) == 65_696
+    gpt2 = _tiny("model.family=gpt2")
+    resolve_vocab_size(gpt2, 500, 512)
+    layer = 4 * d * d + 3 * d + d + 2 * d * f + f + d + 4 * d  # weights, biases, 2 LayerNorms
+    assert non_embedding_params(gpt2.model) == 2 * layer + 2 * d
+    assert embedding_params(gpt2.model) == (v + s) * d
+    assert non_embedding_params(gpt2.model) + embedding_params(gpt2.model) == 42_880
+    from_json = _tiny("model.hf_config=x.json")
+    with pytest.raises(ConfigError, match="known once it is built"):
+        non_embedding_params(from_json.model)

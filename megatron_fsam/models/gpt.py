@@ -80,6 +80,13 @@ class GPTConfig:
     # Multi-token prediction: extra heads predicting tokens 2..1+mtp_num_layers ahead.
     mtp_num_layers: int | None = None
     mtp_loss_scaling_factor: float = 0.1
+    # The architecture the DeepSpeed entry point builds: "nanodo" (this decoder; TorchGPT on
+    # DeepSpeed), or a Hugging Face causal LM built from these fields, "llama"
+    # (LlamaForCausalLM) or "gpt2" (GPT2LMHeadModel); megatron-core builds "nanodo" only.
+    family: str = "nanodo"
+    # A transformers config JSON (any causal-LM model_type) instead of a family: the JSON
+    # gives the architecture, the fields above its shape where the JSON leaves it out.
+    hf_config: str | None = None
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
