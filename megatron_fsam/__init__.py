@@ -1,5 +1,6 @@
 """megatron_fsam: Functional-SAM and preconditioned SAM for Megatron-core pretraining
-(`FuncSAM`) and DeepSpeed engines (`megatron_fsam.deepspeed.FuncSAM`)."""
+(`FuncSAM`), DeepSpeed engines (`megatron_fsam.deepspeed.FuncSAM`) and plain PyTorch loops
+(`megatron_fsam.pytorch.FuncSAM`)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from megatron_fsam.kernels import Kernels, Shards
 from megatron_fsam.kernels.concentration import summed_over_groups
@@ -70,7 +71,7 @@ class ShardEntry:
 
     @property
     def theta(self) -> torch.Tensor:
-        flat = self.main.detach().view(-1)
+        flat = local(self.main).detach().view(-1)
         return flat if self.state_range is None else flat[slice(*self.state_range)]
 
     @property
@@ -258,8 +259,9 @@ class ShardBackend:
                 )
                 flag = (~torch.isfinite(largest.max())).float().view(1).to(self.device)
             found.append(flag)
-        for flag, group in zip(found, self.stats_groups, strict=True):
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for flag, group in zip(found, self.stats_groups, strict=True):
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         return torch.cat(found).max().item() == 0.0
 
     # ----- second moments -------------------------------------------------------------
@@ -338,7 +340,12 @@ def _second_moment(inner: torch.optim.Optimizer, main: torch.Tensor, state: dict
     """exp_avg_sq in fp32; TE's FusedAdam may store it scaled in low precision."""
     if hasattr(inner, "get_unscaled_state"):
         return inner.get_unscaled_state(main, "exp_avg_sq")
-    return state["exp_avg_sq"]
+    return local(state["exp_avg_sq"])
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's params, gradients and optimizer state)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 _logged: set[str] = set()

@@ -20,25 +20,19 @@ after `engine.load_checkpoint(dir)`, `sam.load_state_dict(client_state["sam"])`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
-
-import torch
-
 from megatron_fsam.backends.deepspeed import DeepSpeedBackend
 from megatron_fsam.config import SAMConfig
-from megatron_fsam.step import LossCapture, SAMStep
+from megatron_fsam.integrations.microbatches import Forward, MicrobatchSAM
 
 LOGITS_MODULES = ("lm_head", "output_layer")
-Forward = Callable[[Any, Any], torch.Tensor]
 
 
-class FuncSAM(SAMStep):
+class FuncSAM(MicrobatchSAM):
     """The SAM step around a DeepSpeed engine built by `deepspeed.initialize`."""
 
     def __init__(self, config: SAMConfig, engine) -> None:
         config.validate()
-        self.engine = engine
+        self.engine = self.model = engine
         backend = DeepSpeedBackend(engine)
         if config.precond and config.sam_enabled:
             backend.check_second_moments()
@@ -47,13 +41,7 @@ class FuncSAM(SAMStep):
         )
         self.metrics: dict[str, float | None] = {}
 
-    def train_step(
-        self, batches: Sequence[Any], forward: Forward, *, log_step: bool = False
-    ) -> float | None:
-        """One optimizer step over `batches` (this rank's gradient-accumulation micro-batches);
-        returns the mean clean (pass-1) loss. `forward(engine, batch)` returns a micro-batch's
-        loss. The step's metrics are in `self.metrics` (`log_step` adds eps_top_share)."""
-        batches = list(batches)
+    def _check_batches(self, batches: list) -> None:
         accumulation = self.engine.gradient_accumulation_steps()
         if len(batches) != accumulation:
             raise ValueError(
@@ -61,14 +49,10 @@ class FuncSAM(SAMStep):
                 f"accumulates {accumulation} (gradient_accumulation_steps)"
             )
 
-        def run_pass(losses: LossCapture, source: str) -> None:
-            last = len(batches) - 1
-            for index, batch in enumerate(batches):
-                self.engine.set_gradient_accumulation_boundary(index == last)
-                loss = forward(self.engine, batch)
-                self.engine.backward(loss)
-                losses.add(loss)
-
-        _, grad_norm, _, metrics = self._run(run_pass, log_step=log_step)
-        self.metrics = {**metrics, "applied_grad_norm": grad_norm}
-        return metrics["loss_clean"]
+    def _backward(self, forward: Forward, batch, index: int, count: int):
+        """engine.backward with the accumulation boundary on the pass's last micro-batch (the
+        engine scales the loss by 1 / gradient_accumulation_steps)."""
+        self.engine.set_gradient_accumulation_boundary(index == count - 1)
+        loss = forward(self.engine, batch)
+        self.engine.backward(loss)
+        return loss

@@ -1,0 +1,55 @@
+"""SAM / Func-SAM in a plain PyTorch loop: one process, DDP, or FSDP2 (`fully_shard`).
+
+    model = DistributedDataParallel(model)          # or fully_shard(...), or nothing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=...)
+    sam = megatron_fsam.pytorch.FuncSAM(SAMConfig(mode="fsam", precond=True), model, optimizer,
+                                        clip_grad_norm=1.0)
+    for batches in loader:                          # this rank's micro-batches of one step
+        loss = sam.train_step(batches, forward)     # forward(model, batch) -> mean loss
+        scheduler.step()                            # the LR scheduler stays the caller's
+        sam.metrics                                 # rho, eps_norm, loss_perturbed, skipped, ...
+
+One `train_step` back-propagates each micro-batch's loss / len(batches), twice (three times
+for the exact ANGLE-SAM form), with DDP's or FSDP2's gradient reduction only on each pass's
+last micro-batch, so the gradient is that of the mean loss over the step's micro-batches and
+all data-parallel ranks; then it clips the SAM gradient to `clip_grad_norm` (if given) and
+calls `optimizer.step()` once. The logit gate sits on the module named `lm_head` or
+`output_layer` (or `SAMConfig.logits_module`). fp16 with a GradScaler is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_fsam.backends.pytorch import TorchBackend
+from megatron_fsam.config import SAMConfig
+from megatron_fsam.integrations.microbatches import Forward, MicrobatchSAM
+
+LOGITS_MODULES = ("lm_head", "output_layer")
+
+
+class FuncSAM(MicrobatchSAM):
+    """The SAM step around a model and its `torch.optim` optimizer."""
+
+    def __init__(
+        self,
+        config: SAMConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip_grad_norm: float | None = None,
+    ) -> None:
+        config.validate()
+        self.model = model
+        self.optimizer = optimizer
+        backend = TorchBackend(model, optimizer, clip_grad_norm)
+        if config.precond and config.sam_enabled:
+            backend.check_second_moments()
+        super().__init__(config, backend, [model], last_stage=True, logits_names=LOGITS_MODULES)
+        self.metrics: dict[str, float | None] = {}
+
+    def _backward(self, forward: Forward, batch, index: int, count: int) -> torch.Tensor:
+        with self.backend.gradient_sync(index == count - 1):
+            loss = forward(self.model, batch)
+            (loss / count).backward()
+        return loss
