@@ -2,12 +2,12 @@
 
 A tiny LlamaForCausalLM (untied embeddings) and a tiny GPT2LMHeadModel (lm_head tied to the
 token embedding), built from configs in code, run one SAM step on two gloo ranks with two
-gradient-accumulation micro-batches each. The gradient the engine's optimizer receives is
-checked against the single-process torch.func reference (tests/reference.py, which calls a
-transformers model with keywords and takes `.logits`), with the logit gate on `lm_head` and
-GPT-2's tie intact on the engine's module, at ZeRO-2, ZeRO-3 with every parameter
-partitioned (the model built under zero.Init) and ZeRO-3 with DeepSpeed's default
-persistence threshold. One 2-rank spawn runs every case.
+gradient-accumulation micro-batches each, the engine's forward being `causal_lm_loss`. The
+gradient the engine's optimizer receives is checked against the single-process torch.func
+reference (tests/reference.py, which calls a transformers model with keywords and takes
+`.logits`), with the logit gate on `lm_head` and GPT-2's tie intact on the engine's module,
+at ZeRO-2, ZeRO-3 with every parameter partitioned (the model built under zero.Init) and
+ZeRO-3 with DeepSpeed's default persistence threshold. One 2-rank spawn runs every case.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_fsam import SAMConfig
+from megatron_fsam.models.hf import causal_lm_loss
 from tests import reference
 from tests.sam_harness import TINY, make_batches
 from tests.spawn import run_ranks
@@ -108,13 +109,6 @@ def _ds_config(layout: str) -> dict:
     }
 
 
-def forward(engine, batch: dict) -> torch.Tensor:
-    """A micro-batch's masked mean token cross entropy (the engine averages over the
-    accumulation steps and the data-parallel ranks)."""
-    logits = engine(input_ids=batch["tokens"], position_ids=batch["position_ids"]).logits
-    return reference.loss_of_logits(logits, batch, 1)
-
-
 def _engine(family: str, layout: str, theta: dict[str, torch.Tensor]):
     """A DeepSpeed engine around a fresh model holding the reference weights `theta`."""
     import deepspeed
@@ -171,12 +165,12 @@ def _case(family, layout, mode, model, theta, batches) -> dict:
     out = {"gate": None if sam.gate is None else sam.gate.module is engine.module.lm_head}
     start, ascent = theta, {"rho": RHO}
     if precond:
-        sam.train_step(_mine(batches), forward)  # rho 0: a plain Adam step
+        sam.train_step(_mine(batches), causal_lm_loss)  # rho 0: a plain Adam step
         start = _full_params(engine)
         g0 = reference.gradient(model, theta, batches)
         # Adam with beta1 = 0 after one step: sqrt(v_hat) = |g0|.
         ascent["precond"] = {n: 1.0 / (g0[n].abs() + ADAM_EPS) for n in g0}
-    sam.train_step(_mine(batches), forward)
+    sam.train_step(_mine(batches), causal_lm_loss)
     want = reference.sam_gradient(model, start, batches, mode=base, **ascent)
     out["error"] = _error(sam, received, want)
     out["compared"] = (_compared(sam), sum(v.numel() for v in theta.values()))
