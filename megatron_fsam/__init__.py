@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Lazy: importing the config must not pull in megatron-core or the CPU emulation.
     if name == "FuncSAM":
-        from megatron_fsam.step import FuncSAM
+        from megatron_fsam.integrations.megatron_core import FuncSAM
 
         return FuncSAM
     if name == "enable_cpu_emulation":

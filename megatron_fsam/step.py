@@ -1,5 +1,8 @@
-"""The SAM / Func-SAM / ANGLE-SAM step (`SAMStep`), and `FuncSAM` around Megatron's
-forward_backward_func (DeepSpeed's engine: `megatron_fsam.deepspeed`).
+"""The SAM / Func-SAM / ANGLE-SAM step (`SAMStep`), over any backend (optimizer layout).
+
+The front ends that run it inside a training loop are in `integrations/`: Megatron-core's
+forward_backward_func (`megatron_fsam.FuncSAM`), Megatron-LM, DeepSpeed engines, plain
+PyTorch (one process, DDP, FSDP2) and the Hugging Face Trainer.
 
 One step, as in the paper (Singh et al. 2025, Eq. 2, Eq. 11 and App. D):
 
@@ -31,11 +34,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.optimizer import MegatronOptimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_fsam.backends.megatron import MegatronBackend
 from megatron_fsam.backends.shards import RankShards, Restorable, ShardBackend
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.gate import LogitGate, find_logits_module
@@ -44,7 +43,7 @@ from megatron_fsam.kernels.concentration import grouped_top_share
 from megatron_fsam.modes import recipe_for
 from megatron_fsam.perturbation import Ascent, ascent
 from megatron_fsam.recompute import RecomputeGate, recompute_unsupported
-from megatron_fsam.replay import MicrobatchReplay, RNGState
+from megatron_fsam.replay import RNGState
 from megatron_fsam.schedules import is_sam_step, rho_at
 
 logger = logging.getLogger("megatron_fsam")
@@ -307,78 +306,6 @@ class SAMStep:
         return ok, grad_norm, losses_reduced, metrics
 
 
-class FuncSAM(SAMStep):
-    """Drop-in replacement for a Megatron training step that adds SAM / Func-SAM.
-
-    `model` is the list of DDP-wrapped model chunks and `optimizer` what
-    `get_megatron_optimizer` returns; `train_step` takes what
-    `get_forward_backward_func()` takes.
-    """
-
-    def __init__(
-        self,
-        config: SAMConfig,
-        model: list[torch.nn.Module],
-        optimizer: MegatronOptimizer,
-        forward_backward_func: Callable | None = None,
-    ) -> None:
-        config.validate()
-        self.model = list(model)
-        self.optimizer = optimizer
-        backend = MegatronBackend(self.model, optimizer)
-        backend.check_grad_reduction()
-        if config.precond and config.sam_enabled:
-            backend.check_second_moments()
-        super().__init__(
-            config,
-            backend,
-            self.model,
-            last_stage=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
-            logits_names=("output_layer",),
-        )
-        self.forward_backward_func = forward_backward_func or get_forward_backward_func()
-
-    def train_step(
-        self,
-        forward_step_func: Callable,
-        data_iterator: Any,
-        *,
-        num_microbatches: int,
-        seq_length: int,
-        micro_batch_size: int,
-        decoder_seq_length: int | None = None,
-        log_step: bool = False,
-        **schedule_kwargs: Any,
-    ) -> StepResult:
-        """One optimizer step; returns (update_successful, grad_norm, losses_reduced, metrics).
-
-        `losses_reduced` are pass 1's (the clean loss), also on a skipped step. `log_step`
-        adds the metrics that cost a little (`eps_top_share`: a few small all-reduces).
-        `schedule_kwargs` go to every `forward_backward_func` call unchanged.
-        """
-        replay = MicrobatchReplay(data_iterator)
-        sources = {
-            "direct": lambda: data_iterator,
-            "record": replay.recording,
-            "replay": replay.replaying,
-        }
-
-        def run_pass(losses: LossCapture, source: str) -> list[Any]:
-            return self.forward_backward_func(
-                forward_step_func=losses.wrap(forward_step_func),
-                data_iterator=sources[source](),
-                model=self.model,
-                num_microbatches=num_microbatches,
-                seq_length=seq_length,
-                micro_batch_size=micro_batch_size,
-                decoder_seq_length=decoder_seq_length,
-                forward_only=False,
-                **schedule_kwargs,
-            )
-
-        return self._run(run_pass, log_step=log_step)
-
-
 class _StateReplay:
     """The state around pass 1 (RNG, and what the backend names: MoE routers' expert bias):
     every later pass starts from what pass 1 started from, so it draws the same dropout masks
@@ -502,7 +429,3 @@ def _raise_on_every_rank(problem: str | None, device: torch.device) -> None:
         raise ValueError(
             f"megatron_fsam: {problem or 'the last pipeline stage cannot set up the logit gate'}"
         )
-
-
-def _device(model: list[torch.nn.Module]) -> torch.device:
-    return next(model[0].parameters()).device

@@ -237,7 +237,7 @@ class _Session:
     set the model config's `finalize_model_grads_func`)."""
 
     def __init__(self, config: SAMConfig, model: list, optimizer: Any, schedule: Callable):
-        from megatron_fsam.step import FuncSAM
+        from megatron_fsam.integrations.megatron_core import FuncSAM
 
         self.sam = FuncSAM(config, model, optimizer, forward_backward_func=schedule)
         self.metrics: dict[str, float | None] = {}
