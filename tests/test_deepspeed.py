@@ -25,6 +25,7 @@ import torch
 from megatron_fsam import SAMConfig
 from megatron_fsam.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
+from tests.received import Received, relative_error
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
 from tests.spawn import free_port, run_ranks
 
@@ -102,39 +103,6 @@ def _engine(case: Case, **ds):
     return engine
 
 
-class _Received:
-    """The gradients the engine's optimizer steps with (after DeepSpeed's clipping)."""
-
-    def __init__(self, engine) -> None:
-        self.grads: dict[int, torch.Tensor] = {}
-        engine.basic_optimizer.register_step_pre_hook(self._record)
-
-    def _record(self, optimizer, args, kwargs) -> None:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self.grads[id(param)] = param.grad.detach().float().clone()
-
-
-def _error(sam, received: _Received, want: dict[str, torch.Tensor]) -> float:
-    """||received - want|| / ||want|| over this rank's shards (ZeRO: its partition)."""
-    names = {id(p): n for n, p in sam.engine.module.named_parameters()}
-    diff_sq = ref_sq = 0.0
-    for entry in sam.backend._entries():
-        if not entry.counted:  # ZeRO-0: every rank holds all; each counts its share
-            continue
-        got = received.grads[id(entry.main)].view(-1)
-        if entry.state_range is not None:
-            got = got[slice(*entry.state_range)]
-        span = entry.span
-        target = want[names[id(span.param)]].reshape(-1)[span.start : span.stop].double()
-        diff_sq += (got.double() - target).square().sum().item()
-        ref_sq += target.square().sum().item()
-    total = torch.tensor([diff_sq, ref_sq], dtype=torch.float64)
-    torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).sqrt().item()
-
-
 def _mine(batches: list[dict]) -> list[dict]:
     rank = torch.distributed.get_rank()
     return batches[rank * ACCUMULATION : (rank + 1) * ACCUMULATION]
@@ -145,7 +113,7 @@ def _step(case: Case, cfg: SAMConfig, batches, *, steps: int = 1, **ds):
 
     engine = _engine(case, **ds)
     sam = FuncSAM(cfg, engine)
-    received = _Received(engine)
+    received = Received(engine.basic_optimizer)
     for _ in range(steps):
         sam.train_step(_mine(batches), micro_batch_loss)
     return sam, received
@@ -188,17 +156,17 @@ def _against_the_reference(name: str, case: Case, batches, reference_model, thet
     for mode in ("sam", "fsam"):
         want = reference.sam_gradient(reference_model, theta, batches, mode=mode, rho=0.05)
         sam, received = _step(case, SAMConfig(mode=mode, rho=0.05), batches)
-        report[f"{name}/{mode}"] = _error(sam, received, want)
+        report[f"{name}/{mode}"] = relative_error(sam, received, want)
         # Preconditioned: a plain Adam step (rho 0) first; P from its second moment.
         sam, received = _step(case, SAMConfig(mode=mode, **PRECOND), batches, steps=2)
         want = reference.sam_gradient(
             reference_model, after_first, batches, mode=mode, rho=0.05, precond=precond
         )
-        report[f"{name}/precond {mode}"] = _error(sam, received, want)
+        report[f"{name}/precond {mode}"] = relative_error(sam, received, want)
     # ANGLE-SAM's exact form: a third pass at theta and the mix of Eq. 19.
     want = reference.angle_gradient(reference_model, theta, batches, degrees=30.0, rho=0.05)
     cfg = SAMConfig(mode="angle", angle=30.0, angle_impl="exact", rho=0.05)
-    report[f"{name}/angle 30 exact"] = _error(*_step(case, cfg, batches), want)
+    report[f"{name}/angle 30 exact"] = relative_error(*_step(case, cfg, batches), want)
     return report
 
 
@@ -304,8 +272,8 @@ def _clipping(case: Case, batches, model, theta) -> dict[str, float]:
         return {n: v * (clip / norm) for n, v in grads.items()}
 
     return {
-        "vs_sam": _error(sam, received, clipped(fsam)),
-        "vs_g": _error(sam, received, clipped(g)),
+        "vs_sam": relative_error(sam, received, clipped(fsam)),
+        "vs_g": relative_error(sam, received, clipped(g)),
     }
 
 

@@ -21,9 +21,9 @@ import torch
 from megatron_fsam import SAMConfig
 from megatron_fsam.models.hf import causal_lm_loss
 from tests import reference
+from tests.received import Received, relative_error
 from tests.sam_harness import TINY, make_batches
 from tests.spawn import run_ranks
-from tests.test_deepspeed import _error, _Received
 
 # Not importorskip: importing deepspeed here would set PYTORCH_NVML_BASED_CUDA_CHECK in this
 # process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
@@ -145,7 +145,7 @@ def _mine(batches: list[dict]) -> list[dict]:
 
 
 def _compared(sam) -> int:
-    """How many coordinates `_error` compared, over the data-parallel ranks."""
+    """How many coordinates `relative_error` compared, over the data-parallel ranks."""
     count = sum(e.span.stop - e.span.start for e in sam.backend._entries() if e.counted)
     total = torch.tensor([count], dtype=torch.float64)
     torch.distributed.all_reduce(total)
@@ -161,7 +161,7 @@ def _case(family, layout, mode, model, theta, batches) -> dict:
     base = mode.removeprefix("precond ")
     cfg = SAMConfig(mode=base, **PRECOND) if precond else SAMConfig(mode=base, rho=RHO)
     sam = FuncSAM(cfg, engine)
-    received = _Received(engine)
+    received = Received(engine.basic_optimizer)
     out = {"gate": None if sam.gate is None else sam.gate.module is engine.module.lm_head}
     start, ascent = theta, {"rho": RHO}
     if precond:
@@ -172,11 +172,11 @@ def _case(family, layout, mode, model, theta, batches) -> dict:
         ascent["precond"] = {n: 1.0 / (g0[n].abs() + ADAM_EPS) for n in g0}
     sam.train_step(_mine(batches), causal_lm_loss)
     want = reference.sam_gradient(model, start, batches, mode=base, **ascent)
-    out["error"] = _error(sam, received, want)
+    out["error"] = relative_error(sam, received, want)
     out["compared"] = (_compared(sam), sum(v.numel() for v in theta.values()))
     if base == "fsam":  # the clean cotangent replayed at lm_head made a difference
         sam_want = reference.sam_gradient(model, start, batches, mode="sam", **ascent)
-        out["vs_sam"] = _error(sam, received, sam_want)
+        out["vs_sam"] = relative_error(sam, received, sam_want)
     out["rho"] = sam.metrics["rho"]
     params = list(engine.module.parameters())
     out["persistent"] = (sum(getattr(p, "ds_persist", False) for p in params), len(params))

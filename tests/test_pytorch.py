@@ -19,6 +19,7 @@ from megatron_fsam import SAMConfig
 from megatron_fsam.backends.shards import local
 from megatron_fsam.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
+from tests.received import Received, relative_error
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
 from tests.spawn import run_ranks
 
@@ -28,38 +29,6 @@ PRECOND = dict(precond=True, precond_floor=0.0, rho_schedule="linear_warmup", rh
 MODES = ("sam", "fsam", "precond sam", "precond fsam", "angle 30 exact")
 # vocab 65: the embedding's and lm_head's rows split 33 / 32 over two FSDP2 ranks.
 MODEL = replace(TINY, vocab_size=65)
-
-
-class Received:
-    """The gradients `optimizer.step()` steps with: this rank's shard of each param."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.grads: dict[int, torch.Tensor] = {}
-        optimizer.register_step_pre_hook(self._record)
-
-    def _record(self, optimizer, args, kwargs) -> None:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self.grads[id(param)] = local(param.grad).detach().float().clone()
-
-
-def relative_error(sam, received: Received, want: dict[str, torch.Tensor]) -> float:
-    """||received - want|| / ||want|| over the coordinates this rank counts, summed over ranks."""
-    names = {id(p): n.removeprefix("module.") for n, p in sam.model.named_parameters()}
-    diff_sq = ref_sq = 0.0
-    for entry in sam.backend._entries():
-        if not entry.counted:
-            continue
-        got = received.grads[id(entry.main)].view(-1)
-        span = entry.span
-        target = want[names[id(span.param)]].reshape(-1)[span.start : span.stop].double()
-        diff_sq += (got.double() - target).square().sum().item()
-        ref_sq += target.square().sum().item()
-    total = torch.tensor([diff_sq, ref_sq], dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).sqrt().item()
 
 
 def _wrapped(layout: str) -> torch.nn.Module:

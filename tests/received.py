@@ -1,0 +1,50 @@
+"""The gradient an optimizer steps with, compared with a reference over this rank's shards.
+
+Shared by the DeepSpeed, Hugging Face and PyTorch-native front-end tests: `Received` records
+what `optimizer.step()` sees (this rank's shard of each tensor it steps: a ZeRO flat
+partition, an FSDP2 local shard, a whole param), and `relative_error` compares the part of
+it that each of the SAM backend's shard entries covers with the full reference gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_fsam.backends.shards import local
+
+
+class Received:
+    """The gradients `optimizer.step()` steps with (after any clipping)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.grads: dict[int, torch.Tensor] = {}
+        optimizer.register_step_pre_hook(self._record)
+
+    def _record(self, optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self.grads[id(param)] = local(param.grad).detach().float().clone()
+
+
+def relative_error(sam, received: Received, want: dict[str, torch.Tensor]) -> float:
+    """||received - want|| / ||want|| over the coordinates each rank counts, summed over ranks;
+    `want` is keyed by the param names of the model inside `sam.model` (a DeepSpeed engine's
+    or DDP's `.module`, else the model itself)."""
+    module = getattr(sam.model, "module", sam.model)
+    names = {id(p): n for n, p in module.named_parameters()}
+    diff_sq = ref_sq = 0.0
+    for entry in sam.backend._entries():
+        if not entry.counted:  # replicated layouts: each rank counts its share
+            continue
+        got = received.grads[id(entry.main)].view(-1)
+        if entry.state_range is not None:
+            got = got[slice(*entry.state_range)]
+        span = entry.span
+        target = want[names[id(span.param)]].reshape(-1)[span.start : span.stop].double()
+        diff_sq += (got.double() - target).square().sum().item()
+        ref_sq += target.square().sum().item()
+    total = torch.tensor([diff_sq, ref_sq], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).sqrt().item()
