@@ -229,3 +229,19 @@ def test_refusals_are_one_clear_error_each():
     with pytest.raises(ValueError, match="without trainable params"):
         frozen = TorchGPT(MODEL).requires_grad_(False)
         FuncSAM(SAMConfig(mode="fsam"), frozen, torch.optim.AdamW(frozen.parameters()))
+
+
+def test_soft_capped_logits_are_refused_where_the_mode_needs_the_logit_gate():
+    transformers = pytest.importorskip("transformers")
+    from megatron_fsam.pytorch import FuncSAM
+
+    config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=8, final_logit_softcapping=30.0,
+    )  # fmt: skip
+    model = transformers.Gemma2ForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for cfg in (SAMConfig(mode="fsam"), SAMConfig(mode="angle", angle=30.0)):
+        with pytest.raises(ValueError, match="soft-caps the logits after lm_head"):
+            FuncSAM(cfg, model, optimizer)
+    assert FuncSAM(SAMConfig(mode="sam"), model, optimizer).gate is None  # no gate needed

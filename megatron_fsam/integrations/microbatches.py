@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from megatron_fsam.models.hf import post_head_logit_transform
 from megatron_fsam.step import LossCapture, SAMStep
 
 Forward = Callable[[Any, Any], torch.Tensor]
@@ -39,6 +40,18 @@ class MicrobatchSAM(SAMStep):
         _, grad_norm, _, metrics = self._run(run_pass, log_step=log_step)
         self.metrics = {**metrics, "applied_grad_norm": grad_norm}
         return metrics["loss_clean"]
+
+    def _attach_gate(self, modules: list[torch.nn.Module], last_stage: bool, logits_names):
+        """Refuse a model whose forward transforms the logits after the gated module
+        (Hugging Face soft-capped logits) before building the gate."""
+        for module in modules:
+            reason = post_head_logit_transform(getattr(module, "module", module))
+            if reason:
+                raise ValueError(
+                    f"megatron_fsam: mode={self.config.mode!r} needs the logits' cotangent: "
+                    f"{reason}; use mode='sam', which needs no logit gate"
+                )
+        return super()._attach_gate(modules, last_stage, logits_names)
 
     def _check_batches(self, batches: list[Any]) -> None:
         if not batches:
