@@ -130,6 +130,8 @@ def setup(cfg: RunConfig, config: dict) -> Run:
     """Data, the model (under zero.Init at ZeRO-3), engine, SAM, and a resumed checkpoint."""
     dp_rank, dp_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     t = cfg.train
+    if cfg.checkpoint.save_dir:
+        _check_save_dir(Path(cfg.checkpoint.save_dir))
     data = build_datasets(cfg.data, train_samples=cfg.total_steps * t.global_batch_size)
     model, loss = build_model(cfg, config, data)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=None, config=config)
@@ -272,10 +274,25 @@ def save(run: Run) -> None:
     _note(run, f"saved checkpoint {where} (step {run.step}, ZeRO stage {run.zero_stage})")
 
 
+def _check_save_dir(root: Path) -> None:
+    """Refuse a save_dir whose `latest` names no checkpoint of this script (launch/pretrain.py
+    writes megatron-core checkpoints under the same iter_XXXXXXX names)."""
+    latest = root / "latest"
+    if latest.is_file() and not (root / latest.read_text().strip() / META).is_file():
+        raise CheckpointRefused(
+            f"checkpoint.save_dir {root} holds checkpoints of another kind (its 'latest' names "
+            f"{latest.read_text().strip()!r}, not a launch/pretrain_deepspeed.py checkpoint): "
+            "choose another checkpoint.save_dir"
+        )
+
+
 def _prune(root: Path, keep_last: int, newest: int) -> None:
-    """Remove all but the newest `keep_last` checkpoints (never the one just saved)."""
+    """Remove all but the newest `keep_last` checkpoints of this script (never the one just
+    saved)."""
     saved = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if (m := TAG.match(p.name)) and p.is_dir()
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := TAG.match(p.name)) and (p / META).is_file()
     )
     for step, path in saved[:-keep_last]:
         if step != newest:

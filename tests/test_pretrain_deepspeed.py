@@ -317,6 +317,16 @@ def test_a_checkpoint_of_another_stage_or_model_is_refused(
 
 
 @needs_deepspeed
+def test_a_save_dir_of_megatron_checkpoints_is_refused(tmp_path):
+    save_dir = tmp_path / "megatron"
+    (save_dir / "iter_0000060").mkdir(parents=True)
+    (save_dir / "latest").write_text("60")  # launch/pretrain.py's
+    error = _error_line(_launched(tmp_path, f"checkpoint.save_dir={save_dir}"))
+    assert f"checkpoint.save_dir {save_dir} holds checkpoints of another kind" in error
+    assert (save_dir / "iter_0000060").is_dir() and not (save_dir / "iter_0000006").exists()
+
+
+@needs_deepspeed
 @needs_transformers
 def test_a_bad_hf_config_is_refused_in_one_line(tmp_path, cache):
     hf_config = tmp_path / "llama.json"
