@@ -10,14 +10,8 @@ the engine's optimizer receives against the single-process torch.func reference
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +21,7 @@ from megatron_fsam.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
 from tests.received import Received, relative_error
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
-from tests.spawn import free_port, run_ranks
+from tests.spawn import run_ranks
 
 # Not importorskip: importing deepspeed here would set PYTORCH_NVML_BASED_CUDA_CHECK in this
 # process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
@@ -345,58 +339,3 @@ def test_gradient_clipping_acts_on_the_sam_gradient(reports, case):
     for report in reports[case]:
         clipping = report[f"{case}/clipping"]
         assert clipping["vs_sam"] <= TOLERANCE and clipping["vs_g"] > 1e-2, clipping
-
-
-# ----- the example entry point under the deepspeed launcher ---------------------------------
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _launched(
-    tmp_path: Path, *overrides: str, config: Path = ROOT / "configs" / "deepspeed_zero2.json"
-):
-    """launch/pretrain_deepspeed.py on 2 CPU ranks through the deepspeed launcher."""
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_ssh",
-        "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(ROOT / "launch" / "pretrain_deepspeed.py"),
-        "--config", str(ROOT / "configs" / "tiny_test.yaml"), "--deepspeed_config", str(config),
-        f"data.cache_dir={tmp_path / 'cache'}", f"logging.tensorboard_dir={tmp_path / 'tb'}",
-        *overrides,
-    ]  # fmt: skip
-    return subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
-
-
-def test_pretrain_deepspeed_trains_and_logs_under_the_launcher(tmp_path):
-    result = _launched(tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
-    assert "ZeRO stage 2, DeepSpeedZeroOptimizer) x DP 2" in out
-    steps = [line for line in out.splitlines() if line.startswith("step ") and "/6 |" in line]
-    assert len(steps) == 6 and all("skipped 0.0000" in line for line in steps), out[-3000:]
-    assert all("loss_perturbed" in line for line in steps[1:])  # step 1: rho 0, a plain step
-    evals = [float(line.split()[-1]) for line in out.splitlines() if "eval loss" in line]
-    assert len(evals) == 2 and evals[1] < evals[0]
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tmp_path / "tb")).Reload()
-    for name in ("loss_clean", "loss_perturbed", "eps_norm", "rho", "lr", "time_pass2"):
-        values = [e.value for e in events.Scalars(f"train/{name}")]
-        assert values and all(math.isfinite(v) for v in values), name
-    assert len(events.Scalars("eval/loss")) == 2
-
-
-def test_pretrain_deepspeed_refuses_a_json_that_contradicts_the_run_file(tmp_path):
-    config = json.loads((ROOT / "configs" / "deepspeed_zero2.json").read_text())
-    config["train_micro_batch_size_per_gpu"] = 3
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(config))
-    result = _launched(tmp_path, config=path)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-3000:]  # rank 0 only, no traceback
-    assert "train_micro_batch_size_per_gpu=3, but the run file gives 2" in errors[0]
