@@ -110,14 +110,15 @@ class SAMStep:
         replay.recorded()
         clock.lap("pass1")
 
-        # Ascent direction from the reduced sums; a non-finite g skips the step.
+        # Ascent direction from the reduced sums; a non-finite g skips the step. The sums
+        # leave P g where g was (fp32 gradients): g is copied first where the mode needs it.
         shards = self.backend.shards(self.config.precond, self.config.precond_floor)
+        g = _copies(shards.all.grads) if self._keeps_gradient() else None  # this rank's shard
         sums = self.backend.reduced_norm_sums(self.kernels, shards)
         if not sums.finite:
             return self._skip(rho, None, pass1_losses, losses_reduced, "pass-1 gradient")
         step = ascent(sums, rho, self.config.precond_norm)
         measured = {"eps_top_share": self._eps_top_share(shards)} if log_step else {}
-        g = _copies(shards.all.grads) if self._keeps_gradient() else None  # this rank's shard
         self.kernels.perturb(shards.all, step.scale)
         self.backend.publish_params()
         clock.lap("perturb")

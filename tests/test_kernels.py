@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from megatron_fsam.kernels import get_kernels, torch_ops, triton_kernels
-from megatron_fsam.kernels.self_check import max_ulps
+from megatron_fsam.kernels.self_check import PG_ULPS, max_ulps
 from megatron_fsam.kernels.shards import Shards
 
 SIZES = (1, 7, 0, 1000, 12345)
@@ -88,21 +88,27 @@ def precond64(shards: Shards, i: int) -> torch.Tensor:
     return 1.0 / (v.sqrt().clamp_min(shards.precond_floor) + shards.adam_eps[i])
 
 
-def reference_sums(shards: Shards) -> torch.Tensor:
+def gradients(shards: Shards) -> list[torch.Tensor]:
+    """The pass-1 gradients as float64 (norm_sums then replaces the fp32 ones by P g)."""
+    return [g.cpu().double() for g in shards.grads]
+
+
+def reference_sums(shards: Shards, grads: list[torch.Tensor] | None = None) -> torch.Tensor:
+    grads = grads or gradients(shards)
     sums = torch.zeros(3, dtype=torch.float64)
     for i, counted in enumerate(shards.counted):
         if counted:
-            g = shards.grads[i].cpu().double()
+            g = grads[i]
             pg = precond64(shards, i) * g
             sums += torch.stack((g @ g, pg @ pg, g @ pg))
     return sums
 
 
-def assert_close_to_reference(shards: Shards, scale: float) -> None:
+def assert_close_to_reference(shards: Shards, scale: float, grads: list[torch.Tensor]) -> None:
     """targets are theta + scale * P g up to fp32 arithmetic and one rounding to their dtype."""
     for i in range(len(SIZES)):
         theta = shards.thetas[i].cpu().double()
-        step = scale * precond64(shards, i) * shards.grads[i].cpu().double()
+        step = scale * precond64(shards, i) * grads[i]
         out = shards.targets[i].cpu().double()
         exact = theta + step
         rounding = 2.0**-8 if shards.targets[i].dtype == torch.bfloat16 else 0.0
@@ -115,22 +121,24 @@ def assert_close_to_reference(shards: Shards, scale: float) -> None:
 def test_kernels_match_float64_reference(backend: str, grad: str, target: str, precond: bool):
     norm_sums, perturb, restore = kernels_for(backend)
     shards = make_shards(grad, target, precond, device_for(backend))
+    g = gradients(shards)
     sums = norm_sums(shards)
     assert sums.dtype == torch.float32 and sums.device == shards.grads[0].device
-    torch.testing.assert_close(sums.cpu().double(), reference_sums(shards), rtol=1e-5, atol=0)
+    torch.testing.assert_close(sums.cpu().double(), reference_sums(shards, g), rtol=1e-5, atol=0)
+    assert_gradients_after_norm_sums(shards, g)
 
     grad_sq, pg_sq, cross = sums.tolist()
     normalisations = {"grad": grad_sq, "perturbation": pg_sq, "dual": cross}
     for name, denominator in normalisations.items():
         scale = RHO / math.sqrt(denominator)
         perturb(shards, scale)
-        assert_close_to_reference(shards, scale)
+        assert_close_to_reference(shards, scale, g)
         # What each normalisation promises, over the counted shards (float64 from the scale).
         eps_sq = eps_p_inv_eps = 0.0
         for i, counted in enumerate(shards.counted):
             if counted:
                 p = precond64(shards, i)
-                eps = scale * p * shards.grads[i].cpu().double()
+                eps = scale * p * g[i]
                 eps_sq += float(eps @ eps)
                 eps_p_inv_eps += float(eps @ (eps / p))
         expected = {
@@ -147,6 +155,22 @@ def test_kernels_match_float64_reference(backend: str, grad: str, target: str, p
         assert torch.equal(out, theta.to(out.dtype))  # bit-exact: round to nearest even
 
 
+def assert_gradients_after_norm_sums(shards: Shards, g: list[torch.Tensor]) -> None:
+    """P g replaced the counted preconditioned fp32 gradients (to fp32 rounding); every other
+    gradient is g, bit for bit; a second norm_sums on them is refused."""
+    for i, counted in enumerate(shards.counted):
+        now = shards.grads[i].cpu().double()
+        if counted and g[i].numel() and shards.stores_direction(i):
+            assert shards.holds_direction(i)
+            want = precond64(shards, i) * g[i]
+            assert torch.all((now - want).abs() <= 4 * 2.0**-24 * want.abs()), f"shard {i}"
+        else:
+            assert not shards.holds_direction(i) and torch.equal(now, g[i]), f"shard {i}"
+    if shards.directions:
+        with pytest.raises(RuntimeError, match="hold P g already"):
+            get_kernels("torch").norm_sums(shards)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shards_of_mixed_dtypes(backend: str):
     """Shards whose dtypes differ (separate Triton launches) each keep their own dtype."""
@@ -154,11 +178,13 @@ def test_shards_of_mixed_dtypes(backend: str):
     shards = make_shards("fp32", "fp32", True, device_for(backend))
     shards.grads[3] = shards.grads[3].bfloat16()
     shards.targets[4] = shards.targets[4].bfloat16()
+    g = gradients(shards)
     torch.testing.assert_close(
-        norm_sums(shards).cpu().double(), reference_sums(shards), rtol=1e-5, atol=0
+        norm_sums(shards).cpu().double(), reference_sums(shards, g), rtol=1e-5, atol=0
     )
+    assert_gradients_after_norm_sums(shards, g)
     perturb(shards, 0.1)
-    assert_close_to_reference(shards, 0.1)
+    assert_close_to_reference(shards, 0.1, g)
     restore(shards)
     for theta, target in zip(shards.thetas, shards.targets, strict=True):
         assert torch.equal(target, theta.to(target.dtype))
@@ -179,11 +205,12 @@ def test_precond_floor_matches_float64_reference(backend: str):
     shards.precond_floor = FLOOR
     binds = roots(shards) < FLOOR
     assert binds.any() and not binds.all()
-    reference = reference_sums(shards)
+    g = gradients(shards)
+    reference = reference_sums(shards, g)
     assert reference[1] < 0.9 * reference_sums(dataclasses.replace(shards, precond_floor=0.0))[1]
     torch.testing.assert_close(norm_sums(shards).cpu().double(), reference, rtol=1e-5, atol=0)
     perturb(shards, 0.1)
-    assert_close_to_reference(shards, 0.1)
+    assert_close_to_reference(shards, 0.1, g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,7 +220,8 @@ def test_precond_floor_zero_changes_no_bits(backend: str, monkeypatch):
     clamp altogether, so they run the ops they ran before the floor existed."""
     norm_sums, perturb, _ = kernels_for(backend)
     shards = make_shards("fp32", "bf16", True, device_for(backend))
-    below = dataclasses.replace(shards, precond_floor=0.5 * roots(shards).min().item())
+    fresh = make_shards("fp32", "bf16", True, device_for(backend))  # the same values
+    below = dataclasses.replace(fresh, precond_floor=0.5 * roots(shards).min().item())
     with monkeypatch.context() as patch:
         if backend == "torch":
             patch.setattr(torch, "_foreach_clamp_min_", None)  # calling it would raise
@@ -216,8 +244,10 @@ def test_triton_matches_torch_with_precond_floor():
     norm_sums, perturb, _ = kernels_for("triton")
     shards = make_shards("fp32", "bf16", True, device_for("triton"))
     shards.precond_floor = FLOOR
-    expected = dataclasses.replace(shards, targets=[t.clone() for t in shards.targets])
+    expected = make_shards("fp32", "bf16", True, device_for("triton"))  # the same values
+    expected.precond_floor = FLOOR
     torch.testing.assert_close(norm_sums(shards), torch_ops.norm_sums(expected), rtol=1e-5, atol=0)
+    assert max(map(max_ulps, shards.grads, expected.grads)) <= PG_ULPS  # the P g both stored
     perturb(shards, 0.1)
     torch_ops.perturb(expected, 0.1)
     assert max(map(max_ulps, shards.targets, expected.targets)) <= 1
@@ -247,9 +277,11 @@ def test_bf16_rounding_is_nearest_even(backend: str):
 
 
 def test_auto_uses_torch_for_cpu_shards():
-    shards = make_shards("fp32", "fp32", True, "cpu")
     auto, plain = get_kernels("auto"), get_kernels("torch")
-    assert torch.equal(auto.norm_sums(shards), plain.norm_sums(shards))
+    assert torch.equal(
+        auto.norm_sums(make_shards("fp32", "fp32", True, "cpu")),
+        plain.norm_sums(make_shards("fp32", "fp32", True, "cpu")),
+    )
     with pytest.raises(ValueError, match="unknown kernel backend"):
         get_kernels("cuda")
 
@@ -258,13 +290,16 @@ def test_torch_kernels_chunking_does_not_change_results():
     """Batches split shards anywhere; the sums agree and perturb is bit-identical."""
     from megatron_fsam.kernels import torch_ops
 
-    shards = make_shards("bf16", "bf16", True, "cpu")
-    whole = torch_ops.norm_sums(shards)
-    torch.testing.assert_close(torch_ops.norm_sums(shards, chunk=100), whole, rtol=1e-6, atol=0)
-    torch_ops.perturb(shards, 0.3)
-    expected = [t.clone() for t in shards.targets]
-    torch_ops.perturb(shards, 0.3, chunk=100)
-    assert all(torch.equal(a, b) for a, b in zip(shards.targets, expected, strict=True))
+    for grad in ("bf16", "fp32"):  # fp32: P g stored by norm_sums, read by perturb
+        shards, chunked = (make_shards(grad, "bf16", True, "cpu") for _ in range(2))
+        whole = torch_ops.norm_sums(shards)
+        torch.testing.assert_close(
+            torch_ops.norm_sums(chunked, chunk=100), whole, rtol=1e-6, atol=0
+        )
+        assert all(torch.equal(a, b) for a, b in zip(shards.grads, chunked.grads, strict=True))
+        torch_ops.perturb(shards, 0.3)
+        torch_ops.perturb(chunked, 0.3, chunk=100)
+        assert all(torch.equal(a, b) for a, b in zip(shards.targets, chunked.targets, strict=True))
 
 
 # ----- the one-time self-check of the Triton kernels, and what "auto" and "triton" do with it -----
@@ -351,9 +386,9 @@ def test_triton_failing_self_check_auto_falls_back_triton_raises(
     caplog.set_level(logging.WARNING, logger="megatron_fsam")
     auto, plain = get_kernels("auto"), get_kernels("torch")
     assert auto.name == "auto"
-    shards = make_shards("fp32", "bf16", True, checked_device.type)
-    expected = make_shards("fp32", "bf16", True, checked_device.type)
-    for _ in range(2):
+    for _ in range(2):  # two steps: new gradients each
+        shards = make_shards("fp32", "bf16", True, checked_device.type)
+        expected = make_shards("fp32", "bf16", True, checked_device.type)
         assert torch.equal(auto.norm_sums(shards), plain.norm_sums(expected))
         auto.perturb(shards, 0.1)
         plain.perturb(expected, 0.1)

@@ -163,6 +163,7 @@ class ShardBackend:
         for theta, entry in zip(rank_shards.aliased.thetas, _aliased(entries), strict=True):
             theta.copy_(entry.theta)
         shards = rank_shards.all
+        shards.directions.clear()  # the gradients are this step's: none holds P g yet
         if precondition:
             real = self._attach_second_moments(shards, entries)
             shards.precond_floor = (

@@ -8,7 +8,7 @@ reads (a slice of the model parameter buffer). Kernels never see Megatron.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,10 @@ class Shards:
         + eps), one value for all shards: caps P at 1 / floor where v is tiny (coordinates
         whose gradients have stayed near zero), which Adam's far smaller eps hardly does.
         0 leaves P as Adam has it. Only read when preconditioned.
+    directions: the ids of the gradient tensors that `norm_sums` has replaced by P g (the
+        preconditioned shards with fp32 gradients): `perturb` then reads the direction instead
+        of building P again. Shared with every `subset` of these shards; the owner clears it
+        when the gradients are new.
     """
 
     thetas: list[torch.Tensor]
@@ -39,6 +43,7 @@ class Shards:
     v_scales: list[float] | None = None
     adam_eps: list[float] | None = None
     precond_floor: float = 0.0
+    directions: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         n = len(self.thetas)
@@ -64,6 +69,23 @@ class Shards:
     def __len__(self) -> int:
         return len(self.thetas)
 
+    def stores_direction(self, i: int) -> bool:
+        """Whether `norm_sums` replaces shard i's gradient by P g: a preconditioned shard whose
+        gradient is fp32 (P g keeps its precision there; a bf16 gradient would round it)."""
+        return self.preconditioned and self.grads[i].dtype == torch.float32
+
+    def holds_direction(self, i: int) -> bool:
+        """Whether shard i's gradient tensor holds P g now (norm_sums stored it)."""
+        return id(self.grads[i]) in self.directions
+
+    def check_gradients(self, indices: list[int]) -> None:
+        """norm_sums reads g: refuse gradients it has replaced by P g already."""
+        if any(self.holds_direction(i) for i in indices):
+            raise RuntimeError(
+                "norm_sums: these gradients hold P g already (norm_sums ran on them since the "
+                "backward that computed them)"
+            )
+
     def subset(self, indices: list[int]) -> Shards:
         """The shards at `indices` (the same tensors), with their preconditioner."""
 
@@ -79,4 +101,5 @@ class Shards:
             v_scales=pick(self.v_scales),
             adam_eps=pick(self.adam_eps),
             precond_floor=self.precond_floor,
+            directions=self.directions,
         )

@@ -27,8 +27,10 @@ _Piece = tuple[int, int, int]
 
 @torch.no_grad()
 def norm_sums(shards: Shards, chunk: int | None = None) -> torch.Tensor:
-    """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32."""
+    """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32; where preconditioned,
+    P g replaces their fp32 gradients (`Shards.directions`)."""
     counted = _counted(shards)
+    shards.check_gradients(counted)
     sums = torch.zeros(3, dtype=torch.float64, device=_device(shards))
     chunk = chunk or _chunk(shards)
     g_buffer, product = _buffer(shards, counted, chunk), _buffer(shards, counted, chunk)
@@ -39,10 +41,15 @@ def norm_sums(shards: Shards, chunk: int | None = None) -> torch.Tensor:
         grad_sq = _dot(g, g, product)
         if shards.preconditioned:
             pg = _flat(pg_buffer, batch)
-            _direction(shards, batch, pg)
+            directions = _direction(shards, batch, pg)
             sums += torch.stack((grad_sq, _dot(pg, pg, product), _dot(g, pg, product)))
+            stored = [k for k, (i, _, _) in enumerate(batch) if shards.stores_direction(i)]
+            if stored:
+                grads = _views(shards.grads, [batch[k] for k in stored])
+                torch._foreach_copy_(grads, [directions[k] for k in stored])
         else:
             sums += grad_sq
+    shards.directions.update(id(shards.grads[i]) for i in counted if shards.stores_direction(i))
     return sums.float()
 
 
@@ -84,21 +91,36 @@ def counted_directions(shards: Shards, chunk: int | None = None) -> Iterator[tor
 
 
 def _direction(shards: Shards, batch: list[_Piece], out: torch.Tensor) -> list[torch.Tensor]:
-    """P g (or g) of a batch in fp32, written into out and returned as one view per piece."""
+    """P g (or g) of a batch in fp32, written into out and returned as one view per piece:
+    read where the gradient holds it (or without P), built where it does not."""
     direction = list(out.split(_sizes(batch)))
     grads = _views(shards.grads, batch)
-    if not shards.preconditioned:
-        torch._foreach_copy_(direction, grads)
-        return direction
-    torch._foreach_copy_(direction, _views(shards.second_moments, batch))
-    torch._foreach_mul_(direction, [shards.v_scales[i] for i, _, _ in batch])
-    torch._foreach_sqrt_(direction)
-    if shards.precond_floor:  # skipped at 0: P keeps the bits it has without a floor
-        torch._foreach_clamp_min_(direction, shards.precond_floor)
-    torch._foreach_add_(direction, [shards.adam_eps[i] for i, _, _ in batch])
-    torch._foreach_reciprocal_(direction)
-    torch._foreach_mul_(direction, grads)
+    built = [
+        k
+        for k, (i, _, _) in enumerate(batch)
+        if shards.preconditioned and not shards.holds_direction(i)
+    ]
+    if len(built) < len(batch):
+        read = sorted(set(range(len(batch))) - set(built))
+        torch._foreach_copy_([direction[k] for k in read], [grads[k] for k in read])
+    if built:
+        pieces = [batch[k] for k in built]
+        _precondition([direction[k] for k in built], shards, pieces, [grads[k] for k in built])
     return direction
+
+
+def _precondition(
+    out: list[torch.Tensor], shards: Shards, pieces: list[_Piece], grads: list[torch.Tensor]
+) -> None:
+    """out <- P g = g / (max(sqrt(v * v_scale), floor) + eps) for the pieces."""
+    torch._foreach_copy_(out, _views(shards.second_moments, pieces))
+    torch._foreach_mul_(out, [shards.v_scales[i] for i, _, _ in pieces])
+    torch._foreach_sqrt_(out)
+    if shards.precond_floor:  # skipped at 0: P keeps the bits it has without a floor
+        torch._foreach_clamp_min_(out, shards.precond_floor)
+    torch._foreach_add_(out, [shards.adam_eps[i] for i, _, _ in pieces])
+    torch._foreach_reciprocal_(out)
+    torch._foreach_mul_(out, grads)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, product: torch.Tensor) -> torch.Tensor:

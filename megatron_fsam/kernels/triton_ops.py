@@ -113,19 +113,24 @@ def _norm_kernel(
     n_tiles,
     floor,
     PRECOND: tl.constexpr,
+    STORE: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Per-tile partial sums of g^2, (P g)^2 and g (P g); columns: numel, first, g[, v]."""
+    """Per-tile partial sums of g^2, (P g)^2 and g (P g); with STORE (fp32 gradients) P g is
+    written over g. Columns: numel, first, g[, v]."""
     COLS: tl.constexpr = 4 if PRECOND else 3
     tile, shard, row, offs, numel, full = _tile(table, tile_shard, COLS, BLOCK)
-    g = _load_f32(_shard_pointer(grad, row, 2, ALIGNED), offs, numel, full)
+    grad_ptr = _shard_pointer(grad, row, 2, ALIGNED)
+    g = _load_f32(grad_ptr, offs, numel, full)
     gg = tl.sum(g * g)
     if PRECOND:
         v = _load_f32(_shard_pointer(moment, row, 3, ALIGNED), offs, numel, full)
         pg = _precond(v, shard, consts, floor) * g
         pgpg = tl.sum(pg * pg)
         gpg = tl.sum(g * pg)
+        if STORE:
+            _store_cast(grad_ptr, pg, offs, numel, full)
     else:
         pgpg = gg
         gpg = gg
@@ -206,9 +211,11 @@ _plans: OrderedDict[tuple, list[_Plan]] = OrderedDict()
 
 
 def norm_sums(shards: Shards, block: int = BLOCK) -> torch.Tensor:
-    """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32, no host sync."""
+    """Local [||g||^2, ||P g||^2, g.(P g)] over the counted shards, fp32, no host sync; where
+    preconditioned, P g replaces their fp32 gradients (`Shards.directions`), as in torch_ops."""
     fields = _fields(shards, "grads")
     counted = [i for i in _nonempty(shards) if shards.counted[i]]
+    shards.check_gradients(counted)
     sums = torch.zeros(3, dtype=torch.float64, device=_device(shards))
     for launch in _launches(shards, counted, fields, block):
         partials = torch.empty(3, launch.n_tiles, dtype=torch.float32, device=sums.device)
@@ -223,37 +230,44 @@ def norm_sums(shards: Shards, block: int = BLOCK) -> torch.Tensor:
             launch.n_tiles,
             float(shards.precond_floor),
             PRECOND=shards.preconditioned,
+            STORE=shards.preconditioned and grad.dtype == torch.float32,
             ALIGNED=launch.aligned,
             BLOCK=block,
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )
         sums += partials.sum(dim=1, dtype=torch.float64)
+    shards.directions.update(id(shards.grads[i]) for i in counted if shards.stores_direction(i))
     return sums.float()
 
 
 @torch.no_grad()
 def perturb(shards: Shards, scale: float, block: int = BLOCK) -> None:
-    """targets <- cast(theta + scale * P g), one read of theta, g, v and one write per element."""
-    fields = _fields(shards, "thetas", "grads", "targets")
-    for launch in _launches(shards, _nonempty(shards), fields, block):
-        theta, grad, target = launch.bases[:3]
-        _perturb_kernel[(launch.n_tiles,)](
-            theta,
-            grad,
-            target,
-            launch.bases[-1],  # the second moment; unused without P
-            launch.table,
-            launch.consts,
-            launch.tile_shard,
-            float(scale),
-            float(shards.precond_floor),
-            PRECOND=shards.preconditioned,
-            ALIGNED=launch.aligned,
-            BLOCK=block,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+    """targets <- cast(theta + scale * P g), one read of theta, g (and v, where the gradient
+    does not hold P g already) and one write per element."""
+    nonempty = _nonempty(shards)
+    held = [i for i in nonempty if shards.holds_direction(i)]
+    built = [i for i in nonempty if not shards.holds_direction(i)]
+    for indices, precond in ((held, False), (built, shards.preconditioned)):
+        fields = ["thetas", "grads", "targets", *(["second_moments"] if precond else [])]
+        for launch in _launches(shards, indices, fields, block):
+            theta, grad, target = launch.bases[:3]
+            _perturb_kernel[(launch.n_tiles,)](
+                theta,
+                grad,
+                target,
+                launch.bases[-1],  # the second moment; unused without P
+                launch.table,
+                launch.consts,
+                launch.tile_shard,
+                float(scale),
+                float(shards.precond_floor),
+                PRECOND=precond,
+                ALIGNED=launch.aligned,
+                BLOCK=block,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
 
 
 @torch.no_grad()
