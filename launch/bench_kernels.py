@@ -80,6 +80,8 @@ def naive_restore(shards: Shards) -> None:
 
 
 NAIVE = Kernels("naive", naive_norm_sums, naive_perturb, naive_restore)
+IMPLEMENTATIONS = ("fused", "torch", "naive")
+OPS = ("norm", "perturb", "restore")
 
 
 # ----- shards and timing ---------------------------------------------------------------------
@@ -116,16 +118,28 @@ def make_shards(
 
 
 def op_bytes(shards: Shards, op: str) -> int:
-    """Bytes each op must read and write at least once (tables and partial sums excluded)."""
+    """Bytes each op must read and write at least once (tables and partial sums excluded), as a
+    step runs it: norm_sums writes P g over the fp32 gradients it preconditions, and perturb
+    reads it there instead of the second moment."""
 
     def size(tensors: list[torch.Tensor] | None) -> int:
         return sum(t.numel() * t.element_size() for t in tensors or [])
 
+    stored = [i for i in range(len(shards)) if shards.stores_direction(i) and shards.counted[i]]
     moments = size(shards.second_moments)
+    stored_moments = size([shards.second_moments[i] for i in stored]) if stored else 0
+    if op == "floor":
+        return moments
     if op == "norm":
-        return size(shards.grads) + moments
+        return size(shards.grads) + moments + size([shards.grads[i] for i in stored])
     if op == "perturb":
-        return size(shards.thetas) + size(shards.grads) + moments + size(shards.targets)
+        return (
+            size(shards.thetas)
+            + size(shards.grads)
+            + moments
+            - stored_moments
+            + size(shards.targets)
+        )
     return size(shards.thetas) + size(shards.targets)
 
 
@@ -134,17 +148,41 @@ def run_op(kernels: Kernels, op: str, shards: Shards) -> None:
         kernels.norm_sums(shards)
     elif op == "perturb":
         kernels.perturb(shards, 0.05)
+    elif op == "floor":  # the precond floor's statistic: sum of v over the shards
+        torch._foreach_norm(shards.second_moments, 1)
     else:
         kernels.restore(shards)
 
 
-def timed(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3) -> float:
-    """Best seconds per call over about budget_s of calls, after warm-up (compilation).
+def step_state(kernels: Kernels, op: str, shards: Shards) -> Callable[[], None]:
+    """What a step has done before `op` (untimed): new gradients (norm_sums replaces the fp32
+    ones by P g when preconditioned), and before perturb, the sums that stored P g."""
+    pass_1 = [g.clone() for g in shards.grads]
+
+    def prepare() -> None:
+        shards.directions.clear()
+        torch._foreach_copy_(shards.grads, pass_1)
+        if op == "perturb":
+            kernels.norm_sums(shards)
+
+    return prepare
+
+
+def timed(
+    fn: Callable[[], object],
+    device: torch.device,
+    budget_s: float = 0.3,
+    prepare: Callable[[], object] | None = None,
+) -> float:
+    """Best seconds per call over about budget_s of calls, after warm-up (compilation);
+    `prepare` runs untimed before each call.
 
     The best rather than the median: it is the kernel's own cost, least disturbed by other work
     on a shared machine."""
 
     def once() -> float:
+        if prepare:
+            prepare()
         sync()
         start = time.perf_counter()
         fn()
@@ -185,32 +223,50 @@ def benchmark(args: argparse.Namespace, device: torch.device, fused: Kernels | N
     impls = {"fused": fused, "torch": get_kernels("torch"), "naive": NAIVE}
     sizes = [int(s) for s in args.sizes if s <= args.total]
     for params in args.params:
-        for precond in (True, False):
-            for size in sizes:
-                n_shards = max(1, int(args.total) // size)
+        for size in sizes:
+            n_shards = max(1, int(args.total) // size)
+            per_step = {}  # (precond, implementation): seconds of the ops a SAM step runs
+            for precond in (False, True):
                 shards = make_shards([size] * n_shards, params, precond, device)
-                for op in ("norm", "perturb", "restore"):
+                for op in ("floor", "norm", "perturb", "restore") if precond else OPS:
                     times = {
-                        name: timed(functools.partial(run_op, kernels, op, shards), device)
+                        name: timed(
+                            functools.partial(run_op, kernels, op, shards),
+                            device,
+                            prepare=step_state(kernels, op, shards),
+                        )
                         for name, kernels in impls.items()
                         if kernels is not None
                     }
-                    row = f"{op:8}{params:>7}{'y' if precond else 'n':>3}{size:>10.0e}{n_shards:>7}"
-                    row += "".join(
-                        f"{times[n] * 1e3:>11.3f}" if n in times else f"{'-':>11}" for n in impls
-                    )
-                    if fused:
-                        fused_s = times["fused"]
-                        gbs = op_bytes(shards, op) / fused_s / 1e9
-                        row += f"{times['torch'] / fused_s:>13.2f}{times['naive'] / fused_s:>13.2f}"
-                        row += f"{gbs:>12.0f}" + (
-                            f"{100 * gbs / peak:>7.0f}%" if peak else "       ?"
-                        )
-                    row += f"{times['naive'] / times['torch']:>13.2f}"
-                    print(row, flush=True)
+                    for name, seconds in times.items():
+                        per_step[precond, name] = per_step.get((precond, name), 0.0) + seconds
+                    print(_row(op, params, precond, size, n_shards, times, shards, fused, peak))
                 del shards
+            ratios = ", ".join(
+                f"{name} x{per_step[True, name] / per_step[False, name]:.2f}"
+                for name in impls
+                if (True, name) in per_step
+            )
+            print(
+                f"  precond / plain, the kernels of one SAM step (floor, norm, perturb, "
+                f"restore): {ratios}",
+                flush=True,
+            )
     if skipped := [f"{s:.0e}" for s in args.sizes if s > args.total]:
         print(f"(shard sizes {', '.join(skipped)} exceed --total {args.total:.0e}: skipped)")
+
+
+def _row(op, params, precond, size, n_shards, times, shards, fused, peak) -> str:
+    row = f"{op:8}{params:>7}{'y' if precond else 'n':>3}{size:>10.0e}{n_shards:>7}"
+    row += "".join(
+        f"{times[n] * 1e3:>11.3f}" if n in times else f"{'-':>11}" for n in IMPLEMENTATIONS
+    )
+    if fused:
+        fused_s = times["fused"]
+        gbs = op_bytes(shards, op) / fused_s / 1e9
+        row += f"{times['torch'] / fused_s:>13.2f}{times['naive'] / fused_s:>13.2f}"
+        row += f"{gbs:>12.0f}" + (f"{100 * gbs / peak:>7.0f}%" if peak else "       ?")
+    return row + f"{times['naive'] / times['torch']:>13.2f}"
 
 
 def sweep_blocks(args: argparse.Namespace, device: torch.device) -> None:

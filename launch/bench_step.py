@@ -9,8 +9,10 @@ measured in the same run, plus the split of the SAM step into pass 1 / perturb /
 (pass 3) / optimizer. The ideal ratio is about 2 (two forward-backward passes); what exceeds
 it is SAM's own cost. Modes that thin out SAM steps (`fsam every 4`: sam_interval=4) are
 judged by the mean over many steps (--steps 40: ideally 1.25).
-The last line is Func-SAM's own cost over SAM: the median over rounds of fsam's step time
-minus sam's in the same round, in ms and as a fraction of that round's AdamW step.
+The last lines are the precondition's cost, fsam precond's step time over fsam's (the median
+of each round's ratio, and the ratio of the medians), and Func-SAM's own cost over SAM: the
+median over rounds of fsam's step time minus sam's in the same round, in ms and as a fraction
+of that round's AdamW step.
 
 `--config` times the model of a run file (mixture of experts and multi-token prediction
 included) with its sequence length and micro-batch size, in one process: every expert on
@@ -98,6 +100,14 @@ def main() -> None:
             f"{name:>14}: median {median * 1e3:8.1f} ms/step x{median / baseline:.2f}, "
             f"mean {mean * 1e3:8.1f} ms/step x{mean / baseline_mean:.2f} of adamw"
             f"  ({split} ms)"
+        )
+    if "fsam" in times and "fsam precond" in times:
+        ratios = [p / f for p, f in zip(times["fsam precond"], times["fsam"], strict=True)]
+        of_medians = statistics.median(times["fsam precond"]) / statistics.median(times["fsam"])
+        print(
+            f"precond overhead: fsam precond / fsam x{statistics.median(ratios):.3f} (median of "
+            f"{len(ratios)} rounds' ratios; range {min(ratios):.3f} .. {max(ratios):.3f}); "
+            f"medians x{of_medians:.3f}"
         )
     if "fsam" in times and "sam" in times:
         gaps = [f - s for f, s in zip(times["fsam"], times["sam"], strict=True)]
@@ -206,7 +216,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=9, help="timed rounds")
     parser.add_argument(
         "--modes",
         nargs="+",
