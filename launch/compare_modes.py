@@ -1,24 +1,58 @@
-"""Final eval loss of AdamW, SAM and Func-SAM (plain and preconditioned) over several seeds.
+"""Eval loss of AdamW, SAM and Func-SAM (plain and preconditioned) over several seeds, at equal
+steps or at equal compute.
 
     python launch/compare_modes.py --config configs/demo_cpu.yaml --seeds 1 2 3 [--nproc 2]
     python launch/compare_modes.py --modes adamw "precond fsam" "precond angle 45" logit
+    python launch/compare_modes.py --budget 240 --modes adamw fsam "precond fsam every 4"
 
 --modes picks among the modes below (default: the paper's Table 1 five); every other
 `sam.*` setting comes from the config or the trailing overrides.
 
-Trains one run per (mode, seed) with torchrun, each with its own TensorBoard directory
-under --out, and prints the final eval loss per mode as mean and spread: the small-scale
-counterpart of the paper's Table 1.
+Equal steps (no --budget): every run trains the run file's steps; the table gives the final
+eval loss per mode as mean and spread over the seeds (the small-scale counterpart of the
+paper's Table 1) and the forward-backward passes each mode spent.
+
+Equal compute (--budget PASSES): every run gets the same number of forward-backward passes,
+one pass being the step's global batch once forward and backward through the network (a
+budget in tokens is PASSES x global_batch_size x seq_length). A plain step (AdamW, the plain
+steps of sam_interval / sam_probability, and the steps whose rho is still 0 at the start of
+a rho warm-up) costs 1 pass, a SAM step 2 (3 for the exact angle form). Each run trains the
+most steps whose passes fit in the budget (`steps_for_budget`: the schedule of
+megatron_fsam.schedules, step by step; for sam_probability the seeded draw of that run, so
+the count is exact and differs between seeds), with train.train_steps set to that count so
+that its LR schedule (warm-up, then decay to the end) spans its own run. The table gives the
+eval loss at equal steps (the step count of the most expensive run; every run evaluates
+there, the eval interval lowered to a divisor of that count when needed) and at equal
+compute (each run's final eval loss). At equal steps the cheaper runs are mid-schedule:
+their learning rate has not decayed yet. Passes count training only: evaluation and the
+sharpness diagnostics (diagnostics.sharpness_interval) are left out of the budget.
+
+Each (mode, seed) trains with torchrun in its own TensorBoard directory under --out
+(`<mode>_seed<seed>`, its console output in `stdout.log` there; a rerun replaces both), and
+--out/compare.json lists the runs, their steps and the passes spent at every eval step, for
+`python launch/plot.py passes OUT --out passes.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # this tree's megatron_fsam, not another installed copy
+
+from megatron_fsam.config import SAMConfig  # noqa: E402
+from megatron_fsam.modes import recipe_for  # noqa: E402
+from megatron_fsam.schedules import is_sam_step, rho_at  # noqa: E402
 
 MODES = {
     "adamw": ["sam.mode=adamw"],
@@ -31,47 +65,275 @@ MODES = {
     "logit": ["sam.mode=logit", "sam.precond=false"],
     "precond logit": ["sam.mode=logit", "sam.precond=true"],
     "precond fsam every 4": ["sam.mode=fsam", "sam.precond=true", "sam.sam_interval=4"],
+    "precond fsam p 0.25": ["sam.mode=fsam", "sam.precond=true", "sam.sam_probability=0.25"],
 }
 TABLE_1 = ["adamw", "sam", "precond sam", "fsam", "precond fsam"]
-ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = "compare.json"
 
 
-def main() -> int:
+# ----- the cost of a run in forward-backward passes ---------------------------------------
+
+
+def step_passes(sam: SAMConfig, step: int) -> int:
+    """Forward-backward passes of the step after `step` completed steps (as SAMStep counts:
+    the first step is step 0): 1 for a plain step (mode adamw, rho 0, or not a SAM step of
+    sam_interval / sam_probability), else the mode's 2 (3 for the exact angle form).
+
+    `sam.seed` must be the seed the run draws with (pretrain.py: train.seed when unset).
+    """
+    if not sam.sam_enabled or rho_at(sam, step) == 0.0 or not is_sam_step(sam, step):
+        return 1
+    return recipe_for(sam).passes
+
+
+def steps_for_budget(sam: SAMConfig, budget: int) -> tuple[int, int]:
+    """The most optimizer steps whose passes fit in `budget`, and the passes they spend."""
+    if budget < 1:
+        raise ValueError(f"the budget must be at least 1 pass, got {budget}")
+    steps = spent = 0
+    while spent + (cost := step_passes(sam, steps)) <= budget:
+        spent += cost
+        steps += 1
+    return steps, spent
+
+
+def passes_at(sam: SAMConfig, steps: int, at: set[int] | None = None) -> dict[int, int]:
+    """Passes spent after each of the steps `at` (1-based step numbers, as logged; all of
+    1..steps when None)."""
+    spent, out = 0, {}
+    for step in range(steps):
+        spent += step_passes(sam, step)
+        if at is None or step + 1 in at:
+            out[step + 1] = spent
+    return out
+
+
+def eval_steps(steps: int, eval_interval: int) -> set[int]:
+    """The steps pretrain.py evaluates at: every eval_interval-th and the last."""
+    return {s for s in range(eval_interval, steps + 1, eval_interval)} | {steps}
+
+
+def eval_interval_through(step: int, eval_interval: int) -> int:
+    """The largest divisor of `step` not above `eval_interval`: an interval that evaluates at
+    `step` (and as seldom as the run file asks, or a little more often)."""
+    return max(d for d in range(1, min(step, eval_interval) + 1) if step % d == 0)
+
+
+def run_sam_config(config: str, overrides: list[str]) -> tuple[SAMConfig, int, int]:
+    """(the SAM settings with the seed the run draws with, train steps, eval interval) of a
+    run file with overrides, as pretrain.py resolves them."""
+    from megatron_fsam.run_config import load_run_config  # megatron-core: imported on use
+
+    cfg = load_run_config(config, overrides)
+    sam = cfg.sam if cfg.sam.seed is not None else replace(cfg.sam, seed=cfg.train.seed)
+    return sam, cfg.total_steps, cfg.train.eval_interval
+
+
+# ----- running the comparison ------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    mode: str
+    seed: int
+    settings: list[str]
+    steps: int
+    passes: int  # spent by the whole run
+    eval_interval: int
+    sam: SAMConfig  # with the seed the run draws with
+    passes_at: dict[int, int] = field(default_factory=dict)  # at the eval steps
+    evals: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode.replace(' ', '_')}_seed{self.seed}"
+
+
+def plan(args) -> list[Run]:
+    """Every (seed, mode) run with its steps and passes, before anything trains."""
+    runs = []
+    for seed in args.seeds:
+        for mode in args.modes:
+            settings = [*MODES[mode], f"train.seed={seed}"]
+            sam, steps, interval = run_sam_config(args.config, [*settings, *args.overrides])
+            if args.budget is None:
+                spent = passes_at(sam, steps, {steps})[steps]
+            else:
+                steps, spent = steps_for_budget(sam, args.budget)
+                if steps == 0:
+                    raise ValueError(f"{mode} cannot take one step in {args.budget} passes")
+            runs.append(Run(mode, seed, settings, steps, spent, interval, sam))
+    if args.budget is not None:
+        equal = min(run.steps for run in runs)
+        for run in runs:
+            run.eval_interval = eval_interval_through(equal, run.eval_interval)
+            # validates the run as it will train (e.g. a warm-up longer than its steps)
+            run_sam_config(args.config, run_overrides(args, run))
+    for run in runs:
+        run.passes_at = passes_at(run.sam, run.steps, eval_steps(run.steps, run.eval_interval))
+    return runs
+
+
+def run_overrides(args, run: Run) -> list[str]:
+    """What a run trains with after the run file: mode, seed, the trailing overrides, and
+    under a budget its own steps and eval interval."""
+    budget = [f"train.train_steps={run.steps}", f"train.eval_interval={run.eval_interval}"]
+    return [*run.settings, *args.overrides, *(budget if args.budget is not None else [])]
+
+
+def train(args, run: Run) -> None:
+    """One run with torchrun; its eval losses from the console into run.evals."""
+    directory = Path(args.out) / run.name
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("events.out.tfevents.*"):
+        old.unlink()  # a rerun replaces the run
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+        "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.py"),
+        "--config", args.config, "checkpoint.save_dir=null", "checkpoint.save_interval=null",
+        f"logging.tensorboard_dir={directory}", *run_overrides(args, run),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=child_env())
+    (directory / "stdout.log").write_text(result.stdout + result.stderr)
+    run.evals = {int(s): float(v) for s, v in EVAL_LINE.findall(result.stdout)}
+    if result.returncode != 0 or run.steps not in run.evals:
+        raise SystemExit(f"{run.name} failed:\n{result.stderr[-3000:]}")
+
+
+EVAL_LINE = re.compile(r"^step\s+(\d+) \| eval loss ([-+0-9.naninf]+)$", re.M)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a training process: this tree first on the import path."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_manifest(args, runs: list[Run]) -> Path:
+    """--out/compare.json: what plot.py's `passes` command reads."""
+    path = Path(args.out) / MANIFEST
+    path.write_text(
+        json.dumps(
+            {
+                "config": args.config,
+                "overrides": args.overrides,
+                "budget": args.budget,
+                "runs": [
+                    {
+                        "label": run.mode,
+                        "seed": run.seed,
+                        "tensorboard": run.name,
+                        "steps": run.steps,
+                        "passes": run.passes,
+                        "passes_at": {str(s): p for s, p in run.passes_at.items()},
+                    }
+                    for run in runs
+                ],
+            },
+            indent=1,
+        )
+    )
+    return path
+
+
+def mean_spread(values: list[float]) -> str:
+    """Mean +- sample standard deviation (the value alone for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
+
+
+def span(values: list[int]) -> str:
+    return str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+def table(runs: list[Run], budget: int | None) -> str:
+    """The comparison as a Markdown table, one row per mode (mean +- std over seeds)."""
+    modes = list(dict.fromkeys(run.mode for run in runs))
+    rows = {mode: [run for run in runs if run.mode == mode] for mode in modes}
+    if budget is None:
+        lines = ["| mode | steps | passes | final eval loss |", "|---|---|---|---|"]
+        for mode, group in rows.items():
+            lines.append(
+                f"| {mode} | {span([r.steps for r in group])} | "
+                f"{span([r.passes for r in group])} | "
+                f"{mean_spread([r.evals[r.steps] for r in group])} |"
+            )
+        return "\n".join(lines)
+    equal = min(run.steps for run in runs)
+    lines = [
+        f"| mode | steps | passes | passes / step | eval loss at step {equal} (equal steps) "
+        f"| eval loss at {budget} passes (equal compute) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, group in rows.items():
+        per_step = statistics.mean(r.passes / r.steps for r in group)
+        lines.append(
+            f"| {mode} | {span([r.steps for r in group])} | {span([r.passes for r in group])} "
+            f"| {per_step:.3f} | {mean_spread([r.evals[equal] for r in group])} "
+            f"| {mean_spread([r.evals[r.steps] for r in group])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo_cpu.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=TABLE_1)
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun)")
-    parser.add_argument("--out", default="runs/compare", help="TensorBoard root")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        metavar="PASSES",
+        help="equal compute: forward-backward passes (global batches) every run may spend",
+    )
+    parser.add_argument(
+        "--out", help="TensorBoard root (default runs/compare, or runs/compare_<PASSES>passes)"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value for every run")
-    args = parser.parse_args()
-    losses: dict[str, list[float]] = {mode: [] for mode in args.modes}
-    for seed in args.seeds:
-        for mode in args.modes:
-            loss = _final_eval_loss(args, mode, seed, MODES[mode])
-            losses[mode].append(loss)
-            print(f"{mode:>20}  seed {seed}: eval loss {loss:.4f}", flush=True)
-    print(f"\n{'mode':>20}  final eval loss over seeds {args.seeds}")
-    for mode, values in losses.items():
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"{mode:>20}  {statistics.mean(values):.4f} +- {spread:.4f}")
+    args = parser.parse_args(argv)
+    default_out = "runs/compare" if args.budget is None else f"runs/compare_{args.budget}passes"
+    args.out = args.out or default_out
+    try:
+        runs = plan(args)
+    except ValueError as error:  # ConfigError too
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    equal = min(run.steps for run in runs)
+    if args.budget is not None:
+        print(f"budget {args.budget} passes; equal steps: step {equal}", flush=True)
+        _, _, asked = run_sam_config(args.config, args.overrides)
+        if any(run.eval_interval != asked for run in runs):
+            print(
+                f"(the run file evaluates every {asked} steps; {equal} is not a multiple of it, "
+                "so the runs evaluate more often: a budget whose equal-step count is a "
+                "multiple keeps the interval)",
+                flush=True,
+            )
+        for run in runs:
+            print(
+                f"{run.mode:>20}  seed {run.seed}: {run.steps} steps, {run.passes} passes, "
+                f"eval every {run.eval_interval}",
+                flush=True,
+            )
+    for run in runs:
+        train(args, run)
+        at = f"at step {equal} {run.evals[equal]:.4f}, " if args.budget is not None else ""
+        print(
+            f"{run.mode:>20}  seed {run.seed}: {at}eval loss {run.evals[run.steps]:.4f}", flush=True
+        )
+    write_manifest(args, runs)
+    what = "final eval loss" if args.budget is None else f"equal compute, {args.budget} passes"
+    print(f"\n{what}; mean +- std over seeds {' '.join(map(str, args.seeds))} ({args.config})\n")
+    print(table(runs, args.budget))
     return 0
-
-
-def _final_eval_loss(args, mode: str, seed: int, settings: list[str]) -> float:
-    name = f"{mode.replace(' ', '_')}_seed{seed}"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-        "--master_port", str(29700 + seed), str(ROOT / "launch" / "pretrain.py"),
-        "--config", args.config, *settings, f"train.seed={seed}",
-        "checkpoint.save_dir=null", "checkpoint.save_interval=null",
-        f"logging.tensorboard_dir={Path(args.out) / name}", *args.overrides,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    losses = re.findall(r"eval loss ([0-9.]+)", result.stdout)
-    if result.returncode != 0 or not losses:
-        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-    return float(losses[-1])
 
 
 if __name__ == "__main__":
