@@ -286,7 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo_cpu.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=TABLE_1)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=TABLE_1,
+        metavar="MODE",
+        help=f"among: {', '.join(MODES)} (default: {', '.join(TABLE_1)})",
+    )
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun)")
     parser.add_argument(
         "--budget",

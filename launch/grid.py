@@ -136,7 +136,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="NAME CONFIG [OVERRIDE ...]: a size, its run file and overrides (repeatable; "
         "replaces --sizes)",
     )
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=TABLE_1)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=TABLE_1,
+        metavar="MODE",
+        help=f"among: {', '.join(MODES)} (default: {', '.join(TABLE_1)})",
+    )
     parser.add_argument("--rhos", type=float, nargs="+", default=RHOS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--nproc", type=int, default=1, help="ranks (GPUs) per run")
