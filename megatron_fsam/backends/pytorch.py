@@ -37,10 +37,12 @@ class TorchBackend(ShardBackend):
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         clip_grad_norm: float | None = None,
+        step_optimizer: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
+        self.step_optimizer = step_optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         _check(model, self.params)
         self.layout = _layout_of(model, self.params)
@@ -101,7 +103,10 @@ class TorchBackend(ShardBackend):
 
     def optimizer_step(self) -> tuple[bool, float | None, None]:
         """Clip the SAM gradient (if asked) and step the optimizer; the caller's LR scheduler
-        steps after."""
+        steps after. With step_optimizer=False the caller steps: `param.grad` holds the SAM
+        gradient and the params theta."""
+        if not self.step_optimizer:
+            return True, None, None
         grad_norm = None
         if self.clip_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm, foreach=True)

@@ -30,9 +30,13 @@ LOGITS_MODULES = ("lm_head", "output_layer")
 class FuncSAM(MicrobatchSAM):
     """The SAM step around a DeepSpeed engine built by `deepspeed.initialize`."""
 
-    def __init__(self, config: SAMConfig, engine) -> None:
+    def __init__(self, config: SAMConfig, engine, *, scale_wrt_gas: bool = True) -> None:
+        """scale_wrt_gas=False: forward's loss is scaled already (a Trainer's), so the engine
+        does not divide it by gradient_accumulation_steps, and a step may have fewer
+        micro-batches (the end of an epoch)."""
         config.validate()
         self.engine = self.model = engine
+        self.scale_wrt_gas = scale_wrt_gas
         backend = DeepSpeedBackend(engine)
         if config.precond and config.sam_enabled:
             backend.check_second_moments()
@@ -42,8 +46,9 @@ class FuncSAM(MicrobatchSAM):
         self.metrics: dict[str, float | None] = {}
 
     def _check_batches(self, batches: list) -> None:
+        super()._check_batches(batches)
         accumulation = self.engine.gradient_accumulation_steps()
-        if len(batches) != accumulation:
+        if self.scale_wrt_gas and len(batches) != accumulation:
             raise ValueError(
                 f"megatron_fsam: train_step got {len(batches)} micro-batches, but the engine "
                 f"accumulates {accumulation} (gradient_accumulation_steps)"
@@ -51,8 +56,8 @@ class FuncSAM(MicrobatchSAM):
 
     def _backward(self, forward: Forward, batch, index: int, count: int):
         """engine.backward with the accumulation boundary on the pass's last micro-batch (the
-        engine scales the loss by 1 / gradient_accumulation_steps)."""
+        engine scales the loss by 1 / gradient_accumulation_steps unless told otherwise)."""
         self.engine.set_gradient_accumulation_boundary(index == count - 1)
         loss = forward(self.engine, batch)
-        self.engine.backward(loss)
+        self.engine.backward(loss, scale_wrt_gas=self.scale_wrt_gas)
         return loss

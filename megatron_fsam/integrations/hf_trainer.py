@@ -52,7 +52,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -62,12 +61,11 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
-from megatron_fsam.backends.pytorch import TorchBackend
 from megatron_fsam.config import SAMConfig
-from megatron_fsam.integrations.microbatches import Forward, MicrobatchSAM
+from megatron_fsam.integrations.microbatches import MicrobatchSAM
+from megatron_fsam.integrations.pytorch import FuncSAM
 
 logger = logging.getLogger("megatron_fsam")
-LOGITS_MODULES = ("lm_head", "output_layer")
 PREFIX = "sam/"  # the tags of the SAM scalars in the logs and in TensorBoard
 STATE_FILE = "sam_state.json"  # next to the Trainer's files in each checkpoint
 # Scalars that differ between ranks (averaged over them when logged); the others are global.
@@ -161,11 +159,19 @@ class FuncSAMTrainer(Trainer):
             self._fallback_steps = self.sam.fallback_steps
             if self.sam.gate is not None:
                 self.sam.gate.remove()
-        if self.is_deepspeed_enabled:
-            self.sam = _deepspeed_trainer_sam(self.sam_config, model)
-        else:
+        if self.is_deepspeed_enabled:  # the Trainer scaled the loss; the engine steps
+            from megatron_fsam.integrations.deepspeed import FuncSAM as DeepSpeedSAM
+
+            self.sam = DeepSpeedSAM(self.sam_config, model, scale_wrt_gas=False)
+        else:  # the Trainer clips and steps its optimizer and scheduler
             inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            self.sam = _TorchTrainerSAM(self.sam_config, model, inner, self.accelerator.backward)
+            self.sam = FuncSAM(
+                self.sam_config,
+                model,
+                inner,
+                step_optimizer=False,
+                backward=self.accelerator.backward,
+            )
         self.sam.fallback_steps = self._fallback_steps
         self._sam_for = key
         logger.info("megatron_fsam: SAM %s", self.sam_config.describe())
@@ -271,69 +277,6 @@ class _SAMStateSaver(TrainerCallback):
         fallback = sam.fallback_steps if sam is not None else self.trainer._fallback_steps
         with open(os.path.join(folder, STATE_FILE), "w") as file:
             json.dump({"iteration": state.global_step, "fallback_steps": fallback}, file)
-
-
-class _TorchBackendStepless(TorchBackend):
-    """The PyTorch backend with the optimizer step left to the Trainer: after the SAM step,
-    `param.grad` holds the SAM gradient and the params theta."""
-
-    def optimizer_step(self) -> tuple[bool, None, None]:
-        return True, None, None
-
-
-class _TorchTrainerSAM(MicrobatchSAM):
-    """The PyTorch-native front end (one process, DDP) with the Trainer's backward
-    (`accelerator.backward`) of losses the Trainer scaled, stepping no optimizer."""
-
-    def __init__(
-        self,
-        config: SAMConfig,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        backward: Callable[[torch.Tensor], None],
-    ) -> None:
-        config.validate()
-        self.model = model  # what the forward calls: torch_compile's wrapper, if any
-        self.optimizer = optimizer
-        self._backward_loss = backward
-        wrapped = getattr(model, "_orig_mod", model)  # DDP (or the model) under torch.compile
-        backend = _TorchBackendStepless(wrapped, optimizer)
-        if config.precond and config.sam_enabled:
-            backend.check_second_moments()
-        super().__init__(config, backend, [wrapped], last_stage=True, logits_names=LOGITS_MODULES)
-        self.metrics: dict[str, float | None] = {}
-
-    def train_step(self, batches, forward: Forward, *, log_step: bool = False) -> float | None:
-        loss = super().train_step(batches, forward, log_step=log_step)
-        if self.metrics["skipped"]:
-            self.backend.zero_grads()  # every param.grad None: the optimizer step changes nothing
-        return loss
-
-    def _backward(self, forward: Forward, batch, index: int, count: int) -> torch.Tensor:
-        with self.backend.gradient_sync(index == count - 1):
-            loss = forward(self.model, batch)
-            self._backward_loss(loss)
-        return loss
-
-
-def _deepspeed_trainer_sam(config: SAMConfig, engine) -> MicrobatchSAM:
-    """The DeepSpeed front end with the Trainer's loss scaling: `engine.backward` without
-    DeepSpeed's own 1 / gradient_accumulation_steps (the Trainer scaled the loss), over
-    however many micro-batches the Trainer's step has (fewer at the end of an epoch).
-    Defined here so that only DeepSpeed runs import deepspeed."""
-    from megatron_fsam.integrations.deepspeed import FuncSAM
-
-    class DeepSpeedTrainerSAM(FuncSAM):
-        def _check_batches(self, batches: list) -> None:
-            MicrobatchSAM._check_batches(self, batches)
-
-        def _backward(self, forward: Forward, batch, index: int, count: int) -> torch.Tensor:
-            self.engine.set_gradient_accumulation_boundary(index == count - 1)
-            loss = forward(self.engine, batch)
-            self.engine.backward(loss, scale_wrt_gas=False)
-            return loss
-
-    return DeepSpeedTrainerSAM(config, engine)
 
 
 class _SkipAware:

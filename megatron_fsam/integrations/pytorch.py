@@ -15,9 +15,17 @@ last micro-batch, so the gradient is that of the mean loss over the step's micro
 all data-parallel ranks; then it clips the SAM gradient to `clip_grad_norm` (if given) and
 calls `optimizer.step()` once. The logit gate sits on the module named `lm_head` or
 `output_layer` (or `SAMConfig.logits_module`). fp16 with a GradScaler is refused.
+
+A loop that steps the optimizer itself (a Trainer: its clipping, optimizer and scheduler)
+passes `step_optimizer=False`: after `train_step` the params are theta and `param.grad` holds
+the SAM gradient (None everywhere on a skipped step, so that its optimizer step changes
+nothing), and `backward=` back-propagates each micro-batch's loss as that loop does (e.g.
+`accelerator.backward` of a loss its forward has scaled already).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -38,18 +46,31 @@ class FuncSAM(MicrobatchSAM):
         optimizer: torch.optim.Optimizer,
         *,
         clip_grad_norm: float | None = None,
+        step_optimizer: bool = True,
+        backward: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         config.validate()
-        self.model = model
+        self.model = model  # what forward is called with (a torch.compile wrapper, if any)
         self.optimizer = optimizer
-        backend = TorchBackend(model, optimizer, clip_grad_norm)
+        self._backward_loss = backward
+        wrapped = getattr(model, "_orig_mod", model)  # torch.compile'd: the module inside
+        backend = TorchBackend(wrapped, optimizer, clip_grad_norm, step_optimizer)
         if config.precond and config.sam_enabled:
             backend.check_second_moments()
-        super().__init__(config, backend, [model], last_stage=True, logits_names=LOGITS_MODULES)
+        super().__init__(config, backend, [wrapped], last_stage=True, logits_names=LOGITS_MODULES)
         self.metrics: dict[str, float | None] = {}
+
+    def train_step(self, batches, forward: Forward, *, log_step: bool = False) -> float | None:
+        loss = super().train_step(batches, forward, log_step=log_step)
+        if not self.backend.step_optimizer and self.metrics["skipped"]:
+            self.backend.zero_grads()  # every param.grad None: the caller's step changes nothing
+        return loss
 
     def _backward(self, forward: Forward, batch, index: int, count: int) -> torch.Tensor:
         with self.backend.gradient_sync(index == count - 1):
             loss = forward(self.model, batch)
-            (loss / count).backward()
+            if self._backward_loss is None:
+                (loss / count).backward()
+            else:
+                self._backward_loss(loss)
         return loss
