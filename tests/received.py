@@ -48,3 +48,20 @@ def relative_error(sam, received: Received, want: dict[str, torch.Tensor]) -> fl
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).sqrt().item()
+
+
+def clipping_errors(sam, received: Received, model, theta, batches, clip: float, rho: float):
+    """The received gradient against the fsam reference and against g, each rescaled to norm
+    `clip`: gradient clipping acts on the SAM gradient, so the first is small, the second not."""
+    from tests import reference
+
+    def clipped(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        norm = torch.sqrt(sum(v.double().square().sum() for v in grads.values()))
+        return {n: v * (clip / norm) for n, v in grads.items()}
+
+    fsam = reference.sam_gradient(model, theta, batches, mode="fsam", rho=rho)
+    g = reference.gradient(model, theta, batches)
+    return {
+        "vs_sam": relative_error(sam, received, clipped(fsam)),
+        "vs_g": relative_error(sam, received, clipped(g)),
+    }

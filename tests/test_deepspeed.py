@@ -19,7 +19,7 @@ import torch
 from megatron_fsam import SAMConfig
 from megatron_fsam.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
-from tests.received import Received, relative_error
+from tests.received import Received, clipping_errors, relative_error
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
 from tests.spawn import run_ranks
 
@@ -258,17 +258,7 @@ def _clipping(case: Case, batches, model, theta) -> dict[str, float]:
     clip norm, in the SAM gradient's direction (not g's)."""
     clip = 1e-3
     sam, received = _step(case, SAMConfig(mode="fsam", rho=0.05), batches, clipping=clip)
-    fsam = reference.sam_gradient(model, theta, batches, mode="fsam", rho=0.05)
-    g = reference.gradient(model, theta, batches)
-
-    def clipped(grads):
-        norm = torch.sqrt(sum(v.double().square().sum() for v in grads.values()))
-        return {n: v * (clip / norm) for n, v in grads.items()}
-
-    return {
-        "vs_sam": relative_error(sam, received, clipped(fsam)),
-        "vs_g": relative_error(sam, received, clipped(g)),
-    }
+    return clipping_errors(sam, received, model, theta, batches, clip, rho=0.05)
 
 
 def _checkpoint_holds_theta(case: Case, batches, directory: str) -> dict[str, bool]:

@@ -19,7 +19,7 @@ from megatron_fsam import SAMConfig
 from megatron_fsam.backends.shards import local
 from megatron_fsam.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
-from tests.received import Received, relative_error
+from tests.received import Received, clipping_errors, relative_error
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
 from tests.spawn import run_ranks
 
@@ -164,16 +164,8 @@ def _clipping(layout: str, batches, model, theta) -> dict[str, float]:
     clip = 1e-3
     sam = _sam(layout, SAMConfig(mode="fsam", rho=RHO), clip_grad_norm=clip)
     received = _steps(sam, batches)
-    fsam = reference.sam_gradient(model, theta, batches, mode="fsam", rho=RHO)
-    g = reference.gradient(model, theta, batches)
-
-    def clipped(grads):
-        norm = torch.sqrt(sum(v.double().square().sum() for v in grads.values()))
-        return {n: v * (clip / norm) for n, v in grads.items()}
-
     return {
-        "vs_sam": relative_error(sam, received, clipped(fsam)),
-        "vs_g": relative_error(sam, received, clipped(g)),
+        **clipping_errors(sam, received, model, theta, batches, clip, rho=RHO),
         "reported_norm_is_unclipped": sam.metrics["applied_grad_norm"] > clip,
     }
 
