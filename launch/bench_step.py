@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import statistics
 import sys
@@ -78,9 +79,17 @@ def main() -> None:
     sams = {name: build_sam(cfg, model_cfg, parallel, args.bf16) for name, cfg in modes}
     times = {name: [] for name in sams}
     phases = {name: {p: [] for p in PHASES} for name in sams}
+    names = list(sams)
     for round_ in range(args.warmup + args.steps):
-        for name, sam in sams.items():
-            run_step(sam, batches)
+        # Each round starts one mode further on, so that no mode always follows the same one.
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            sam = sams[name]
+            gc.collect()  # as timeit does: no collection of another mode's garbage in a step
+            gc.disable()
+            try:
+                run_step(sam, batches)
+            finally:
+                gc.enable()
             seconds = sam.phase_times()
             if round_ >= args.warmup:
                 times[name].append(sum(seconds.get(p, 0.0) for p in PHASES))
@@ -216,7 +225,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=9, help="timed rounds")
+    parser.add_argument("--steps", type=int, default=15, help="timed rounds")
     parser.add_argument(
         "--modes",
         nargs="+",
