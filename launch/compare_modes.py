@@ -282,10 +282,8 @@ def table(runs: list[Run], budget: int | None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/demo_cpu.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+def add_modes_argument(parser: argparse.ArgumentParser) -> None:
+    """--modes: which of MODES to run (this script's and the grid's)."""
     parser.add_argument(
         "--modes",
         nargs="+",
@@ -294,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODE",
         help=f"among: {', '.join(MODES)} (default: {', '.join(TABLE_1)})",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/demo_cpu.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    add_modes_argument(parser)
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun)")
     parser.add_argument(
         "--budget",

@@ -68,7 +68,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from launch import compare_modes  # noqa: E402
-from launch.compare_modes import MODES, TABLE_1  # noqa: E402
+from launch.compare_modes import MODES  # noqa: E402
 
 SIZES = ["2m", "h9", "h12", "h20", "h64"]
 RHOS = [0.01, 0.02, 0.05, 0.1, 0.2]
@@ -136,14 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="NAME CONFIG [OVERRIDE ...]: a size, its run file and overrides (repeatable; "
         "replaces --sizes)",
     )
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        choices=list(MODES),
-        default=TABLE_1,
-        metavar="MODE",
-        help=f"among: {', '.join(MODES)} (default: {', '.join(TABLE_1)})",
-    )
+    compare_modes.add_modes_argument(parser)
     parser.add_argument("--rhos", type=float, nargs="+", default=RHOS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--nproc", type=int, default=1, help="ranks (GPUs) per run")
