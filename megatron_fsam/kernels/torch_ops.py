@@ -39,9 +39,10 @@ def norm_sums(shards: Shards, chunk: int | None = None) -> torch.Tensor:
         g = _flat(g_buffer, batch)
         torch._foreach_copy_(g.split(_sizes(batch)), _views(shards.grads, batch))
         grad_sq = _dot(g, g, product)
-        if shards.preconditioned:
+        if shards.preconditioned:  # every P g built here: none is held before the sums
             pg = _flat(pg_buffer, batch)
-            directions = _direction(shards, batch, pg)
+            directions = list(pg.split(_sizes(batch)))
+            _precondition(directions, shards, batch, list(g.split(_sizes(batch))))
             sums += torch.stack((grad_sq, _dot(pg, pg, product), _dot(g, pg, product)))
             stored = [k for k, (i, _, _) in enumerate(batch) if shards.stores_direction(i)]
             if stored:
@@ -112,9 +113,10 @@ def _direction(shards: Shards, batch: list[_Piece], out: torch.Tensor) -> list[t
 def _precondition(
     out: list[torch.Tensor], shards: Shards, pieces: list[_Piece], grads: list[torch.Tensor]
 ) -> None:
-    """out <- P g = g / (max(sqrt(v * v_scale), floor) + eps) for the pieces."""
-    torch._foreach_copy_(out, _views(shards.second_moments, pieces))
-    torch._foreach_mul_(out, [shards.v_scales[i] for i, _, _ in pieces])
+    """out <- P g = g / (max(sqrt(v * v_scale), floor) + eps) for the pieces (v is read once,
+    scaled on the way in)."""
+    for o, v, (i, _, _) in zip(out, _views(shards.second_moments, pieces), pieces, strict=True):
+        torch.mul(v, shards.v_scales[i], out=o)
     torch._foreach_sqrt_(out)
     if shards.precond_floor:  # skipped at 0: P keeps the bits it has without a floor
         torch._foreach_clamp_min_(out, shards.precond_floor)
