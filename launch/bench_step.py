@@ -50,12 +50,14 @@ from megatron_fsam.parallel import (
 from megatron_fsam.run_config import AUTO_VOCAB, load_run_config
 
 PHASES = ("time_pass1", "time_perturb", "time_pass2", "time_pass3", "time_optimizer")
+# Modes compared with each other (sam and fsam, fsam and fsam precond) sit next to each other:
+# in most rounds they run back to back, so the machine's slow drifts touch both alike.
 MODES = {
     "adamw": SAMConfig(mode="adamw"),
     "sam": SAMConfig(mode="sam"),
     "fsam": SAMConfig(mode="fsam"),
-    "fsam recompute": SAMConfig(mode="fsam", cotangent_memory="recompute"),
     "fsam precond": SAMConfig(mode="fsam", precond=True),
+    "fsam recompute": SAMConfig(mode="fsam", cotangent_memory="recompute"),
     "angle 45": SAMConfig(mode="angle", angle=45.0),
     "angle 45 exact": SAMConfig(mode="angle", angle=45.0, angle_impl="exact"),
     "fsam every 4": SAMConfig(mode="fsam", sam_interval=4),

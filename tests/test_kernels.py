@@ -214,6 +214,21 @@ def test_precond_floor_matches_float64_reference(backend: str):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_second_moments_are_scaled_in_fp32(backend: str):
+    """A bf16 optimizer state (torch's AdamW on bf16 params keeps one) enters P as its fp32
+    value: v * v_scale rounded to bf16 first would be ~2^-9 off, far beyond the tolerance."""
+    norm_sums, perturb, _ = kernels_for(backend)
+    shards = make_shards("fp32", "fp32", True, device_for(backend))
+    shards.second_moments = [v.bfloat16() for v in shards.second_moments]
+    g = gradients(shards)
+    sums = norm_sums(shards)
+    torch.testing.assert_close(sums.cpu().double(), reference_sums(shards, g), rtol=1e-5, atol=0)
+    assert_gradients_after_norm_sums(shards, g)
+    perturb(shards, 0.1)
+    assert_close_to_reference(shards, 0.1, g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_precond_floor_zero_changes_no_bits(backend: str, monkeypatch):
     """A floor of 0 gives P without a floor, bit for bit: the bits of a floor below every
     sqrt(v * v_scale) (which max and clamp_min return unchanged); the torch kernels skip the
