@@ -113,14 +113,10 @@ def _direction(shards: Shards, batch: list[_Piece], out: torch.Tensor) -> list[t
 def _precondition(
     out: list[torch.Tensor], shards: Shards, pieces: list[_Piece], grads: list[torch.Tensor]
 ) -> None:
-    """out <- P g = g / (max(sqrt(v * v_scale), floor) + eps) for the pieces (an fp32 v is read
-    once, scaled on the way in; a low-precision one is cast first, as v * v_scale would be
-    rounded to its dtype)."""
-    for o, v, (i, _, _) in zip(out, _views(shards.second_moments, pieces), pieces, strict=True):
-        if v.dtype == torch.float32:
-            torch.mul(v, shards.v_scales[i], out=o)
-        else:
-            o.copy_(v).mul_(shards.v_scales[i])
+    """out <- P g = g / (max(sqrt(v * v_scale), floor) + eps) for the pieces (v cast to fp32
+    before it is scaled)."""
+    torch._foreach_copy_(out, _views(shards.second_moments, pieces))
+    torch._foreach_mul_(out, [shards.v_scales[i] for i, _, _ in pieces])
     torch._foreach_sqrt_(out)
     if shards.precond_floor:  # skipped at 0: P keeps the bits it has without a floor
         torch._foreach_clamp_min_(out, shards.precond_floor)
