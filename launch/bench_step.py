@@ -4,11 +4,14 @@
     python launch/bench_step.py --config configs/moe_demo_cpu.yaml   # a run file's model
 
 Runs as one process (on the CPU under the emulation when there is no GPU) and prints,
-for every SAM mode, the median and the mean step time and their ratios to the AdamW step
-measured in the same run, plus the split of the SAM step into pass 1 / perturb / pass 2 /
-(pass 3) / optimizer. The ideal ratio is about 2 (two forward-backward passes); what exceeds
-it is SAM's own cost. Modes that thin out SAM steps (`fsam every 4`: sam_interval=4) are
-judged by the mean over many steps (--steps 40: ideally 1.25).
+for every SAM mode, the median and the mean step time (ms) and three ratios to the AdamW step
+measured in the same run: "paired", the median over rounds of the mode's step over AdamW's in
+the same round (the steadiest: a shared machine's slow drifts touch both steps of a round
+alike), the ratio of the medians and the ratio of the means; then the split of the SAM step
+into pass 1 / perturb / pass 2 / (pass 3) / optimizer. The ideal ratio is about 2 (two
+forward-backward passes); what exceeds it is SAM's own cost. Modes that thin out SAM steps
+(`fsam every 4`: sam_interval=4) are judged by the ratio of the means over many steps
+(--steps 40: ideally 1.25).
 The last lines are the precondition's cost, fsam precond's step time over fsam's (the median
 of each round's ratio, and the ratio of the medians), and Func-SAM's own cost over SAM: the
 median over rounds of fsam's step time minus sam's in the same round, in ms and as a fraction
@@ -100,20 +103,24 @@ def main() -> None:
                         phases[name][p].append(seconds[p])
     baseline = statistics.median(times["adamw"])
     baseline_mean = statistics.mean(times["adamw"])
+    print(
+        f"{'mode':>14}  {'median':>8}  {'mean':>8}   x adamw: {'paired':>6} {'medians':>7} "
+        f"{'means':>6}   phases (median ms)"
+    )
     for name in sams:
         median, mean = statistics.median(times[name]), statistics.mean(times[name])
+        paired = statistics.median(_ratios(times[name], times["adamw"]))
         split = " ".join(
             f"{p.removeprefix('time_')} {statistics.median(v) * 1e3:.1f}"
             for p, v in phases[name].items()
             if v
         )
         print(
-            f"{name:>14}: median {median * 1e3:8.1f} ms/step x{median / baseline:.2f}, "
-            f"mean {mean * 1e3:8.1f} ms/step x{mean / baseline_mean:.2f} of adamw"
-            f"  ({split} ms)"
+            f"{name:>14}  {median * 1e3:8.1f}  {mean * 1e3:8.1f}            {paired:6.2f} "
+            f"{median / baseline:7.2f} {mean / baseline_mean:6.2f}   {split}"
         )
     if "fsam" in times and "fsam precond" in times:
-        ratios = [p / f for p, f in zip(times["fsam precond"], times["fsam"], strict=True)]
+        ratios = _ratios(times["fsam precond"], times["fsam"])
         of_medians = statistics.median(times["fsam precond"]) / statistics.median(times["fsam"])
         print(
             f"precond overhead: fsam precond / fsam x{statistics.median(ratios):.3f} (median of "
@@ -129,6 +136,11 @@ def main() -> None:
             f"range {min(gap_ratios):+.3f} .. {max(gap_ratios):+.3f})"
         )
     destroy_distributed()
+
+
+def _ratios(times: list[float], baseline: list[float]) -> list[float]:
+    """Each round's step time over the baseline's in the same round."""
+    return [t / b for t, b in zip(times, baseline, strict=True)]
 
 
 def _model(args: argparse.Namespace) -> GPTConfig:
