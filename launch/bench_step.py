@@ -13,7 +13,9 @@ forward-backward passes); what exceeds it is SAM's own cost. Modes that thin out
 (`fsam every 4`: sam_interval=4) are judged by the ratio of the means over many steps
 (--steps 40: ideally 1.25).
 The last lines are the precondition's cost, fsam precond's step time over fsam's (the median
-of each round's ratio, and the ratio of the medians), and Func-SAM's own cost over SAM: the
+of each round's ratio, and the ratio of the medians; then what precond adds outside the passes,
+which are the same work in both modes: the steadiest estimate, free of the passes' noise of a
+few percent a step on a shared machine), and Func-SAM's own cost over SAM: the
 median over rounds of fsam's step time minus sam's in the same round, in ms and as a fraction
 of that round's AdamW step.
 
@@ -127,6 +129,18 @@ def main() -> None:
             f"{len(ratios)} rounds' ratios; range {min(ratios):.3f} .. {max(ratios):.3f}); "
             f"medians x{of_medians:.3f}"
         )
+        # The passes are the same work in both modes; what precond adds is outside them.
+        own = {
+            p.removeprefix("time_"): statistics.median(phases["fsam precond"][p])
+            - statistics.median(phases["fsam"][p])
+            for p in ("time_perturb", "time_optimizer")
+        }
+        print(
+            "    outside the passes: "
+            + ", ".join(f"{p} {ms * 1e3:+.1f} ms" for p, ms in own.items())
+            + f" (medians) = x{1 + sum(own.values()) / statistics.median(times['fsam']):.3f} "
+            "of the fsam step"
+        )
     if "fsam" in times and "sam" in times:
         gaps = [f - s for f, s in zip(times["fsam"], times["sam"], strict=True)]
         gap_ratios = [g / a for g, a in zip(gaps, times["adamw"], strict=True)]
@@ -239,7 +253,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=15, help="timed rounds")
+    parser.add_argument("--steps", type=int, default=25, help="timed rounds")
     parser.add_argument(
         "--modes",
         nargs="+",
