@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_fsam.kernels import Kernels, get_kernels, triton_kernels  # noqa: E402
+from megatron_fsam.kernels import Kernels, get_kernels, torch_ops, triton_kernels  # noqa: E402
 from megatron_fsam.kernels.self_check import max_ulps  # noqa: E402
 from megatron_fsam.kernels.shards import Shards  # noqa: E402
 
@@ -149,7 +149,7 @@ def run_op(kernels: Kernels, op: str, shards: Shards) -> None:
     elif op == "perturb":
         kernels.perturb(shards, 0.05)
     elif op == "floor":  # the precond floor's statistic: sum of v over the shards
-        torch._foreach_norm(shards.second_moments, 1)
+        torch_ops.nonnegative_sums(shards.second_moments)
     else:
         kernels.restore(shards)
 

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron_fsam.kernels import Kernels, Shards
 from megatron_fsam.kernels.concentration import summed_over_groups
+from megatron_fsam.kernels.torch_ops import nonnegative_sums
 from megatron_fsam.perturbation import NormSums
 
 logger = logging.getLogger("megatron_fsam")
@@ -281,7 +282,7 @@ class ShardBackend:
             local = torch.zeros(2, dtype=torch.float64, device=self.device)
             if counted:
                 scales = [shards.v_scales[i] for i in counted]
-                scaled = _sums([shards.second_moments[i] for i in counted]).double()
+                scaled = nonnegative_sums([shards.second_moments[i] for i in counted]).double()
                 scaled *= torch.tensor(scales, dtype=torch.float64, device=scaled.device)
                 local[0] = scaled.sum()
                 local[1] = sum(shards.second_moments[i].numel() for i in counted)
@@ -355,11 +356,3 @@ def log_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)
         logger.warning("megatron_fsam: %s", message)
-
-
-def _sums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of each of these non-negative tensors: one multi-tensor launch on a GPU (their
-    L1 norms), one sum each on the CPU (where the norms' abs costs twice the time)."""
-    if tensors[0].device.type == "cpu":
-        return torch.stack([t.sum() for t in tensors])
-    return torch.stack(torch._foreach_norm(tensors, 1))

@@ -17,7 +17,14 @@ import torch
 
 from megatron_fsam.kernels.shards import Shards
 
-__all__ = ["CHUNK_NUMEL", "counted_directions", "norm_sums", "perturb", "restore"]
+__all__ = [
+    "CHUNK_NUMEL",
+    "counted_directions",
+    "nonnegative_sums",
+    "norm_sums",
+    "perturb",
+    "restore",
+]
 
 CHUNK_NUMEL = {"cuda": 1 << 24, "cpu": 1 << 18}
 
@@ -89,6 +96,16 @@ def counted_directions(shards: Shards, chunk: int | None = None) -> Iterator[tor
         flat = _flat(buffer, batch)
         _direction(shards, batch, flat)
         yield flat
+
+
+@torch.no_grad()
+def nonnegative_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of each of these non-negative tensors (the precond floor's statistic of v): one
+    multi-tensor launch on a GPU (their L1 norms), one sum each on the CPU (where the norms' abs
+    costs several times the time)."""
+    if tensors[0].device.type == "cpu":
+        return torch.stack([t.sum() for t in tensors])
+    return torch.stack(torch._foreach_norm(tensors, 1))
 
 
 def _direction(shards: Shards, batch: list[_Piece], out: torch.Tensor) -> list[torch.Tensor]:
