@@ -143,7 +143,7 @@ def main() -> None:
         )
     if "fsam" in times and "sam" in times:
         gaps = [f - s for f, s in zip(times["fsam"], times["sam"], strict=True)]
-        gap_ratios = [g / a for g, a in zip(gaps, times["adamw"], strict=True)]
+        gap_ratios = _ratios(gaps, times["adamw"])
         print(
             f"   fsam - sam: {statistics.median(gaps) * 1e3:+8.1f} ms/step  "
             f"{statistics.median(gap_ratios):+.3f} x adamw  (median of {len(gaps)} rounds; "

@@ -43,13 +43,14 @@ def norm_sums(shards: Shards, chunk: int | None = None) -> torch.Tensor:
     g_buffer, product = _buffer(shards, counted, chunk), _buffer(shards, counted, chunk)
     pg_buffer = _buffer(shards, counted, chunk) if shards.preconditioned else g_buffer
     for batch in _batches(shards, counted, chunk):
-        g = _flat(g_buffer, batch)
-        torch._foreach_copy_(g.split(_sizes(batch)), _views(shards.grads, batch))
+        g, sizes = _flat(g_buffer, batch), _sizes(batch)
+        g_pieces = list(g.split(sizes))
+        torch._foreach_copy_(g_pieces, _views(shards.grads, batch))
         grad_sq = _dot(g, g, product)
         if shards.preconditioned:  # every P g built here: none is held before the sums
             pg = _flat(pg_buffer, batch)
-            directions = list(pg.split(_sizes(batch)))
-            _precondition(directions, shards, batch, list(g.split(_sizes(batch))))
+            directions = list(pg.split(sizes))
+            _precondition(directions, shards, batch, g_pieces)
             sums += torch.stack((grad_sq, _dot(pg, pg, product), _dot(g, pg, product)))
             stored = [k for k, (i, _, _) in enumerate(batch) if shards.stores_direction(i)]
             if stored:
