@@ -34,8 +34,8 @@ import torch
 from launch.bench_step import build_sam, random_batches, run_step, single_process
 from megatron_fsam import SAMConfig
 from megatron_fsam.memory import LogitShapes, bytes_between_passes
-from megatron_fsam.models.gpt import GPTConfig
-from megatron_fsam.parallel import destroy_distributed
+from megatron_fsam.trainer.models.gpt import GPTConfig
+from megatron_fsam.trainer.parallel import destroy_distributed
 
 GiB = 2**30
 # The paper's largest Nanodo run (configs/nanodo_h64.yaml: 1.2B non-embedding parameters,

@@ -44,15 +44,20 @@ import torch
 
 from megatron_fsam import FuncSAM, SAMConfig, enable_cpu_emulation
 from megatron_fsam.backends.megatron import reset_loss_trackers
-from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
-from megatron_fsam.parallel import (
+from megatron_fsam.trainer.models.gpt import (
+    GPTConfig,
+    build_model_chunks,
+    forward_step,
+    transformer_config,
+)
+from megatron_fsam.trainer.parallel import (
     ParallelConfig,
     build_optimizer,
     destroy_distributed,
     initialize_distributed,
     wrap_model,
 )
-from megatron_fsam.run_config import AUTO_VOCAB, load_run_config
+from megatron_fsam.trainer.run_config import AUTO_VOCAB, load_run_config
 
 PHASES = ("time_pass1", "time_perturb", "time_pass2", "time_pass3", "time_optimizer")
 # Modes compared with each other (sam and fsam, fsam and fsam precond) sit next to each other:

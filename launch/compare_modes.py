@@ -122,7 +122,7 @@ def eval_interval_through(step: int, eval_interval: int) -> int:
 def run_sam_config(config: str, overrides: list[str]) -> tuple[SAMConfig, int, int]:
     """(the SAM settings with the seed the run draws with, train steps, eval interval) of a
     run file with overrides, as pretrain.py resolves them."""
-    from megatron_fsam.run_config import load_run_config  # megatron-core: imported on use
+    from megatron_fsam.trainer.run_config import load_run_config  # megatron-core: imported on use
 
     cfg = load_run_config(config, overrides)
     sam = cfg.sam if cfg.sam.seed is not None else replace(cfg.sam, seed=cfg.train.seed)

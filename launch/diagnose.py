@@ -33,10 +33,10 @@ from launch.pretrain import (
     parse_launched,
     setup_or_report,
 )
-from megatron_fsam.checkpoint import load_checkpoint
-from megatron_fsam.data import microbatch_iterator
 from megatron_fsam.diagnostics import hessian_metrics, pruning_curve, sharpness_composition
-from megatron_fsam.models.gpt import forward_step
+from megatron_fsam.trainer.checkpoint import load_checkpoint
+from megatron_fsam.trainer.data import microbatch_iterator
+from megatron_fsam.trainer.models.gpt import forward_step
 
 DEFAULT_SPARSITIES = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 

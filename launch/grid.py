@@ -191,7 +191,7 @@ def _sam_mode(mode: str) -> bool:
 
 def resolve(runs: list[GridRun]) -> None:
     """Steps, passes and data key per run from its run file (which this also validates)."""
-    from megatron_fsam.run_config import load_run_config
+    from megatron_fsam.trainer.run_config import load_run_config
 
     for run in runs:
         cfg = load_run_config(run.size.config, run.overrides)

@@ -28,19 +28,20 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_fsam import FuncSAM, enable_cpu_emulation
-from megatron_fsam.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from megatron_fsam.backends.shards import mean_over_ranks
 from megatron_fsam.compat.cpu import share_cpu_cores
-from megatron_fsam.data import GPTData, build_datasets, microbatch_iterator
 from megatron_fsam.diagnostics import sharpness_composition
-from megatron_fsam.models.gpt import build_model_chunks, forward_step, transformer_config
-from megatron_fsam.monitor import Monitor, SideLosses, UpdateNorm, mean_over_ranks
-from megatron_fsam.parallel import (
+from megatron_fsam.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from megatron_fsam.trainer.data import GPTData, build_datasets, microbatch_iterator
+from megatron_fsam.trainer.models.gpt import build_model_chunks, forward_step, transformer_config
+from megatron_fsam.trainer.monitor import Monitor, SideLosses, UpdateNorm
+from megatron_fsam.trainer.parallel import (
     build_optimizer,
     forward_backward_func,
     initialize_distributed,
     wrap_model,
 )
-from megatron_fsam.run_config import (
+from megatron_fsam.trainer.run_config import (
     CheckpointSettings,
     RunConfig,
     embedding_params,

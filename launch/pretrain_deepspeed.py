@@ -16,9 +16,9 @@ Logs go to the console and to TensorBoard (`logging.tensorboard_dir`) like the M
 point's.
 
 `model.family` picks the model: "nanodo" (TorchGPT), "llama" or "gpt2" (built by
-megatron_fsam/models/hf.py from the model section), or `model.hf_config` a transformers config
-JSON. At ZeRO stage 3 the model is built under `deepspeed.zero.Init` (each parameter
-partitioned as it is made), with the same weights as without it.
+megatron_fsam/trainer/models/hf.py from the model section), or `model.hf_config` a
+transformers config JSON. At ZeRO stage 3 the model is built under `deepspeed.zero.Init`
+(each parameter partitioned as it is made), with the same weights as without it.
 
 Checkpoints (`checkpoint.save_dir`, `save_interval`, `keep_last`) are DeepSpeed's,
 `save_dir/iter_XXXXXXX`, written at the end of a step (theta, never theta + eps) with the SAM
@@ -50,13 +50,14 @@ import deepspeed
 import torch
 
 from launch.pretrain import add_launcher_arguments, is_logging_rank, parse_launched
+from megatron_fsam.backends.shards import mean_over_ranks
 from megatron_fsam.compat.cpu import share_cpu_cores
-from megatron_fsam.data import build_datasets, microbatch_iterator
-from megatron_fsam.data.gpt_data import GPTData
 from megatron_fsam.deepspeed import FuncSAM
-from megatron_fsam.models.torch_gpt import TorchGPT, micro_batch_loss
-from megatron_fsam.monitor import Monitor, mean_over_ranks
-from megatron_fsam.run_config import (
+from megatron_fsam.trainer.data import build_datasets, microbatch_iterator
+from megatron_fsam.trainer.data.gpt_data import GPTData
+from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
+from megatron_fsam.trainer.monitor import Monitor
+from megatron_fsam.trainer.run_config import (
     CheckpointSettings,
     RunConfig,
     is_hugging_face,
@@ -164,7 +165,7 @@ def build_model(cfg: RunConfig, config: dict, data: GPTData):
         resolve_vocab_size(cfg, tokenizer, padded)
         with deepspeed.zero.Init(config_dict_or_path=config) if zero3 else nullcontext():
             return TorchGPT(cfg.model, seed=cfg.train.seed), micro_batch_loss
-    from megatron_fsam.models import hf
+    from megatron_fsam.trainer.models import hf
 
     hf_config = hf.model_config(
         cfg.model,

@@ -39,8 +39,8 @@ import torch  # noqa: E402
 
 from launch.pretrain import add_launcher_arguments, is_logging_rank, parse_launched  # noqa: E402
 from megatron_fsam.compat.cpu import share_cpu_cores  # noqa: E402
-from megatron_fsam.data import build_datasets  # noqa: E402
-from megatron_fsam.run_config import RunConfig, is_hugging_face, load_run_config  # noqa: E402
+from megatron_fsam.trainer.data import build_datasets  # noqa: E402
+from megatron_fsam.trainer.run_config import RunConfig, is_hugging_face, load_run_config  # noqa: E402
 
 SCHEDULES = {"cosine": "cosine_warmup_with_min_lr", "linear": "linear", "constant": "constant"}
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import TrainingArguments
 
     from megatron_fsam.hf import FuncSAMTrainer
-    from megatron_fsam.models import hf
+    from megatron_fsam.trainer.models import hf
 
     try:
         training = training_arguments(cfg, args.deepspeed, args.output_dir, TrainingArguments)

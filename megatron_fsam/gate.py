@@ -333,3 +333,42 @@ def find_logits_module(
                 if module_name == target or module_name.endswith("." + target):
                     return module
     return None
+
+
+# (config attribute, what the forward does with it after lm_head); a config whose attribute is
+# set (not None) transforms the logits non-linearly after the module the logit gate captures.
+_SOFTCAPS = (
+    # Gemma-2/3/3n/4, VaultGemma, NanoChat, Mistral-Large-4, ...: cap * tanh(logits / cap)
+    ("final_logit_softcapping", "soft-caps the logits after lm_head, cap * tanh(logits / cap)"),
+    # RecurrentGemma: the same, under another name
+    ("logits_soft_cap", "soft-caps the logits after lm_head, cap * tanh(logits / cap)"),
+)
+
+
+def post_head_logit_transform(module: torch.nn.Module) -> str | None:
+    """Why the Func-SAM logit gate on `lm_head` cannot follow this model, or None.
+
+    The gate records the cotangent at lm_head's output in pass 1 and replays it in pass 2.
+    That is Func-SAM's J(theta + eps)^T c(theta) on the logits the loss sees when those are
+    lm_head's output or a constant linear map of it: scaling by a constant (Cohere's
+    `logit_scale`, Granite's and HyperCLOVA X's `logits_scaling`, Falcon-H1's
+    `lm_head_multiplier`) multiplies J and the cotangent alike, so those pass. A non-linear
+    map after lm_head (tanh soft-capping) makes the replayed cotangent the soft-cap's
+    derivative at theta times c(theta), which is not Func-SAM's update. Duck-typed on
+    `module.config` (and its `text_config`); transformers is not imported.
+    """
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    for where, cfg in (("", config), ("text_config.", getattr(config, "text_config", None))):
+        if cfg is None:
+            continue
+        for attribute, what in _SOFTCAPS:
+            value = getattr(cfg, attribute, None)
+            if value is not None:
+                kind = getattr(config, "model_type", type(module).__name__)
+                return (
+                    f"{kind} {what} ({where}{attribute}={value}): the logit gate on lm_head "
+                    "would replay the cotangent before the soft-cap, not Func-SAM's"
+                )
+    return None

@@ -14,9 +14,19 @@ from megatron.core.utils import unwrap_model
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.backends.megatron import reset_loss_trackers
-from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, forward_step, transformer_config
-from megatron_fsam.models.weights import full_state, global_param_names, load_full_state, tp_slice
-from megatron_fsam.parallel import (
+from megatron_fsam.backends.megatron_weights import (
+    full_state,
+    global_param_names,
+    load_full_state,
+    tp_slice,
+)
+from megatron_fsam.trainer.models.gpt import (
+    GPTConfig,
+    build_model_chunks,
+    forward_step,
+    transformer_config,
+)
+from megatron_fsam.trainer.parallel import (
     ParallelConfig,
     build_optimizer,
     forward_backward_func,

@@ -38,7 +38,7 @@ def _rank_main(
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         from megatron_fsam.compat import enable_cpu_emulation
-        from megatron_fsam.parallel import destroy_distributed
+        from megatron_fsam.trainer.parallel import destroy_distributed
 
         enable_cpu_emulation()
         try:

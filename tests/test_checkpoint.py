@@ -21,10 +21,10 @@ from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_fsam import FuncSAM, SAMConfig
-from megatron_fsam import checkpoint as ckpt
-from megatron_fsam.models.gpt import GPTConfig, build_model_chunks, transformer_config
-from megatron_fsam.models.weights import global_param_names, tp_slice
-from megatron_fsam.parallel import ParallelConfig, build_optimizer, wrap_model
+from megatron_fsam.backends.megatron_weights import global_param_names, tp_slice
+from megatron_fsam.trainer import checkpoint as ckpt
+from megatron_fsam.trainer.models.gpt import GPTConfig, build_model_chunks, transformer_config
+from megatron_fsam.trainer.parallel import ParallelConfig, build_optimizer, wrap_model
 from tests.sam_harness import (
     ADAM,
     GLOBAL_MICROBATCHES,

@@ -23,7 +23,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.memory import LogitShapes, bytes_between_passes
-from megatron_fsam.parallel import ParallelConfig
+from megatron_fsam.trainer.parallel import ParallelConfig
 from tests.sam_harness import (
     ADAM,
     MICRO_BATCH,

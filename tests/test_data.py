@@ -15,17 +15,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_fsam.data.corpus import build_stdlib_corpus, split_documents
-from megatron_fsam.data.gpt_data import (
+from megatron_fsam.trainer.data.corpus import build_stdlib_corpus, split_documents
+from megatron_fsam.trainer.data.gpt_data import (
     BATCH_KEYS,
     DataConfig,
     GPTData,
     build_datasets,
     microbatch_iterator,
 )
-from megatron_fsam.data.indexed import build_indexed_dataset, validate_indexed_dataset
-from megatron_fsam.data.rank0 import run_on_rank0
-from megatron_fsam.data.tokenizer import BPETokenizer, build_tokenizer, pad_vocab_size
+from megatron_fsam.trainer.data.indexed import build_indexed_dataset, validate_indexed_dataset
+from megatron_fsam.trainer.data.rank0 import run_on_rank0
+from megatron_fsam.trainer.data.tokenizer import BPETokenizer, build_tokenizer, pad_vocab_size
 from tests.spawn import free_port
 
 # Small enough to build in seconds, large enough for a few hundred 64-token samples.

@@ -31,6 +31,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_fsam.backends.megatron import reset_loss_trackers
+from megatron_fsam.backends.megatron_weights import full_state, global_param_names, load_full_state
 from megatron_fsam.diagnostics import (
     GradientProbe,
     ModelShards,
@@ -43,14 +44,13 @@ from megatron_fsam.diagnostics import (
 from megatron_fsam.diagnostics.hessian import _products
 from megatron_fsam.diagnostics.pruning import prunable_mask
 from megatron_fsam.diagnostics.sharpness import composition, sharpness_deltas
-from megatron_fsam.models.gpt import (
+from megatron_fsam.trainer.models.gpt import (
     GPTConfig,
     build_model_chunks,
     forward_step,
     transformer_config,
 )
-from megatron_fsam.models.weights import full_state, global_param_names, load_full_state
-from megatron_fsam.parallel import (
+from megatron_fsam.trainer.parallel import (
     ParallelConfig,
     build_optimizer,
     forward_backward_func,

@@ -16,15 +16,15 @@ import torch
 from megatron.core.tensor_parallel import random as mp_random
 
 from megatron_fsam import FuncSAM, SAMConfig
-from megatron_fsam.models.gpt import build_model_chunks, transformer_config
-from megatron_fsam.models.weights import full_state, load_full_state
-from megatron_fsam.parallel import (
+from megatron_fsam.backends.megatron_weights import full_state, load_full_state
+from megatron_fsam.replay import RNGState
+from megatron_fsam.trainer.models.gpt import build_model_chunks, transformer_config
+from megatron_fsam.trainer.parallel import (
     ParallelConfig,
     build_optimizer,
     destroy_distributed,
     wrap_model,
 )
-from megatron_fsam.replay import RNGState
 from tests import reference
 from tests.sam_harness import (
     ADAM,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_fsam import SAMConfig
-from megatron_fsam.models.hf import causal_lm_loss
+from megatron_fsam.trainer.models.hf import causal_lm_loss
 from tests import reference
 from tests.received import Received, relative_error
 from tests.sam_harness import TINY, make_batches

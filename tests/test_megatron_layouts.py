@@ -16,7 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.utils import unwrap_model
 
 from megatron_fsam import enable_cpu_emulation
-from megatron_fsam.models import (
+from megatron_fsam.trainer.models import (
     GPTConfig,
     build_model_chunks,
     forward_step,
@@ -26,7 +26,7 @@ from megatron_fsam.models import (
     tp_slice,
     transformer_config,
 )
-from megatron_fsam.parallel import (
+from megatron_fsam.trainer.parallel import (
     ParallelConfig,
     build_optimizer,
     forward_backward_func,

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from megatron_fsam import FuncSAM, SAMConfig
-from megatron_fsam.models.gpt import GPTConfig
-from megatron_fsam.parallel import ParallelConfig
+from megatron_fsam.trainer.models.gpt import GPTConfig
+from megatron_fsam.trainer.parallel import ParallelConfig
 from tests import reference
 from tests.sam_harness import (
     ADAM,
@@ -432,7 +432,7 @@ def test_mtp_on_the_last_pipeline_stage(two, depth, memory, mode):
 )
 def test_the_plain_pytorch_gpt_refuses_what_it_does_not_build(asked):
     """The DeepSpeed entry point's dense decoder must not silently drop experts or MTP."""
-    from megatron_fsam.models.torch_gpt import TorchGPT
+    from megatron_fsam.trainer.models.torch_gpt import TorchGPT
 
     with pytest.raises(ValueError, match="dense Nanodo decoder"):
         TorchGPT(dataclasses.replace(TINY, **asked))

@@ -177,9 +177,9 @@ _COUNT_SCRIPT = """
 import json, os
 os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
 from megatron_fsam import enable_cpu_emulation
-from megatron_fsam.models.gpt import count_parameters
-from megatron_fsam.parallel import ParallelConfig, initialize_distributed
-from megatron_fsam.run_config import load_run_config, non_embedding_params
+from megatron_fsam.trainer.models.gpt import count_parameters
+from megatron_fsam.trainer.parallel import ParallelConfig, initialize_distributed
+from megatron_fsam.trainer.run_config import load_run_config, non_embedding_params
 enable_cpu_emulation()
 initialize_distributed(ParallelConfig())
 counts = {}
@@ -263,7 +263,7 @@ def _moe_training(overrides: list[str], stop: int | None = None) -> dict:
     from megatron.core import parallel_state
 
     from launch import pretrain
-    from megatron_fsam.models.weights import global_param_names
+    from megatron_fsam.backends.megatron_weights import global_param_names
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -300,7 +300,7 @@ def _unequal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str
 
 def _moe_resume(rank: int, world: int, work: str) -> dict:
     from launch import pretrain
-    from megatron_fsam.checkpoint import CheckpointError
+    from megatron_fsam.trainer.checkpoint import CheckpointError
 
     report = {}
     for distributed in ("true", "false"):  # one stats group, or dense and expert groups

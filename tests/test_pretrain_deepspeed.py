@@ -1,4 +1,4 @@
-"""launch/pretrain_deepspeed.py under the deepspeed launcher, and megatron_fsam/models/hf.py.
+"""launch/pretrain_deepspeed.py under the deepspeed launcher, and trainer/models/hf.py.
 
 Launcher runs (2 CPU ranks, configs/tiny_test.yaml, 6 steps) are shared between tests: the
 Nanodo model at ZeRO-2, saving every 3 steps, and its resume from step 3; a Llama (untied) at
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_fsam.gate import LogitGate
-from megatron_fsam.models.gpt import GPTConfig
-from megatron_fsam.run_config import embedding_params, non_embedding_params
+from megatron_fsam.trainer.models.gpt import GPTConfig
+from megatron_fsam.trainer.run_config import embedding_params, non_embedding_params
 from tests.spawn import free_port, run_ranks
 
 # Not importorskip: importing deepspeed here would set PYTORCH_NVML_BASED_CUDA_CHECK in this
@@ -355,7 +355,7 @@ def _model(family: str, **fields) -> GPTConfig:
 
 
 def _hf_config(model: GPTConfig):
-    from megatron_fsam.models import hf
+    from megatron_fsam.trainer.models import hf
 
     return hf.model_config(model, tokenizer_vocab_size=100, padded_vocab_size=128, seq_length=16)
 
@@ -363,7 +363,7 @@ def _hf_config(model: GPTConfig):
 @needs_transformers
 @pytest.mark.parametrize("family, tie", [("llama", False), ("gpt2", True), ("gpt2", False)])
 def test_the_same_seed_builds_the_same_weights(family, tie):
-    from megatron_fsam.models import hf
+    from megatron_fsam.trainer.models import hf
 
     model = _model(family, tie_embeddings=tie)
     config = _hf_config(model)
@@ -388,7 +388,7 @@ def test_the_same_seed_builds_the_same_weights(family, tie):
 
 @needs_transformers
 def test_causal_lm_loss_is_the_masked_mean_token_cross_entropy():
-    from megatron_fsam.models import hf
+    from megatron_fsam.trainer.models import hf
 
     model = hf.build_model(_hf_config(_model("llama")), seed=1)
     generator = torch.Generator().manual_seed(0)
@@ -407,7 +407,7 @@ def test_causal_lm_loss_is_the_masked_mean_token_cross_entropy():
 
 @needs_transformers
 def test_an_hf_config_json_is_filled_from_and_checked_against_the_run(tmp_path):
-    from megatron_fsam.models import hf
+    from megatron_fsam.trainer.models import hf
 
     def built(raw: dict, **fields):
         path = tmp_path / "config.json"
@@ -448,7 +448,7 @@ def test_an_hf_config_json_is_filled_from_and_checked_against_the_run(tmp_path):
 
 
 def test_missing_transformers_says_how_to_install_it(monkeypatch):
-    from megatron_fsam.models import hf
+    from megatron_fsam.trainer.models import hf
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"pip install megatron-fsam\[hf\]"):
@@ -457,7 +457,7 @@ def test_missing_transformers_says_how_to_install_it(monkeypatch):
 
 
 def test_post_head_logit_transform_flags_soft_capping_only():
-    from megatron_fsam.models.hf import post_head_logit_transform
+    from megatron_fsam.gate import post_head_logit_transform
 
     def module(**config) -> SimpleNamespace:
         return SimpleNamespace(config=SimpleNamespace(**config))
@@ -487,7 +487,7 @@ def test_post_head_logit_transform_flags_soft_capping_only():
 def test_post_head_logit_transform_on_transformers_configs():
     import transformers
 
-    from megatron_fsam.models.hf import post_head_logit_transform
+    from megatron_fsam.gate import post_head_logit_transform
 
     gemma2 = SimpleNamespace(config=transformers.Gemma2Config())
     assert "final_logit_softcapping=30.0" in post_head_logit_transform(gemma2)
@@ -550,7 +550,7 @@ def test_the_logit_gate_follows_constant_scales_but_not_soft_caps():
 def _zero_init_weights(rank: int, world: int) -> dict[str, bool]:
     import deepspeed
 
-    from megatron_fsam.models import hf
+    from megatron_fsam.trainer.models import hf
 
     deepspeed.init_distributed(dist_backend="gloo")
     report = {}

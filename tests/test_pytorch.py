@@ -17,7 +17,7 @@ import torch
 
 from megatron_fsam import SAMConfig
 from megatron_fsam.backends.shards import local
-from megatron_fsam.models.torch_gpt import TorchGPT, micro_batch_loss
+from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
 from tests.received import Received, clipping_errors, relative_error
 from tests.sam_harness import TINY, make_batches

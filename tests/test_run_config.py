@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_fsam.run_config import (
+from megatron_fsam.trainer.run_config import (
     AUTO_VOCAB,
     ConfigError,
     RunConfig,

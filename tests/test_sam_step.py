@@ -15,8 +15,8 @@ from megatron.core.utils import get_model_config
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.backends.megatron import gather_params
-from megatron_fsam.checkpoint import load_checkpoint, save_checkpoint
-from megatron_fsam.parallel import ParallelConfig
+from megatron_fsam.trainer.checkpoint import load_checkpoint, save_checkpoint
+from megatron_fsam.trainer.parallel import ParallelConfig
 from tests import reference
 from tests.sam_harness import (
     ADAM,

@@ -11,10 +11,11 @@ import math
 
 import pytest
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_fsam import FuncSAM, SAMConfig
-from megatron_fsam.parallel import ParallelConfig, forward_backward_func
 from megatron_fsam.schedules import uniform_draw
+from megatron_fsam.trainer.parallel import ParallelConfig
 from tests import reference
 from tests.sam_harness import (
     ADAM,
@@ -189,7 +190,7 @@ def _passes_per_step(parallel, full, batches, cfg: SAMConfig, steps: int) -> dic
 
     def counted(**kwargs):
         calls[-1] += 1
-        return forward_backward_func()(**kwargs)
+        return get_forward_backward_func()(**kwargs)
 
     model, opt = build(parallel, full, ADAM)
     sam = FuncSAM(cfg, model, opt, forward_backward_func=counted)

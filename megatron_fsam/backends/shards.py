@@ -356,3 +356,20 @@ def log_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)
         logger.warning("megatron_fsam: %s", message)
+
+
+def mean_over_ranks(values: dict[str, float | None]) -> dict[str, float]:
+    """Average each value over the ranks that have it (losses live on the last stage only).
+
+    One all-reduce of [sums..., counts...]; every rank gets the result.
+    """
+    keys = sorted(values)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    packed = torch.zeros(2 * len(keys), dtype=torch.float64, device=device)
+    for i, key in enumerate(keys):
+        if values[key] is not None:
+            packed[i], packed[len(keys) + i] = values[key], 1.0
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(packed)
+    sums, counts = packed[: len(keys)].tolist(), packed[len(keys) :].tolist()
+    return {k: s / c for k, s, c in zip(keys, sums, counts, strict=True) if c > 0}

@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_fsam.backends.megatron import MegatronBackend
+from megatron_fsam.backends.megatron_weights import full_shape, global_param_names, tp_slice
 from megatron_fsam.backends.shards import ParamSpan, Restorable
 from megatron_fsam.gate import LogitGate, Rewrite, find_logits_module
 from megatron_fsam.kernels import Shards, get_kernels
-from megatron_fsam.models.weights import full_shape, global_param_names, tp_slice
-from megatron_fsam.parallel import forward_backward_func
 from megatron_fsam.replay import RNGState
 
 Vector = list[torch.Tensor]
@@ -235,7 +235,7 @@ class GradientProbe(ModelShards):
         self._restore_states()
         rewrite = self.gate.rewriting(cotangent) if self.gate and cotangent else nullcontext()
         with rewrite, self._side_losses(side_losses):
-            forward_backward_func()(
+            get_forward_backward_func()(
                 forward_step_func=self.forward_step_func,
                 data_iterator=self._iterators(),
                 model=self.model_chunks,

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch.nn import Module
 
+from megatron_fsam.backends.shards import mean_over_ranks
 from megatron_fsam.diagnostics.probe import ModelShards, Vector
-from megatron_fsam.monitor import mean_over_ranks
-from megatron_fsam.parallel import forward_backward_func
 
 _INF_BITS = 0x7F800000  # the int32 pattern of +inf
 
@@ -123,7 +123,7 @@ def evaluate_loss(
     with _evaluating(model_chunks):
         for i in range(steps):
             chunk = batches[i * num_microbatches : (i + 1) * num_microbatches]
-            outputs = forward_backward_func()(
+            outputs = get_forward_backward_func()(
                 forward_step_func=forward_step_func,
                 data_iterator=[iter(chunk) for _ in model_chunks]
                 if len(model_chunks) > 1

@@ -391,7 +391,7 @@ def _sam_training_log(training: ModuleType, training_log: Callable) -> Callable:
 def _sam_scalars(metrics: dict[str, float | None]) -> dict[str, float]:
     """This iteration's SAM metrics averaged over the ranks that have them (losses: the last
     pipeline stage's DP ranks)."""
-    from megatron_fsam.monitor import mean_over_ranks
+    from megatron_fsam.backends.shards import mean_over_ranks
 
     return mean_over_ranks({**metrics, "num_zeros_in_grad": None})
 

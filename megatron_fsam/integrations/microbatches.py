@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from megatron_fsam.models.hf import post_head_logit_transform
+from megatron_fsam.gate import post_head_logit_transform
 from megatron_fsam.step import LossCapture, SAMStep
 
 Forward = Callable[[Any, Any], torch.Tensor]

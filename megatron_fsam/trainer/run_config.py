@@ -36,11 +36,11 @@ from typing import Any
 
 import yaml
 
-from megatron_fsam.checkpoint import SHARDING_TYPES
 from megatron_fsam.config import SAMConfig
-from megatron_fsam.data import DataConfig
-from megatron_fsam.models.gpt import GPTConfig
-from megatron_fsam.parallel import ParallelConfig
+from megatron_fsam.trainer.checkpoint import SHARDING_TYPES
+from megatron_fsam.trainer.data import DataConfig
+from megatron_fsam.trainer.models.gpt import GPTConfig
+from megatron_fsam.trainer.parallel import ParallelConfig
 
 AUTO_VOCAB = 0
 LR_DECAY_STYLES = ("cosine", "linear", "constant")

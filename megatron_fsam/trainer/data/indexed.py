@@ -15,9 +15,14 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
-from megatron_fsam.data.rank0 import is_rank0
-from megatron_fsam.data.sources import builder_for, file_sha256, load_documents, require_file
-from megatron_fsam.data.tokenizer import BPETokenizer
+from megatron_fsam.trainer.data.rank0 import is_rank0
+from megatron_fsam.trainer.data.sources import (
+    builder_for,
+    file_sha256,
+    load_documents,
+    require_file,
+)
+from megatron_fsam.trainer.data.tokenizer import BPETokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import init_method_normal, unwrap_model
 from torch import Tensor
 
-from megatron_fsam.models.weights import full_shape, global_param_names, tp_slice
-from megatron_fsam.parallel import ParallelConfig
+from megatron_fsam.backends.megatron_weights import full_shape, global_param_names, tp_slice
+from megatron_fsam.trainer.parallel import ParallelConfig
 
 
 @dataclass

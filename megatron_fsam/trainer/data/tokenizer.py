@@ -13,7 +13,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megatron_fsam.data.sources import file_sha256, iter_texts, require_file
+from megatron_fsam.trainer.data.sources import file_sha256, iter_texts, require_file
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_fsam.models.gpt import GPTConfig, gelu_tanh, init_tensor
+from megatron_fsam.trainer.models.gpt import GPTConfig, gelu_tanh, init_tensor
 
 
 class _Block(nn.Module):

@@ -6,16 +6,16 @@ Typical use::
     batches = microbatch_iterator(data.train, mbs, dp_rank=r, dp_size=dp, start_sample=consumed)
 """
 
-from megatron_fsam.data.corpus import STDLIB_MODULES, Corpus, build_stdlib_corpus
-from megatron_fsam.data.gpt_data import (
+from megatron_fsam.trainer.data.corpus import STDLIB_MODULES, Corpus, build_stdlib_corpus
+from megatron_fsam.trainer.data.gpt_data import (
     BATCH_KEYS,
     DataConfig,
     GPTData,
     build_datasets,
     microbatch_iterator,
 )
-from megatron_fsam.data.indexed import build_indexed_dataset, validate_indexed_dataset
-from megatron_fsam.data.tokenizer import BPETokenizer, build_tokenizer, pad_vocab_size
+from megatron_fsam.trainer.data.indexed import build_indexed_dataset, validate_indexed_dataset
+from megatron_fsam.trainer.data.tokenizer import BPETokenizer, build_tokenizer, pad_vocab_size
 
 __all__ = [
     "BATCH_KEYS",

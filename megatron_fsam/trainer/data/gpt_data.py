@@ -14,15 +14,20 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from megatron_fsam.data.corpus import build_stdlib_corpus
-from megatron_fsam.data.indexed import (
+from megatron_fsam.trainer.data.corpus import build_stdlib_corpus
+from megatron_fsam.trainer.data.indexed import (
     build_indexed_dataset,
     is_indexed_prefix,
     validate_indexed_dataset,
 )
-from megatron_fsam.data.rank0 import is_rank0, run_on_rank0
-from megatron_fsam.data.sources import SUPPORTED_SUFFIXES, fetch_hub_dataset
-from megatron_fsam.data.tokenizer import EOD_TOKEN, BPETokenizer, build_tokenizer, pad_vocab_size
+from megatron_fsam.trainer.data.rank0 import is_rank0, run_on_rank0
+from megatron_fsam.trainer.data.sources import SUPPORTED_SUFFIXES, fetch_hub_dataset
+from megatron_fsam.trainer.data.tokenizer import (
+    EOD_TOKEN,
+    BPETokenizer,
+    build_tokenizer,
+    pad_vocab_size,
+)
 
 logger = logging.getLogger(__name__)
 
