@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_fsam.trainer.data.corpus import build_stdlib_corpus, split_documents
@@ -26,7 +24,7 @@ from megatron_fsam.trainer.data.gpt_data import (
 from megatron_fsam.trainer.data.indexed import build_indexed_dataset, validate_indexed_dataset
 from megatron_fsam.trainer.data.rank0 import run_on_rank0
 from megatron_fsam.trainer.data.tokenizer import BPETokenizer, build_tokenizer, pad_vocab_size
-from tests.spawn import free_port
+from tests.spawn import run_ranks
 
 # Small enough to build in seconds, large enough for a few hundred 64-token samples.
 MAX_DOCS = 8
@@ -212,44 +210,29 @@ def test_resume_from_a_sample_position_matches_continuing(data: GPTData) -> None
         assert all(torch.equal(a[k], b[k]) for k in BATCH_KEYS)
 
 
-def _two_rank_worker(rank: int, port: int, cfg: DataConfig, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _two_rank_worker(rank: int, world: int, cfg: DataConfig) -> dict:
+    """What rank 0's preprocessing hands this rank: a value, the datasets and an error."""
+    dist.init_process_group("gloo", rank=rank, world_size=world)  # env:// set by run_ranks
+    out: dict = {"ran": run_on_rank0(lambda: rank)}  # rank 1 receives rank 0's value
+    built = build_datasets(cfg, train_samples=100, valid_samples=10)
+    out["built"] = (built.train_prefixes, len(built.train), built.train[5]["tokens"].tolist())
+    missing = DataConfig(data_paths=["/nonexistent/file.jsonl"], cache_dir=cfg.cache_dir)
     try:
-        results[f"ran{rank}"] = run_on_rank0(lambda: rank)  # rank 1 receives rank 0's value
-        built = build_datasets(cfg, train_samples=100, valid_samples=10)
-        results[rank] = (built.train_prefixes, len(built.train), built.train[5]["tokens"].tolist())
-        missing = DataConfig(data_paths=["/nonexistent/file.jsonl"], cache_dir=cfg.cache_dir)
-        try:
-            build_datasets(missing, train_samples=10)
-        except FileNotFoundError as err:  # the same error type on every rank
-            results[f"error{rank}"] = str(err)
-    finally:
-        dist.destroy_process_group()
+        build_datasets(missing, train_samples=10)
+    except FileNotFoundError as err:  # the same error type on every rank
+        out["error"] = str(err)
+    return out
 
 
 def test_two_ranks_share_rank0_preprocessing_and_its_errors(cfg: DataConfig, data: GPTData) -> None:
-    with mp.Manager() as manager:
-        results = manager.dict()
-        # fork: the ranks inherit the imported modules instead of importing megatron again.
-        ctx = mp.start_processes(
-            _two_rank_worker,
-            args=(free_port(), cfg, results),
-            nprocs=2,
-            join=False,
-            start_method="fork",
-        )
-        deadline = time.monotonic() + 120  # a hang means a rank waited on a failed rank 0
-        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                for process in ctx.processes:
-                    process.kill()
-                pytest.fail("ranks did not finish")
-        results = dict(results)
-    assert results["ran0"] == results["ran1"] == 0
-    assert results[0] == results[1]
-    assert results[0][0] == data.train_prefixes
-    assert "data path not found" in results["error0"]
-    assert results["error1"] == results["error0"]
+    # Fresh processes (never a fork of pytest's); a hang (a rank waiting on a failed rank 0)
+    # is killed at the timeout.
+    first, second = run_ranks(_two_rank_worker, 2, cfg, timeout=300)
+    assert first["ran"] == second["ran"] == 0
+    assert first["built"] == second["built"]
+    assert first["built"][0] == data.train_prefixes
+    assert "data path not found" in first["error"]
+    assert second["error"] == first["error"]
 
 
 def test_hub_dataset_without_network_gives_a_clear_error(tmp_path: Path, monkeypatch) -> None:
