@@ -23,6 +23,7 @@ lm_head / embedding is one parameter: its name appears once in `named_parameters
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from contextlib import contextmanager
@@ -277,3 +278,12 @@ def angle_first_order_gradient(
         total = _accumulate(total, _vjp(model, perturbed, batch, mixed))
     total = _plus(total, aux_gradient(model, at_eps, batches), cos)
     return {n: total[n] + (1.0 - cos) * g[n] for n in g}
+
+
+def uniform_draw(seed: int, step: int) -> float:
+    """The draw that decides a sam_probability step, re-derived from its definition (the
+    run's seed and the step alone, so every rank and a resumed run agree): the 64-bit
+    BLAKE2b digest of "seed:step" read as a big-endian integer, its top 53 bits over 2^53.
+    Written with hexdigest and a float power of two instead of the plugin's byte arithmetic."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).hexdigest()
+    return (int(digest, 16) >> 11) * 2.0**-53

@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +15,7 @@ import pytest
 from launch import compare_modes, grid, plot
 from launch.compare_modes import eval_interval_through, passes_at, steps_for_budget
 from megatron_fsam.config import SAMConfig
-from megatron_fsam.schedules import uniform_draw
+from tests.reference import uniform_draw
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
@@ -298,35 +297,89 @@ def test_grid_device_slots(monkeypatch):
         grid.parse_args(["--shard", "3/3"])
 
 
-def test_data_gate_lets_the_first_runs_build_the_caches(tmp_path):
+GATE_TIMEOUT = 30.0  # seconds: far beyond what a release takes, short of a hung pytest
+
+
+class _WaiterCount:
+    """Events that count the threads blocked in their wait(), so a test can wait until a
+    thread is really waiting (not merely not yet started) before it checks that it waits."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.events: list[threading.Event] = []
+        self.changed = threading.Condition()
+        count = self
+
+        class Counted(threading.Event):
+            def __init__(self) -> None:
+                super().__init__()
+                count.events.append(self)
+
+            def wait(self, timeout: float | None = None) -> bool:
+                count._add(1)
+                try:
+                    return super().wait(timeout)
+                finally:
+                    count._add(-1)
+
+        self.Event = Counted
+
+    def _add(self, delta: int) -> None:
+        with self.changed:
+            self.waiting += delta
+            self.changed.notify_all()
+
+    def until_waiting(self, count: int) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.waiting == count, timeout=GATE_TIMEOUT)
+
+    def any_set(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+
+def test_data_gate_lets_the_first_runs_build_the_caches(tmp_path, monkeypatch):
+    counted = _WaiterCount()
+    counting = SimpleNamespace(Event=counted.Event, Lock=threading.Lock)
+    monkeypatch.setattr(grid, "threading", counting)  # the gate's events count their waiters
     gate = grid.DataGate()
     a, b, c, d = (SimpleNamespace(data_key=key) for key in "xxyy")
-    gate.wait(a)  # the first run of the grid goes at once
-    started = []
+    started, passed = [], {}
 
-    def start(run):
-        gate.wait(run)
-        started.append(run)
+    def start(run) -> threading.Thread:
+        """Run gate.wait(run) in a daemon thread (a gate that never opens cannot hang pytest)."""
+        passed[id(run)] = threading.Event()
 
-    threads = [threading.Thread(target=start, args=(run,)) for run in (b, c)]
-    for thread in threads:
+        def go():
+            gate.wait(run)
+            started.append(run)
+            passed[id(run)].set()
+
+        thread = threading.Thread(target=go, daemon=True)
         thread.start()
-    time.sleep(0.3)
-    assert started == []  # the others wait for the corpus and the tokenizer
+        return thread
+
+    start(a)
+    assert passed[id(a)].wait(GATE_TIMEOUT)  # the first run of the grid goes at once
+    assert counted.waiting == 0
+    threads = [start(run) for run in (b, c)]
+    assert counted.until_waiting(2)  # both wait, for the corpus and the tokenizer
+    assert started == [a]
     log = tmp_path / "train.log"
     log.write_text("=== header\nmodel: ...\n")
     gate.check(a, log, 0)
-    time.sleep(0.3)
-    assert started == []
+    assert not counted.any_set()  # a has not started training: nothing released
+    assert counted.waiting == 2 and started == [a]
     log.write_text("=== header\nmodel: ...\ntraining 4 steps: TP 1 x PP 1 x DP 1\n")
     gate.check(a, log, 0)
-    for thread in threads:
-        thread.join(timeout=10)
-    assert {id(r) for r in started} == {id(b), id(c)}  # b: a built x; c: the first of y
-    late = threading.Thread(target=start, args=(d,))
-    late.start()
-    time.sleep(0.3)
-    assert len(started) == 2  # d waits for c, the first run of its key
+    for run, thread in zip((b, c), threads, strict=True):
+        assert passed[id(run)].wait(GATE_TIMEOUT)
+        thread.join(GATE_TIMEOUT)
+        assert not thread.is_alive()
+    assert {id(r) for r in started} == {id(a), id(b), id(c)}  # b: a built x; c: first of y
+    late = start(d)
+    assert counted.until_waiting(1)  # d waits for c, the first run of its key
+    assert len(started) == 3 and not passed[id(d)].is_set()
     gate.release(c)  # c ended (trained or failed)
-    late.join(timeout=10)
-    assert started[-1] is d
+    assert passed[id(d)].wait(GATE_TIMEOUT)
+    late.join(GATE_TIMEOUT)
+    assert not late.is_alive() and started[-1] is d and counted.waiting == 0
