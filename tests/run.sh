@@ -1,26 +1,40 @@
 #!/usr/bin/env bash
-# The test command: install what is missing, lint, then run the whole suite in two
-# environments, one after the other:
-#   1. the default python (Python 3.11 here: megatron-core 0.16.1, Megatron-LM core_v0.16.1);
+# The test command: install what is missing, lint, then run the suite in two environments,
+# one after the other:
+#   1. the default python (Python 3.11 here: megatron-core 0.16.1, Megatron-LM core_v0.16.1):
+#      every test;
 #   2. a Python 3.12 venv (.venv312, created when missing) with the newest megatron-core 0.19.x
-#      and Megatron-LM core_v0.19.0.
-# Measured on 2 cores: about 11 + 13 minutes (plus about 2.5 to create the venv).
+#      and Megatron-LM core_v0.19.0: the tests that can differ between the two, i.e. all but
+#      those marked `one_env` (stacks that do not touch megatron-core: DeepSpeed, plain
+#      PyTorch, the Hugging Face Trainer; README, "Supported versions").
+# A skip that is not GPU-only fails the run (tests/conftest.py), and so does either suite.
+# The end prints each suite's time, counts and ten slowest tests.
 # Where no Python 3.12 exists, one loud line says so and only the first suite runs.
-# Exits non-zero when either suite fails. Arguments go to both pytest runs.
-# PYTHON312 names the Python 3.12 interpreter to build the venv from; VENV312 the venv.
-# MEGATRON_LM_TESTS=essential runs only the essential Megatron-LM tests (a faster check).
+# Arguments go to both pytest runs. PYTHON312 names the Python 3.12 interpreter to build the
+# venv from; VENV312 the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash launch/install.sh
 ruff check megatron_fsam launch tests
 
+export MEGATRON_FSAM_STRICT_SKIPS=1
+reports="$(mktemp -d)"
+summary=()
 status=0
-start=$SECONDS
-echo "=== suite 1: $(python --version 2>&1), megatron-core $(python -c \
-    'from importlib.metadata import version; print(version("megatron-core"))')"
-python -m pytest tests -p no:warnings "$@" || status=1
-echo "=== suite 1 took $((SECONDS - start)) s"
+
+# run_suite LABEL PYTHON [PYTEST ARGS...]
+run_suite() {
+    local label="$1" python="$2" start=$SECONDS
+    shift 2
+    echo "=== $label: $("$python" --version 2>&1), megatron-core $("$python" -c \
+        'from importlib.metadata import version; print(version("megatron-core"))')"
+    "$python" -m pytest tests -p no:warnings -rs --junitxml="$reports/$label.xml" "$@" ||
+        status=1
+    summary+=("$label" "$((SECONDS - start))" "$reports/$label.xml")
+}
+
+run_suite "suite 1" python "$@"
 
 find_python312() {
     local candidate
@@ -43,11 +57,10 @@ if [[ -x "$VENV312/bin/python" ]] || PY312="$(find_python312)"; then
         "$PY312" -m venv "$VENV312"
     fi
     PYTHON="$VENV312/bin/python" MEGATRON_CORE="megatron-core>=0.19,<0.20" bash launch/install.sh
-    echo "=== suite 2: $("$VENV312/bin/python" --version 2>&1), megatron-core $("$VENV312/bin/python" \
-        -c 'from importlib.metadata import version; print(version("megatron-core"))')"
-    "$VENV312/bin/python" -m pytest tests -p no:warnings "$@" || status=1
-    echo "=== suite 2 took $((SECONDS - start)) s"
+    summary+=("set-up of $VENV312" "$((SECONDS - start))" "")
+    run_suite "suite 2" "$VENV312/bin/python" -m "not one_env" "$@"
 else
     echo "!!!!!!!! NO PYTHON 3.12 ON THIS MACHINE: the megatron-core 0.19 suite DID NOT RUN; only the $(python --version 2>&1) suite ran !!!!!!!!"
 fi
+python tests/summary.py "${summary[@]}"
 exit $status

@@ -37,7 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 needs_triton = pytest.mark.skipif(
     triton_kernels() is None or not (INTERPRET or torch.cuda.is_available()),
-    reason="Triton on CPU runs in the TRITON_INTERPRET=1 subprocess test",
+    reason="needs a CUDA device (on the CPU the TRITON_INTERPRET=1 subprocess test runs it)",
 )
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 CHILD = "triton and not subprocess"

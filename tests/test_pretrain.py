@@ -13,26 +13,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.spawn import free_port, run_ranks
+from tests.spawn import rendezvous, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_test.yaml"
 MOE = "configs/moe_demo_cpu.yaml"
 
 
+def _deepspeed(*options: str, meeting: dict[str, str]) -> list[str]:
+    """The deepspeed launcher (no ssh) with its ranks meeting at `meeting`'s store."""
+    return ["deepspeed", "--no_ssh", *options, "--master_addr", meeting["MASTER_ADDR"],
+            "--master_port", meeting["MASTER_PORT"]]  # fmt: skip
+
+
 def _pretrain(*args: str, cwd: Path, env: dict[str, str] | None = None, launcher=()):
-    """launch/pretrain.py in a child process; a single process gets a free rendezvous port
-    (the default, 29500, may be taken by another job on the machine)."""
-    command = [*launcher] or [sys.executable]
-    port = {} if launcher else {"MASTER_PORT": str(free_port())}
-    return subprocess.run(
-        [*command, str(ROOT / "launch" / "pretrain.py"), *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", **port, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """launch/pretrain.py in a child process, or under the deepspeed launcher with the
+    options `launcher`; its ranks meet at a store this process holds (never on a port that
+    another job on the machine may take)."""
+    with rendezvous() as meeting:
+        command = _deepspeed(*launcher, meeting=meeting) if launcher else [sys.executable]
+        return subprocess.run(
+            [*command, str(ROOT / "launch" / "pretrain.py"), *args],
+            cwd=cwd,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", **meeting, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +117,7 @@ def test_missing_data_path_gives_one_error_line_from_two_ranks(tmp_path):
         f"data.data_paths=[{tmp_path / 'missing.jsonl'}]",
         f"data.cache_dir={tmp_path / 'cache'}",
         cwd=tmp_path,
-        launcher=(
-            "deepspeed",
-            "--num_gpus",
-            "2",
-            "--no_ssh",
-            "--node_rank",
-            "0",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-        ),
+        launcher=("--num_gpus", "2", "--node_rank", "0"),
     )
     assert "missing.jsonl" in _one_error_line(result)
 
@@ -207,26 +203,23 @@ def test_two_deepspeed_nodes_are_one_job(tmp_path):
     args = ["--config", str(ROOT / TINY), f"data.cache_dir={tmp_path / 'cache'}"]
     one_thread = {"OMP_NUM_THREADS": "1"}  # each rank sums in the same order in both runs
 
-    def launcher(*options: str) -> list[str]:
-        port = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        return ["deepspeed", "--no_ssh", *options, *port]
-
     one = _pretrain(
         *args, f"logging.tensorboard_dir={tmp_path / 'one'}", cwd=tmp_path, env=one_thread,
-        launcher=launcher("--num_gpus", "2", "--node_rank", "0"),
+        launcher=("--num_gpus", "2", "--node_rank", "0"),
     )  # fmt: skip
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    two = launcher("--hostfile", str(hostfile))
-    nodes = [
-        subprocess.Popen(
-            [*two, "--node_rank", str(node), str(ROOT / "launch" / "pretrain.py"), *args,
-             f"logging.tensorboard_dir={tmp_path / 'two'}"],
-            cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore", **one_thread},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for node in (0, 1)
-    ]  # fmt: skip
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    with rendezvous() as meeting:
+        two = _deepspeed("--hostfile", str(hostfile), meeting=meeting)
+        nodes = [
+            subprocess.Popen(
+                [*two, "--node_rank", str(node), str(ROOT / "launch" / "pretrain.py"), *args,
+                 f"logging.tensorboard_dir={tmp_path / 'two'}"],
+                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore", **meeting, **one_thread},
+            )
+            for node in (0, 1)
+        ]  # fmt: skip
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "x DP 2," in outputs[0] and "dist_world_size=2" in outputs[1]
 
