@@ -80,33 +80,64 @@ def _one_error_line(result) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize(
-    "overrides, world, message",
-    [
-        (["model.bogus=1"], 1, "model.bogus"),
-        (["nonsense.key=1"], 1, "nonsense"),
-        (["train.micro_batch_size=two"], 1, "train.micro_batch_size"),
-        (
-            ["parallel.tensor_parallel=2"],
-            3,
-            "world size 3 is not divisible by tensor_parallel x pipeline_parallel",
-        ),
-        (["parallel.tensor_parallel=3"], 3, "num_attention_heads 4 is not divisible"),
-        (
-            ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"],
-            4,
-            "num_layers 2 is not divisible by pipeline_parallel x virtual_pipeline",
-        ),
-        (["train.global_batch_size=7"], 1, "global_batch_size 7 is not divisible"),
-        (["sam.rho=-1"], 1, "rho"),
-    ],
-)
-def test_bad_config_gives_one_error_line(tmp_path, overrides, world, message):
+# (overrides, WORLD_SIZE, what the error line names): each is refused before any process group
+# is formed, so one process runs them all through launch.pretrain.main.
+BAD_CONFIGS = [
+    (["model.bogus=1"], 1, "model.bogus"),
+    (["nonsense.key=1"], 1, "nonsense"),
+    (["train.micro_batch_size=two"], 1, "train.micro_batch_size"),
+    (
+        ["parallel.tensor_parallel=2"],
+        3,
+        "world size 3 is not divisible by tensor_parallel x pipeline_parallel",
+    ),
+    (["parallel.tensor_parallel=3"], 3, "num_attention_heads 4 is not divisible"),
+    (
+        ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"],
+        4,
+        "num_layers 2 is not divisible by pipeline_parallel x virtual_pipeline",
+    ),
+    (["train.global_batch_size=7"], 1, "global_batch_size 7 is not divisible"),
+    (["sam.rho=-1"], 1, "rho"),
+]
+_BAD_CONFIG_SCRIPT = """
+import contextlib, io, json, os, sys, traceback
+from launch.pretrain import main
+results = []
+for overrides, world in json.loads(sys.argv[2]):
+    os.environ["WORLD_SIZE"] = str(world)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            code = main(["--config", sys.argv[1], *overrides])
+        except BaseException:
+            code = None
+            traceback.print_exc()
+    results.append((code, stderr.getvalue()))
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_config_results() -> list[subprocess.CompletedProcess]:
+    """Each bad config's exit code and stderr, as a process of its own would have them."""
+    cases = json.dumps([(overrides, world) for overrides, world, _ in BAD_CONFIGS])
+    result = subprocess.run(
+        [sys.executable, "-c", _BAD_CONFIG_SCRIPT, str(ROOT / TINY), cases],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [
+        subprocess.CompletedProcess([], code if code is not None else 1, "", stderr)
+        for code, stderr in json.loads(result.stdout.strip().splitlines()[-1])
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=lambda i: BAD_CONFIGS[i][2][:40])
+def test_bad_config_gives_one_error_line(bad_config_results, case):
     # The layout is checked against WORLD_SIZE before any process group is formed.
-    result = _pretrain(
-        "--config", str(ROOT / TINY), *overrides, cwd=tmp_path, env={"WORLD_SIZE": str(world)}
-    )
-    assert message in _one_error_line(result)
+    assert BAD_CONFIGS[case][2] in _one_error_line(bad_config_results[case])
 
 
 def test_missing_data_path_gives_one_error_line_from_two_ranks(tmp_path):
