@@ -5,10 +5,12 @@
 # shards), the kernel tests on CUDA, the SAM step on CUDA (tests/test_gpu.py: bf16 with the
 # distributed optimizer and overlapped grad reduce / param gather, its fp32 twin against the
 # reference; the gate's cotangent offload), the SAM / AdamW step-time ratio, then the kernel
-# bandwidth table and the step fraction. Needs torch with CUDA and triton, no network;
-# everything goes to stdout. Sized for under 8 minutes on one H100. Every check runs even if an earlier one fails (except after a failed environment
-# check); at the end one summary line per check (PASS/FAIL, name, seconds, the check's last
-# output line), and the exit status is 1 when any check failed.
+# bandwidth table and the step fraction. Needs torch with CUDA and triton, and no network
+# except to install Transformer Engine where it is missing (pip, then a build of several
+# minutes that the checks' limits do not count); everything goes to stdout. The checks are
+# sized for under 8 minutes on one H100. Every check runs even if an earlier one fails (except
+# after a failed environment check); at the end one summary line per check (PASS/FAIL, name,
+# seconds, the check's last output line), and the exit status is 1 when any check failed.
 #
 # Adding a check: one `check NAME SECONDS COMMAND...` line in the list at the bottom (a longer
 # check goes into a script or module of its own, like the ones below).
@@ -75,10 +77,44 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
       f"triton {version}, device {torch.cuda.get_device_name()}")
 EOF
 
+# The Transformer Engine requirement: the versions megatron-core itself names for it (0.16's
+# "dev" extra: >=2.9,<2.12; 0.19's "te" extra: any), with TE's core library for the CUDA major
+# version torch was built with (core_cu12 or core_cu13; an H100 runs either).
+read -r -d '' TE_REQUIREMENT <<'EOF'
+import re
+from importlib.metadata import requires
+
+import torch
+
+cuda = (torch.version.cuda or "").split(".")[0]
+assert cuda in ("12", "13"), f"TE ships core libraries for CUDA 12 and 13; torch has {cuda!r}"
+versions = ""
+for requirement in requires("megatron-core") or []:
+    match = re.match(r"transformer[-_]engine\s*(\[[^\]]*\])?\s*([^;]*)", requirement)
+    if match:
+        versions = match.group(2).strip()
+        break
+print(f"transformer_engine[pytorch,core_cu{cuda}]{versions}")
+EOF
+
 echo "=== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import triton" 2>/dev/null || pip install --quiet triton \
   || echo "triton is missing and could not be installed: only the torch kernels can run"
+# Transformer Engine for tests/test_gpu.py's TE layer-spec test, which fails rather than skips
+# without it under this script (MEGATRON_FSAM_REQUIRE_TE). Its PyTorch extension is a source
+# package that pip compiles against the installed torch with nvcc (--no-build-isolation).
+export MEGATRON_FSAM_REQUIRE_TE=1
+if ! python -c "import transformer_engine.pytorch" 2>/dev/null; then
+  if te=$(python -c "$TE_REQUIREMENT"); then
+    echo "=== installing $te (builds its PyTorch extension: several minutes)"
+    NVTE_FRAMEWORK=pytorch MAX_JOBS="$(nproc)" timeout 1800 \
+      pip install --quiet --no-build-isolation "$te" \
+      || echo "Transformer Engine could not be installed: the TE test will fail"
+  else
+    echo "no Transformer Engine for this torch: the TE test will fail"
+  fi
+fi
 
 # ----- the checks ------------------------------------------------------------------------------
 check "environment" 120 python -c "$ENVIRONMENT" || finish # nothing else can run

@@ -4,6 +4,10 @@ Skipped where torch sees no CUDA device; `launch/gpu_check.sh` runs it on a GPU 
 One process on one GPU over NCCL: the distributed optimizer with overlap_grad_reduce and
 overlap_param_gather (DP = 1), bf16 and its fp32 twin, the graph-safe RNG tracker, and the
 phase timers read from CUDA events.
+
+The Transformer Engine test skips where TE does not import, except under
+MEGATRON_FSAM_REQUIRE_TE=1 (gpu_check.sh sets it, after installing TE): there a missing TE
+fails it.
 """
 
 from __future__ import annotations
@@ -49,17 +53,26 @@ GPU_LAYOUT = ParallelConfig(
 )
 
 
+REQUIRE_TE = os.environ.get("MEGATRON_FSAM_REQUIRE_TE") == "1"
+
+
 @pytest.fixture(scope="module")
 def gpu_process():
-    os.environ.update(
+    """A one-rank process group for the module; the rank variables are this module's only."""
+    rank_environment = dict(
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
     )  # fmt: skip
-    use_layout(GPU_LAYOUT)
-    gpt = build_model_chunks(TINY, transformer_config(TINY, GPU_LAYOUT), GPU_LAYOUT)[0]
-    batches = [{k: v.cuda() for k, v in b.items()} for b in make_batches(GLOBAL_MICROBATCHES)]
-    yield gpt, full_state([gpt]), batches
-    destroy_distributed()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in rank_environment.items():
+            patch.setenv(name, value)
+        use_layout(GPU_LAYOUT)
+        gpt = build_model_chunks(TINY, transformer_config(TINY, GPU_LAYOUT), GPU_LAYOUT)[0]
+        batches = [{k: v.cuda() for k, v in b.items()} for b in make_batches(GLOBAL_MICROBATCHES)]
+        try:
+            yield gpt, full_state([gpt]), batches
+        finally:
+            destroy_distributed()
 
 
 @pytest.mark.parametrize("mode", ["sam", "fsam"])
@@ -124,8 +137,12 @@ def test_graph_safe_rng_tracker_replays_dropout_masks(gpu_process):
 
 
 def _transformer_engine_gpt(bf16: bool):
-    """The tiny GPT with Megatron's Transformer Engine layer spec (skips without TE)."""
-    pytest.importorskip("transformer_engine")
+    """The tiny GPT with Megatron's Transformer Engine layer spec (skips without TE, fails
+    without it under MEGATRON_FSAM_REQUIRE_TE=1)."""
+    if REQUIRE_TE:
+        import transformer_engine.pytorch  # noqa: F401
+    else:
+        pytest.importorskip("transformer_engine.pytorch")
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
