@@ -61,16 +61,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _context() -> Any:
+def _context(env: dict[str, str] | None) -> Any:
+    """The fork server, unless the ranks need an environment of their own before any import
+    (Triton, which megatron-core imports, reads TRITON_INTERPRET when it is imported)."""
+    if env:
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
 
 
 def _rank_main(
-    rank: int, world_size: int, env: dict, fn: Callable, args: tuple, results: mp.Queue
+    rank: int, world_size: int, meeting: dict, fn: Callable, args: tuple, results: mp.Queue
 ) -> None:
-    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(meeting, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         from megatron_fsam.compat import enable_cpu_emulation
@@ -97,23 +101,30 @@ def run_ranks(
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` CPU ranks; return each rank's value.
 
-    ``env`` is set in the ranks' environment before ``fn`` runs, so it reaches every module
-    imported after `PRELOAD` (e.g. TRITON_INTERPRET for megatron_fsam's Triton kernels, which
-    Triton reads when a kernel is defined).
+    ``env`` is set in the ranks' environment from their start, before any import (e.g.
+    TRITON_INTERPRET); such ranks are spawned afresh instead of forked from the server.
     """
     with rendezvous() as meeting:
-        return _run(fn, world_size, args, timeout, {**(env or {}), **meeting})
+        return _run(fn, world_size, args, timeout, env, meeting)
 
 
-def _run(fn: Callable, world_size: int, args: tuple, timeout: float, env: dict) -> list:
-    ctx = _context()
+def _run(
+    fn: Callable, world_size: int, args: tuple, timeout: float, env: dict | None, meeting: dict
+) -> list:
+    ctx = _context(env)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_rank_main, args=(rank, world_size, env, fn, args, results))
+        ctx.Process(target=_rank_main, args=(rank, world_size, meeting, fn, args, results))
         for rank in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     values: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     try:
