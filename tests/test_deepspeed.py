@@ -27,9 +27,10 @@ from tests.spawn import run_ranks
 # process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
 # build of torch on a machine without a driver, their torch.compile'd kernels then fail).
 # deepspeed is imported in the spawned ranks and launched processes only.
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"
-)
+pytestmark = [
+    pytest.mark.one_env,  # the DeepSpeed stack: no megatron-core in what it tests
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
+]
 
 TOLERANCE = 1e-5
 SPAWN_TIMEOUT = 900

@@ -30,6 +30,7 @@ from tests.spawn import run_ranks
 # build of torch on a machine without a driver, their torch.compile'd kernels then fail).
 # deepspeed and transformers are imported in the spawned ranks only.
 pytestmark = [
+    pytest.mark.one_env,  # DeepSpeed and PyTorch on HF models: no megatron-core
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
     pytest.mark.skipif(
         importlib.util.find_spec("transformers") is None, reason="needs transformers"

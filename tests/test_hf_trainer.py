@@ -43,10 +43,15 @@ from tests.spawn import run_ranks
 
 # Not importorskip: importing transformers here would import deepspeed into this process (see
 # tests/test_deepspeed.py); both are imported in the spawned ranks and the launched script only.
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("transformers", "accelerate", "deepspeed")),
-    reason="needs transformers, accelerate and deepspeed",
-)
+pytestmark = [
+    pytest.mark.one_env,  # the Hugging Face Trainer: no megatron-core
+    pytest.mark.skipif(
+        any(
+            importlib.util.find_spec(m) is None for m in ("transformers", "accelerate", "deepspeed")
+        ),
+        reason="needs transformers, accelerate and deepspeed",
+    ),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ROOT / "configs" / "hf_trainer_zero2.json"

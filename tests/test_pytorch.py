@@ -23,6 +23,8 @@ from tests.received import Received, clipping_errors, relative_error
 from tests.sam_harness import TINY, make_batches
 from tests.spawn import run_ranks
 
+pytestmark = pytest.mark.one_env  # plain PyTorch: no megatron-core
+
 TOLERANCE = 1e-5
 RHO, LR, ADAM_EPS = 0.05, 1e-3, 1e-3
 PRECOND = dict(precond=True, precond_floor=0.0, rho_schedule="linear_warmup", rho_warmup_steps=1)
