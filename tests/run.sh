@@ -3,10 +3,11 @@
 # one after the other:
 #   1. the default python (Python 3.11 here: megatron-core 0.16.1, Megatron-LM core_v0.16.1):
 #      every test;
-#   2. a Python 3.12 venv (.venv312, created when missing) with the newest megatron-core 0.19.x
-#      and Megatron-LM core_v0.19.0: the tests that can differ between the two, i.e. all but
-#      those marked `one_env` (stacks that do not touch megatron-core: DeepSpeed, plain
-#      PyTorch, the Hugging Face Trainer; README, "Supported versions").
+#   2. a Python 3.12 venv (~/.cache/megatron_fsam/venv312, created when missing and kept
+#      between checkouts: a fresh clone only reinstalls the project into it) with the newest
+#      megatron-core 0.19.x and Megatron-LM core_v0.19.0: the tests that can differ between
+#      the two, i.e. all but those marked `one_env` (stacks that do not touch megatron-core:
+#      DeepSpeed, plain PyTorch, the Hugging Face Trainer; README, "Supported versions").
 # A skip that is not GPU-only fails the run (tests/conftest.py), and so does either suite.
 # The end prints each suite's time, counts and ten slowest tests.
 # Where no Python 3.12 exists, one loud line says so and only the first suite runs.
@@ -49,7 +50,7 @@ find_python312() {
     return 1
 }
 
-VENV312="${VENV312:-.venv312}"
+VENV312="${VENV312:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron_fsam/venv312}"
 if [[ -x "$VENV312/bin/python" ]] || PY312="$(find_python312)"; then
     start=$SECONDS
     if [[ ! -x "$VENV312/bin/python" ]]; then

@@ -21,9 +21,11 @@ MOE = "configs/moe_demo_cpu.yaml"
 
 
 def _deepspeed(*options: str, meeting: dict[str, str]) -> list[str]:
-    """The deepspeed launcher (no ssh) with its ranks meeting at `meeting`'s store."""
-    return ["deepspeed", "--no_ssh", *options, "--master_addr", meeting["MASTER_ADDR"],
-            "--master_port", meeting["MASTER_PORT"]]  # fmt: skip
+    """The deepspeed launcher of this Python (no ssh), its ranks meeting at `meeting`'s store."""
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--no_ssh", *options,
+        "--master_addr", meeting["MASTER_ADDR"], "--master_port", meeting["MASTER_PORT"],
+    ]  # fmt: skip
 
 
 def _pretrain(*args: str, cwd: Path, env: dict[str, str] | None = None, launcher=()):
