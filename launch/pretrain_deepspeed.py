@@ -52,6 +52,7 @@ import torch
 from launch.pretrain import add_launcher_arguments, is_logging_rank, parse_launched
 from megatron_fsam.backends.shards import mean_over_ranks
 from megatron_fsam.compat.cpu import share_cpu_cores
+from megatron_fsam.compat.deepspeed_shm import unlink_shm_buffers
 from megatron_fsam.deepspeed import FuncSAM
 from megatron_fsam.trainer.data import build_datasets, microbatch_iterator
 from megatron_fsam.trainer.data.gpt_data import GPTData
@@ -109,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         config = engine_config(json.loads(Path(args.deepspeed_config).read_text()), cfg)
     except (ValueError, OSError) as error:
         return _refuse(error)
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        deepspeed.init_distributed(dist_backend="nccl")
+    else:
         share_cpu_cores()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="gloo")
+        unlink_shm_buffers()  # left in /dev/shm by DeepSpeed otherwise
     try:  # the model section against the data, transformers, FuncSAM's refusals, a checkpoint
         run = setup(cfg, config)
     except (ValueError, ImportError, OSError) as error:
