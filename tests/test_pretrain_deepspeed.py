@@ -5,7 +5,8 @@ Nanodo model at ZeRO-2, saving every 3 steps, and its resume from step 3; a Llam
 ZeRO-3, saving every step, and its resume from step 3; a GPT-2 (tied) at ZeRO-2. A resumed run
 must log the same losses and end with the same checkpoint (fp32 masters, Adam state, model
 params), bit for bit, as the run that never stopped. The Hugging Face models' weights depend on
-the seed alone, with or without ZeRO-3's zero.Init (checked on 2 gloo ranks).
+the seed alone, with or without ZeRO-3's zero.Init (checked on 2 gloo ranks). DeepSpeed's
+shared-memory allreduce buffers leave nothing in /dev/shm, after a run and after a SIGKILL.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,11 +53,11 @@ TIMING = ("step_time", "tokens_per_second", "time_")  # TensorBoard tags that ma
 # ----- the launcher ------------------------------------------------------------------------
 
 
-def _launched(
+def _command(
     tmp_path: Path, *overrides: str, config: Path = ZERO2, cache: Path | None = None
-) -> subprocess.CompletedProcess:
-    """launch/pretrain_deepspeed.py on 2 CPU ranks through the deepspeed launcher."""
-    command = [
+) -> list[str]:
+    """The deepspeed launcher's command for launch/pretrain_deepspeed.py on 2 CPU ranks."""
+    return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_ssh",
         "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(ROOT / "launch" / "pretrain_deepspeed.py"),
@@ -62,11 +65,21 @@ def _launched(
         f"data.cache_dir={cache or tmp_path / 'cache'}",
         f"logging.tensorboard_dir={tmp_path / 'tb'}", *overrides,
     ]  # fmt: skip
+
+
+def _launched(
+    tmp_path: Path, *overrides: str, config: Path = ZERO2, cache: Path | None = None
+) -> subprocess.CompletedProcess:
+    """launch/pretrain_deepspeed.py on 2 CPU ranks through the deepspeed launcher."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        _command(tmp_path, *overrides, config=config, cache=cache), cwd=tmp_path,
+        capture_output=True, text=True, timeout=600, env=_launch_env(),
     )  # fmt: skip
+
+
+def _launch_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
@@ -344,6 +357,108 @@ def test_launch_pretrain_refuses_hugging_face_models(capsys):
     assert error.startswith("error: model.family 'llama' is a Hugging Face model, trained by ")
     assert main(["--config", tiny, "model.hf_config=llama.json"]) == 2
     assert "model.hf_config is a Hugging Face model" in capsys.readouterr().err
+
+
+# ----- DeepSpeed's shared-memory allreduce buffers (megatron_fsam/compat/deepspeed_shm.py) ---
+
+
+def _shm_buffers(port: str) -> list[str]:
+    """The names DeepSpeed gives the /dev/shm buffers of the ranks launched on `port`."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_*_127.0.0.1_{port}_*"))
+
+
+def _port(command: list[str]) -> str:
+    return command[command.index("--master_port") + 1]
+
+
+@needs_deepspeed
+def test_a_finished_launcher_run_leaves_no_shm_buffers(zero2):
+    _ok(zero2[1])
+    assert _shm_buffers(_port(zero2[1].args)) == []
+
+
+def _launched_ranks_shm(launcher: subprocess.Popen) -> dict[int, set[str]]:
+    """Each launched rank's mapped /dev/shm/deepspeed_* files, by pid (ranks that map none and
+    processes that exit meanwhile left out)."""
+    import psutil
+
+    from megatron_fsam.compat.deepspeed_shm import mapped_shm_files
+
+    found = {}
+    for process in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            mapped = mapped_shm_files(process.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if mapped:
+            found[process.pid] = {str(path) for path in mapped}
+    return found
+
+
+@needs_deepspeed
+def test_a_killed_launcher_run_leaves_no_shm_buffers(tmp_path, cache):
+    """SIGKILL to the launcher and its ranks, mid-run, leaves nothing in /dev/shm: by then both
+    ranks map both ranks' buffers, already unlinked (no exit handler runs after a SIGKILL)."""
+    command = _command(tmp_path, cache=cache)
+    port = _port(command)
+    prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}"
+    unlinked = {f"{prefix}_{rank} (deleted)" for rank in (0, 1)}
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        launcher = subprocess.Popen(
+            command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=_launch_env(),
+            start_new_session=True,  # its own process group: the launcher and its ranks
+        )  # fmt: skip
+    try:
+        deadline, ranks = time.monotonic() + 300, {}
+        while not (len(ranks) == 2 and all(mapped == unlinked for mapped in ranks.values())):
+            running = launcher.poll() is None and time.monotonic() < deadline
+            assert running, f"{ranks}\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+            ranks = _launched_ranks_shm(launcher)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    assert _shm_buffers(port) == []
+
+
+def _shm_allreduce(rank: int, world: int) -> dict:
+    import deepspeed
+    from deepspeed import comm
+
+    from megatron_fsam.compat.deepspeed_shm import mapped_shm_files, unlink_shm_buffers
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    mapped = {str(path) for path in mapped_shm_files()}
+    unlinked = [str(path) for path in unlink_shm_buffers()]
+    sums = []
+    for size in (1000, 300_000):  # DeepSpeed's two kernels: under and over 1 MB
+        values = torch.arange(size, dtype=torch.float32) * (rank + 1)
+        comm.inference_all_reduce(values)
+        sums.append(torch.equal(values, torch.arange(size, dtype=torch.float32) * 3))
+    return {
+        "port": os.environ["MASTER_PORT"],
+        "mapped": mapped,
+        "unlinked": unlinked,
+        "mapped_after": {str(path) for path in mapped_shm_files()},
+        "again": unlink_shm_buffers(),
+        "kernel_level": comm.comm.cdb.shm_vector_kernel_level,
+        "sums": sums,
+    }
+
+
+@needs_deepspeed
+def test_deepspeeds_shm_allreduce_works_through_unlinked_buffers():
+    """Under the deepspeed launcher (its LOCAL_SIZE equal to the world size starts DeepSpeed's
+    shm allreduce) each rank unlinks the buffers it maps, both ranks' once both map them, and
+    DeepSpeed's shm allreduce still sums through the mappings."""
+    for report in run_ranks(_shm_allreduce, 2, timeout=600, env={"LOCAL_SIZE": "2"}):
+        prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{report['port']}"
+        buffers = [f"{prefix}_{rank}" for rank in (0, 1)]
+        assert report["mapped"] == set(buffers) and report["unlinked"] == buffers
+        assert report["mapped_after"] == {f"{path} (deleted)" for path in buffers}
+        assert report["again"] == [] and not any(map(os.path.exists, buffers))
+        assert report["kernel_level"] >= 1 and report["sums"] == [True, True]
 
 
 # ----- models/hf.py ------------------------------------------------------------------------
