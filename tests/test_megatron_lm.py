@@ -15,21 +15,20 @@ The tree is the Megatron-LM tag that goes with the installed megatron-core
 megatron-core 0.16, ../shared/megatron-lm-core_v0.19.0 for 0.19; the patch is that tag's.
 MEGATRON_LM_DIR overrides the tree.
 
-Tests marked `essential` run in every environment; the second environment runs the suite
-with `-k "not test_megatron_lm or essential"` (or MEGATRON_LM_TESTS=essential, which skips
-this file's others). They are the ones whose outcome can change with the Megatron-LM tag
-and its megatron-core, because they go through what differs between versions: the patch and
-the no-diff hooks (where the arguments are parsed, train_step's signature, training_log), the
-flag checks and refusals, the update against FuncSAM.train_step through Megatron-LM's
-train_step in the DP (fp32, distributed optimizer), bf16 with overlapped gathers, TP and PP
-layouts (train_step's schedule arguments, the pre-hooks Megatron-LM turns on after the first
-iteration, the embedding-gradient reduction between stages), the NaN skip and fallback (the
-rerun state machine, Megatron-LM's skipped-iteration count), the resume (Megatron-LM's
-checkpoint loading and its iteration count), and one mixture-of-experts model (expert bias,
-MTP and router-loss logging). The rest run in the first environment only: the second PP
-layout (plain SAM, the same pipeline code as the essential one), the second MoE setting
-(megatron-core's all-to-all dispatcher with the distributed optimizer) and the two-node
-launch (torchrun's multi-node rendezvous, the same torch in both environments).
+Every test here runs in both environments of tests/run.sh except the three marked `one_env`
+(run in the first only). Those that run in both are the ones whose outcome can change with the
+Megatron-LM tag and its megatron-core, because they go through what differs between versions:
+the patch and the no-diff hooks (where the arguments are parsed, train_step's signature,
+training_log), the flag checks and refusals, the update against FuncSAM.train_step through
+Megatron-LM's train_step in the DP (fp32, distributed optimizer), bf16 with overlapped gathers,
+TP and PP layouts (train_step's schedule arguments, the pre-hooks Megatron-LM turns on after
+the first iteration, the embedding-gradient reduction between stages), the NaN skip and
+fallback (the rerun state machine, Megatron-LM's skipped-iteration count), the resume
+(Megatron-LM's checkpoint loading and its iteration count), and one mixture-of-experts model
+(expert bias, MTP and router-loss logging). The rest run in the first environment only: the
+second PP layout (plain SAM, the same pipeline code as the other one), the second MoE setting
+(megatron-core's all-to-all dispatcher with the distributed optimizer) and the two-node launch
+(torchrun's multi-node rendezvous, the same torch in both environments).
 """
 
 from __future__ import annotations
@@ -61,7 +60,6 @@ TAG = megatron_lm_tag()
 TREE = Path(os.environ.get("MEGATRON_LM_DIR", TREES.get(TAG, SHARED / "no-megatron-lm")))
 PATCH = ROOT / "patches" / f"megatron-lm-{TAG}.patch"
 DRIVER = ROOT / "tests" / "megatron_lm_driver.py"
-ESSENTIAL_ONLY = os.environ.get("MEGATRON_LM_TESTS", "all") == "essential"
 
 pytestmark = pytest.mark.skipif(
     TAG is None or not (TREE / "pretrain_gpt.py").is_file(),
@@ -69,14 +67,8 @@ pytestmark = pytest.mark.skipif(
     "(set MEGATRON_LM_DIR)",
 )
 
-# Runs in every environment (see the module docstring).
-essential = pytest.mark.essential
-
-
-@pytest.fixture(autouse=True)
-def _essential_only(request):
-    if ESSENTIAL_ONLY and request.node.get_closest_marker("essential") is None:
-        pytest.skip("MEGATRON_LM_TESTS=essential runs the tests marked essential only")
+# Runs in the first test environment only (see the module docstring).
+one_env = pytest.mark.one_env
 
 
 MODEL = (
@@ -201,7 +193,6 @@ def dp2_fp32_run(tmp_path_factory) -> list[dict]:
     return records
 
 
-@essential
 def test_patches_apply_to_their_trees(tmp_path):
     trees = {**TREES, **({TAG: TREE} if TAG else {})}
     for tag, tree in trees.items():
@@ -243,7 +234,7 @@ LAYOUTS = {
                     "--sam-cotangent-memory", "recompute", "--untie-embeddings-and-output-weights"]
     ),
 }  # fmt: skip
-ESSENTIAL_LAYOUTS = (
+BOTH_ENVIRONMENTS = (
     "dp2-distopt-bf16-overlap-fsam-patched",
     "tp2-fsam-nodiff",
     "pp2-angle-exact-recompute-untied-nodiff",
@@ -252,10 +243,7 @@ ESSENTIAL_LAYOUTS = (
 
 @pytest.mark.parametrize(
     "layout",
-    [
-        pytest.param(name, marks=[essential] if name in ESSENTIAL_LAYOUTS else [])
-        for name in LAYOUTS
-    ],
+    [pytest.param(name, marks=[] if name in BOTH_ENVIRONMENTS else [one_env]) for name in LAYOUTS],
 )
 def test_sam_trains_in_every_layout_and_equals_funcsam_train_step(tmp_path, patched_tree, layout):
     route, args = LAYOUTS[layout]
@@ -288,7 +276,6 @@ def test_sam_trains_in_every_layout_and_equals_funcsam_train_step(tmp_path, patc
         assert pass2_loss == pytest.approx(pass1_loss, rel=1e-6)
 
 
-@essential
 def test_update_equals_funcsam_train_step_on_the_same_model(dp2_fp32_run):
     """One SAM iteration through Megatron-LM's train_step vs FuncSAM.train_step called
     directly on the model, optimizer and data Megatron-LM built (fp32, DP=2, distributed
@@ -334,7 +321,7 @@ def _logged(output: str, iteration: int, name: str) -> str:
 
 @pytest.mark.parametrize(
     "setting",
-    [pytest.param(name, marks=[essential] if name == "allgather" else []) for name in MOE_SETTINGS],
+    [pytest.param(name, marks=[] if name == "allgather" else [one_env]) for name in MOE_SETTINGS],
 )
 def test_moe_without_sam_or_rho0_is_plain_megatron_lm_and_fsam_trains(
     tmp_path, patched_tree, setting
@@ -385,7 +372,6 @@ def test_moe_without_sam_or_rho0_is_plain_megatron_lm_and_fsam_trains(
         assert _logged(output, 1, name) == _logged(plain_output, 1, name), name
 
 
-@essential
 @pytest.mark.parametrize("on_nonfinite", ["skip", "fallback"])
 def test_nonfinite_pass2_is_a_counted_skip_with_nan_checks_on(tmp_path, on_nonfinite):
     """Rank 0's weights turn NaN after the perturbation of iteration 2: Megatron-LM's loss and
@@ -413,7 +399,6 @@ def test_nonfinite_pass2_is_a_counted_skip_with_nan_checks_on(tmp_path, on_nonfi
     assert all(math.isfinite(x) for x in _losses(records))  # pass 1 (the logged loss) was fine
 
 
-@essential
 def test_resume_continues_the_run_and_the_rho_warmup(tmp_path, patched_tree):
     """6 iterations straight, saving at 3 (and 6); a second run loads the checkpoint of
     iteration 3 (--ckpt-step) and continues to 6: the same losses and final weights as the
@@ -475,7 +460,6 @@ def parsed_in_one_process(tmp_path_factory) -> dict:
     return json.loads((work / "cases.json.out.json").read_text())
 
 
-@essential
 def test_flags_are_checked_at_parsing(parsed_in_one_process):
     results = parsed_in_one_process["results"]
     assert [tuple(r["args"]) for r in results] == list(_flag_cases())
@@ -486,7 +470,6 @@ def test_flags_are_checked_at_parsing(parsed_in_one_process):
         assert len(errors) == 1 and message in errors[0], (flags, errors)
 
 
-@essential
 def test_the_adapter_detects_the_megatron_lm_version(parsed_in_one_process):
     layout = parsed_in_one_process["layout"]
     tag = layout["tag"]
@@ -498,7 +481,6 @@ def test_the_adapter_detects_the_megatron_lm_version(parsed_in_one_process):
     }[tag]
 
 
-@essential
 def test_settings_of_newer_megatron_lm_are_refused():
     """core_v0.19's --optimizer-cuda-graph, --fp4-param-gather, GTP weight shards (also the
     experts') and quantile-balancing routing; the expert bias is not refused."""
@@ -533,7 +515,6 @@ def test_settings_of_newer_megatron_lm_are_refused():
     assert sam_config_from_args(moe).mode == "fsam"  # the backend holds the expert bias
 
 
-@essential
 def test_flop_count_includes_both_passes():
     from megatron_fsam.integrations import megatron_lm
 
@@ -553,6 +534,7 @@ def test_flop_count_includes_both_passes():
         megatron_lm._session = saved
 
 
+@one_env
 def test_two_nodes_are_one_job(tmp_path, dp2_fp32_run):
     """Two torchrun "nodes" (--nnodes 2, one rank each) through the no-diff route train exactly
     like one node with two ranks: one job of world size 2.
