@@ -36,6 +36,9 @@ from tests.spawn import free_port, run_ranks
 # process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
 # build of torch on a machine without a driver, their torch.compile'd kernels then fail).
 # deepspeed is imported in the spawned ranks and launched processes only.
+# The DeepSpeed stack; megatron-core only builds its datasets, which test_data.py and
+# test_pretrain.py check in every environment.
+pytestmark = pytest.mark.one_env
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"
 )
