@@ -51,16 +51,6 @@ def rendezvous() -> Iterator[dict[str, str]]:
         del store
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (racy: being replaced by
-    `rendezvous`)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _context(env: dict[str, str] | None) -> Any:
     """The fork server, unless the ranks need an environment of their own before any import
     (Triton, which megatron-core imports, reads TRITON_INTERPRET when it is imported)."""

@@ -44,7 +44,7 @@ from tests.sam_harness import (
     sam_step,
     use_layout,
 )
-from tests.spawn import free_port
+from tests.spawn import rendezvous
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -59,12 +59,8 @@ REQUIRE_TE = os.environ.get("MEGATRON_FSAM_REQUIRE_TE") == "1"
 @pytest.fixture(scope="module")
 def gpu_process():
     """A one-rank process group for the module; the rank variables are this module's only."""
-    rank_environment = dict(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )  # fmt: skip
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in rank_environment.items():
+    with rendezvous() as meeting, pytest.MonkeyPatch.context() as patch:
+        for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", **meeting).items():
             patch.setenv(name, value)
         use_layout(GPU_LAYOUT)
         gpt = build_model_chunks(TINY, transformer_config(TINY, GPU_LAYOUT), GPU_LAYOUT)[0]

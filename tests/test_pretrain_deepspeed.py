@@ -30,7 +30,7 @@ from torch import nn
 from megatron_fsam.gate import LogitGate
 from megatron_fsam.trainer.models.gpt import GPTConfig
 from megatron_fsam.trainer.run_config import embedding_params, non_embedding_params
-from tests.spawn import free_port, run_ranks
+from tests.spawn import rendezvous, run_ranks
 
 # Not importorskip: importing deepspeed here would set PYTORCH_NVML_BASED_CUDA_CHECK in this
 # process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
@@ -57,12 +57,18 @@ TIMING = ("step_time", "tokens_per_second", "time_")  # TensorBoard tags that ma
 
 
 def _command(
-    tmp_path: Path, *overrides: str, config: Path = ZERO2, cache: Path | None = None
+    tmp_path: Path,
+    *overrides: str,
+    meeting: dict[str, str],
+    config: Path = ZERO2,
+    cache: Path | None = None,
 ) -> list[str]:
-    """The deepspeed launcher's command for launch/pretrain_deepspeed.py on 2 CPU ranks."""
+    """The deepspeed launcher's command for launch/pretrain_deepspeed.py on 2 CPU ranks, which
+    meet at `meeting`'s store (tests.spawn.rendezvous)."""
     return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_ssh",
-        "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "--node_rank", "0", "--master_addr", meeting["MASTER_ADDR"],
+        "--master_port", meeting["MASTER_PORT"],
         str(ROOT / "launch" / "pretrain_deepspeed.py"),
         "--config", str(ROOT / "configs" / "tiny_test.yaml"), "--deepspeed_config", str(config),
         f"data.cache_dir={cache or tmp_path / 'cache'}",
@@ -75,14 +81,15 @@ def _launched(
 ) -> subprocess.CompletedProcess:
     """launch/pretrain_deepspeed.py on 2 CPU ranks through the deepspeed launcher."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        _command(tmp_path, *overrides, config=config, cache=cache), cwd=tmp_path,
-        capture_output=True, text=True, timeout=600, env=_launch_env(),
+    with rendezvous() as meeting:
+        return subprocess.run(
+            _command(tmp_path, *overrides, meeting=meeting, config=config, cache=cache),
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_launch_env(meeting),
     )  # fmt: skip
 
 
-def _launch_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONWARNINGS": "ignore"}
+def _launch_env(meeting: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", **meeting}
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
@@ -402,14 +409,20 @@ def _launched_ranks_shm(launcher: subprocess.Popen) -> dict[int, set[str]]:
 def test_a_killed_launcher_run_leaves_no_shm_buffers(tmp_path, cache):
     """SIGKILL to the launcher and its ranks, mid-run, leaves nothing in /dev/shm: by then both
     ranks map both ranks' buffers, already unlinked (no exit handler runs after a SIGKILL)."""
-    command = _command(tmp_path, cache=cache)
+    with rendezvous() as meeting:
+        _launch_and_kill(tmp_path, cache, meeting)
+
+
+def _launch_and_kill(tmp_path: Path, cache: Path, meeting: dict[str, str]) -> None:
+    command = _command(tmp_path, meeting=meeting, cache=cache)
     port = _port(command)
     prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}"
     unlinked = {f"{prefix}_{rank} (deleted)" for rank in (0, 1)}
     log = tmp_path / "log.txt"
     with log.open("w") as out:
         launcher = subprocess.Popen(
-            command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=_launch_env(),
+            command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            env=_launch_env(meeting),
             start_new_session=True,  # its own process group: the launcher and its ranks
         )  # fmt: skip
     try:
