@@ -103,13 +103,14 @@ python -c "import triton" 2>/dev/null || pip install --quiet triton \
   || echo "triton is missing and could not be installed: only the torch kernels can run"
 # Transformer Engine for tests/test_gpu.py's TE layer-spec test, which fails rather than skips
 # without it under this script (MEGATRON_FSAM_REQUIRE_TE). Its PyTorch extension is a source
-# package that pip compiles against the installed torch with nvcc (--no-build-isolation).
+# package that pip compiles against the installed torch with nvcc (--no-build-isolation); with
+# no package index in reach pip gives up at once (no retries), not after minutes.
 export MEGATRON_FSAM_REQUIRE_TE=1
 if ! python -c "import transformer_engine.pytorch" 2>/dev/null; then
   if te=$(python -c "$TE_REQUIREMENT"); then
     echo "=== installing $te (builds its PyTorch extension: several minutes)"
     NVTE_FRAMEWORK=pytorch MAX_JOBS="$(nproc)" timeout 1800 \
-      pip install --quiet --no-build-isolation "$te" \
+      pip install --quiet --retries 0 --timeout 15 --no-build-isolation "$te" \
       || echo "Transformer Engine could not be installed: the TE test will fail"
   else
     echo "no Transformer Engine for this torch: the TE test will fail"
