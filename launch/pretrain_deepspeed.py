@@ -116,12 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         share_cpu_cores()
         deepspeed.init_distributed(dist_backend="gloo")
         unlink_shm_buffers()  # left in /dev/shm by DeepSpeed otherwise
-    try:  # the model section against the data, transformers, FuncSAM's refusals, a checkpoint
-        run = setup(cfg, config)
-    except (ValueError, ImportError, OSError) as error:
-        return _refuse(error)
-    train(run)
-    return 0
+    try:
+        try:  # the model section against the data, transformers, FuncSAM's refusals, a checkpoint
+            run = setup(cfg, config)
+        except (ValueError, ImportError, OSError) as error:
+            return _refuse(error)
+        train(run)
+        return 0
+    finally:
+        # Join the process groups' threads (gloo's loops, NCCL's watchdog) while the interpreter
+        # is whole: left running, they meet exit()'s static destructors.
+        torch.distributed.destroy_process_group()
 
 
 def _refuse(error: BaseException) -> int:

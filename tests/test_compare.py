@@ -17,6 +17,11 @@ from launch.compare_modes import eval_interval_through, passes_at, steps_for_bud
 from megatron_fsam.config import SAMConfig
 from tests.reference import uniform_draw
 
+# Orchestration over launch/pretrain.py (whose runs test_pretrain.py checks in both
+# environments): the budget arithmetic, tables, plots and the grid's bookkeeping are plain
+# Python that no megatron-core or Megatron-LM version reaches.
+pytestmark = pytest.mark.one_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
 WARMUP = {"rho_schedule": "linear_warmup", "rho_warmup_steps": 20}

@@ -228,6 +228,7 @@ print(json.dumps(counts))
 """
 
 
+@pytest.mark.one_env  # the deepspeed launcher's rendezvous: the same DeepSpeed and torch in both
 def test_two_deepspeed_nodes_are_one_job(tmp_path):
     """Two deepspeed launchers as two "nodes" (a hostfile, --node_rank 0 and 1, one rank
     each, no ssh) give exactly the losses of one node with two ranks."""
