@@ -10,6 +10,7 @@
 #      DeepSpeed, plain PyTorch, the Hugging Face Trainer; README, "Supported versions").
 # A skip that is not GPU-only fails the run (tests/conftest.py), and so does either suite.
 # The end prints each suite's time, counts and ten slowest tests.
+# Suite 2's venv is created or updated in the background while suite 1 runs.
 # Where no Python 3.12 exists, one loud line says so and only the first suite runs.
 # Arguments go to both pytest runs. PYTHON312 names the Python 3.12 interpreter to build the
 # venv from; VENV312 the venv.
@@ -35,8 +36,6 @@ run_suite() {
     summary+=("$label" "$((SECONDS - start))" "$reports/$label.xml")
 }
 
-run_suite "suite 1" python "$@"
-
 find_python312() {
     local candidate
     for candidate in "${PYTHON312:-}" "$(command -v python3.12 || true)" \
@@ -50,18 +49,36 @@ find_python312() {
     return 1
 }
 
+# Suite 2's environment is set up while suite 1 runs: pip mostly reads and unpacks wheels, the
+# suite mostly computes, and a fresh venv (torch, megatron-core) takes minutes.
 VENV312="${VENV312:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron_fsam/venv312}"
+setup_pid=""
 if [[ -x "$VENV312/bin/python" ]] || PY312="$(find_python312)"; then
-    start=$SECONDS
-    if [[ ! -x "$VENV312/bin/python" ]]; then
-        echo "=== creating $VENV312 from $PY312 (torch 2.13.0 and megatron-core 0.19.x: a few minutes)"
-        "$PY312" -m venv "$VENV312"
-    fi
-    PYTHON="$VENV312/bin/python" MEGATRON_CORE="megatron-core>=0.19,<0.20" bash launch/install.sh
-    summary+=("set-up of $VENV312" "$((SECONDS - start))" "")
+    setup_log="$reports/venv312-setup.log"
+    (
+        start=$SECONDS
+        if [[ ! -x "$VENV312/bin/python" ]]; then
+            echo "=== creating $VENV312 from $PY312 (torch 2.13.0 and megatron-core 0.19.x)"
+            "$PY312" -m venv "$VENV312"
+        fi
+        PYTHON="$VENV312/bin/python" MEGATRON_CORE="megatron-core>=0.19,<0.20" bash launch/install.sh
+        echo "=== set-up of $VENV312 took $((SECONDS - start)) s (alongside suite 1)"
+    ) >"$setup_log" 2>&1 &
+    setup_pid=$!
+fi
+
+run_suite "suite 1" python "$@"
+
+if [[ -z "$setup_pid" ]]; then
+    echo "!!!!!!!! NO PYTHON 3.12 ON THIS MACHINE: the megatron-core 0.19 suite DID NOT RUN; only the $(python --version 2>&1) suite ran !!!!!!!!"
+elif start=$SECONDS && wait "$setup_pid"; then
+    cat "$setup_log"
+    summary+=("waiting for the set-up of $VENV312" "$((SECONDS - start))" "")
     run_suite "suite 2" "$VENV312/bin/python" -m "not one_env" "$@"
 else
-    echo "!!!!!!!! NO PYTHON 3.12 ON THIS MACHINE: the megatron-core 0.19 suite DID NOT RUN; only the $(python --version 2>&1) suite ran !!!!!!!!"
+    cat "$setup_log"
+    echo "!!!!!!!! THE SET-UP OF $VENV312 FAILED: suite 2 DID NOT RUN !!!!!!!!"
+    status=1
 fi
 python tests/summary.py "${summary[@]}"
 exit $status

@@ -85,8 +85,15 @@ CPU = (
 ).split()
 FSAM = "--sam-mode fsam --sam-rho 0.05 --sam-precond".split()
 # One thread per rank whatever the launcher: two one-rank "nodes" on one machine then add up
-# in the same order as one node's two ranks.
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+# in the same order as one node's two ranks. Megatron-LM's fused bias-gelu/swiglu are
+# torch.compile'd and warmed up at initialisation, which on the CPU builds C++ kernels (~5 s a
+# launch); eager runs the same math, and those functions are not the SAM step.
+ENV = {
+    **os.environ,
+    "PYTHONWARNINGS": "ignore",
+    "OMP_NUM_THREADS": "1",
+    "TORCH_COMPILE_DISABLE": "1",
+}
 SAM_SCALARS = ("rho", "grad_norm", "eps_norm", "loss_perturbed", "time_pass1", "time_pass2")
 # The iteration whose update is also computed by FuncSAM.train_step called directly (the
 # second: precond then reads the Adam state of the first).
