@@ -37,6 +37,7 @@ from megatron_fsam.trainer.models.gpt import build_model_chunks, forward_step, t
 from megatron_fsam.trainer.monitor import Monitor, SideLosses, UpdateNorm
 from megatron_fsam.trainer.parallel import (
     build_optimizer,
+    destroy_distributed,
     forward_backward_func,
     initialize_distributed,
     wrap_model,
@@ -437,4 +438,6 @@ def parse_launched(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    destroy_distributed()  # the run is gone with main(); a rank that raised does not wait here
+    sys.exit(code)

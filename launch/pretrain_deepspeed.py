@@ -58,6 +58,7 @@ from megatron_fsam.trainer.data import build_datasets, microbatch_iterator
 from megatron_fsam.trainer.data.gpt_data import GPTData
 from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
 from megatron_fsam.trainer.monitor import Monitor
+from megatron_fsam.trainer.parallel import destroy_distributed
 from megatron_fsam.trainer.run_config import (
     CheckpointSettings,
     RunConfig,
@@ -116,17 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         share_cpu_cores()
         deepspeed.init_distributed(dist_backend="gloo")
         unlink_shm_buffers()  # left in /dev/shm by DeepSpeed otherwise
-    try:
-        try:  # the model section against the data, transformers, FuncSAM's refusals, a checkpoint
-            run = setup(cfg, config)
-        except (ValueError, ImportError, OSError) as error:
-            return _refuse(error)
-        train(run)
-        return 0
-    finally:
-        # Join the process groups' threads (gloo's loops, NCCL's watchdog) while the interpreter
-        # is whole: left running, they meet exit()'s static destructors.
-        torch.distributed.destroy_process_group()
+    try:  # the model section against the data, transformers, FuncSAM's refusals, a checkpoint
+        run = setup(cfg, config)
+    except (ValueError, ImportError, OSError) as error:
+        return _refuse(error)
+    train(run)
+    return 0
 
 
 def _refuse(error: BaseException) -> int:
@@ -430,4 +426,6 @@ def evaluate(run: Run) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    destroy_distributed()  # the run is gone with main(); a rank that raised does not wait here
+    sys.exit(code)

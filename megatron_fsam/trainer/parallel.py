@@ -11,6 +11,7 @@ megatron-core loop (no Megatron-LM ``train()``) drives the schedules, so
   mixes up activations and gradients when the previous and next stage are one rank.
 """
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,10 +94,26 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
 
 
 def destroy_distributed() -> None:
-    """Tear down Megatron's groups and the default process group."""
+    """Tear down the process groups once the run is over, with no collective's work left for
+    a gloo thread to free while the interpreter finalises.
+
+    A gloo worker frees a collective's work after the caller has seen it complete (a barrier
+    holds the works before it: `all_gather_object`'s tensors, say), and freeing tensors that
+    Python created takes the GIL. A thread that takes the GIL while the interpreter finalises
+    is ended inside that C++ destructor: std::terminate, "terminate called without an active
+    exception" (seen one launcher run in ten: the worker still waited for the GIL when the
+    main thread reached Py_FinalizeEx). A last barrier settles it: enqueueing it waits, with
+    the GIL released, until the workers have freed what they held, and it holds no Python
+    tensor itself. Call this after the run's own objects are gone (an entry point: once
+    main() has returned); garbage they left is collected here, from Python.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+    gc.collect()  # groups held only by cyclic garbage (an engine and its optimizer)
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def wrap_model(
