@@ -20,6 +20,8 @@ after `engine.load_checkpoint(dir)`, `sam.load_state_dict(client_state["sam"])`.
 
 from __future__ import annotations
 
+import torch
+
 from megatron_fsam.backends.deepspeed import DeepSpeedBackend
 from megatron_fsam.config import SAMConfig
 from megatron_fsam.integrations.microbatches import Forward, MicrobatchSAM
@@ -35,6 +37,11 @@ class FuncSAM(MicrobatchSAM):
         does not divide it by gradient_accumulation_steps, and a step may have fewer
         micro-batches (the end of an epoch)."""
         config.validate()
+        if config.stale_ascent and engine.fp16_enabled():
+            raise ValueError(
+                f"megatron_fsam: ascent={config.ascent!r} on an fp16 engine: its clean pass "
+                "back-propagates outside the engine's loss scaler; use bf16 or fp32"
+            )
         self.engine = self.model = engine
         self.scale_wrt_gas = scale_wrt_gas
         backend = DeepSpeedBackend(engine)
@@ -60,4 +67,14 @@ class FuncSAM(MicrobatchSAM):
         self.engine.set_gradient_accumulation_boundary(index == count - 1)
         loss = forward(self.engine, batch)
         self.engine.backward(loss, scale_wrt_gas=self.scale_wrt_gas)
+        return loss
+
+    def _forward_only(self, forward: Forward, batch, index: int, count: int):
+        """The loss scaled as engine.backward scales it (1 / gradient_accumulation_steps),
+        back-propagated to the logits outside the engine: no parameter gets a gradient."""
+        with torch.no_grad():  # the logit gate switches grad on for the loss
+            loss = forward(self.engine, batch)
+        if loss.requires_grad:
+            scale = 1.0 / self.engine.gradient_accumulation_steps() if self.scale_wrt_gas else 1.0
+            (loss * scale).backward()
         return loss

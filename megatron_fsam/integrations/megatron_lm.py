@@ -241,7 +241,7 @@ class _Session:
 
         self.sam = FuncSAM(config, model, optimizer, forward_backward_func=schedule)
         self.metrics: dict[str, float | None] = {}
-        self.passes = 1
+        self.passes = 1.0  # the last step's FLOPs over a plain step's
 
     def step_stand_ins(self, optimizer: Any) -> tuple[Callable, _SteppedOptimizer]:
         """A forward_backward_func that runs the SAM step, and the optimizer that reports it."""
@@ -276,7 +276,7 @@ class _Session:
             )
             stepped.result = (ok, grad_norm, metrics.pop("num_zeros_in_grad"))
             self.metrics = metrics
-            self.passes = int(metrics["passes"])
+            self.passes = metrics["passes"]
             return losses
 
         return forward_backward, stepped
@@ -344,8 +344,8 @@ def _refuse_cross_grid(step_args: dict[str, Any]) -> None:
 
 
 def _all_passes(num_floating_point_operations: Callable) -> Callable:
-    """Megatron-LM's FLOPs of one iteration, times the forward/backward passes it ran
-    (core_v0.19 also passes packed-sequence statistics, by keyword)."""
+    """Megatron-LM's FLOPs of one iteration, times the step's FLOPs over a plain step's
+    (`passes`; core_v0.19 also passes packed-sequence statistics, by keyword)."""
 
     @functools.wraps(num_floating_point_operations)
     def counted(args, batch_size, *more, **kwargs):

@@ -1,0 +1,101 @@
+"""Where the ascent points (`SAMConfig.ascent`): d in eps = rho * P d / N.
+
+"gradient" is the paper's d = g, this step's pass-1 gradient. The other two are known before
+the step, so the step needs no backward at theta: "previous" is the gradient the optimizer
+applied at the previous step (this rank's shard, kept between steps), "momentum" Adam's first
+moment exp_avg (read from the optimizer, nothing kept). Each writes d into the gradient
+shards, where the norm sums, the preconditioner and the perturbation read g.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_fsam.backends.shards import RankShards, ShardBackend
+from megatron_fsam.config import SAMConfig
+
+
+class Direction:
+    """This step's gradient (the paper): it is in the gradient shards after pass 1."""
+
+    known_before_the_step = False
+
+    def ready(self) -> bool:
+        """Whether a SAM step can take this direction now (else it is a plain step)."""
+        return True
+
+    def load(self, shards: RankShards, backend: ShardBackend) -> None:
+        """Write d into `shards.all.grads`."""
+
+    def applied(self, grads: list[torch.Tensor]) -> None:
+        """The gradient the optimizer is about to apply (plain and SAM steps alike)."""
+
+    def skipped(self) -> None:
+        """The step changed nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PreviousGradient(Direction):
+    """The gradient applied at the previous step; none after a skipped step."""
+
+    known_before_the_step = True
+
+    def __init__(self) -> None:
+        self.kept: list[torch.Tensor] | None = None
+
+    def ready(self) -> bool:
+        return self.kept is not None
+
+    def load(self, shards: RankShards, backend: ShardBackend) -> None:
+        torch._foreach_copy_(shards.all.grads, self.kept)
+
+    def applied(self, grads: list[torch.Tensor]) -> None:
+        if self.kept is None or [k.shape for k in self.kept] != [g.shape for g in grads]:
+            self.kept = [torch.empty_like(g, dtype=torch.float32) for g in grads]
+        torch._foreach_copy_(self.kept, grads)
+
+    def skipped(self) -> None:
+        self.kept = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = state.get("kept")
+
+
+class FirstMoment(Direction):
+    """Adam's exp_avg, which exists once the optimizer has applied a step."""
+
+    known_before_the_step = True
+
+    def __init__(self) -> None:
+        self.steps_applied = 0
+
+    def ready(self) -> bool:
+        return self.steps_applied > 0
+
+    def load(self, shards: RankShards, backend: ShardBackend) -> None:
+        torch._foreach_copy_(shards.all.grads, backend.first_moments())
+
+    def applied(self, grads: list[torch.Tensor]) -> None:
+        self.steps_applied += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_applied": self.steps_applied}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_applied = int(state.get("steps_applied", 0))
+
+
+def direction_for(cfg: SAMConfig) -> Direction:
+    return {"gradient": Direction, "previous": PreviousGradient, "momentum": FirstMoment}[
+        cfg.ascent
+    ]()
