@@ -12,11 +12,14 @@ Equal steps (no --budget): every run trains the run file's steps; the table give
 eval loss per mode as mean and spread over the seeds (the small-scale counterpart of the
 paper's Table 1) and the forward-backward passes each mode spent.
 
-Equal compute (--budget PASSES): every run gets the same number of forward-backward passes,
-one pass being the step's global batch once forward and backward through the network (a
-budget in tokens is PASSES x global_batch_size x seq_length). A plain step (AdamW, the plain
-steps of sam_interval / sam_probability, and the steps whose rho is still 0 at the start of
-a rho warm-up) costs 1 pass, a SAM step 2 (3 for the exact angle form). Each run trains the
+Equal compute (--budget PASSES): every run gets the same FLOPs, counted in passes: one pass
+is a plain step's FLOPs, the step's global batch once forward and backward through the
+network (a forward 1, a backward 2: megatron_fsam.cost; a budget in tokens is PASSES x
+global_batch_size x seq_length). A plain step (AdamW, the plain steps of sam_interval /
+sam_probability or outside a SAM phase, the steps whose rho is still 0 at the start of a rho
+warm-up, and the first step of a direction known before the step) costs 1 pass, a SAM step 2
+(3 for the exact angle form, 4/3 for fsam with sam.ascent previous / momentum, 1 for sam
+with them). Each run trains the
 most steps whose passes fit in the budget (`steps_for_budget`: the schedule of
 megatron_fsam.schedules, step by step; for sam_probability the seeded draw of that run, so
 the count is exact and differs between seeds), with train.train_steps set to that count so
@@ -50,9 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # this tree's megatron_fsam, not another installed copy
 
+from megatron_fsam import cost  # noqa: E402
 from megatron_fsam.config import SAMConfig  # noqa: E402
-from megatron_fsam.modes import recipe_for  # noqa: E402
-from megatron_fsam.schedules import is_sam_step, rho_at  # noqa: E402
 
 MODES = {
     "adamw": ["sam.mode=adamw"],
@@ -66,45 +68,46 @@ MODES = {
     "precond logit": ["sam.mode=logit", "sam.precond=true"],
     "precond fsam every 4": ["sam.mode=fsam", "sam.precond=true", "sam.sam_interval=4"],
     "precond fsam p 0.25": ["sam.mode=fsam", "sam.precond=true", "sam.sam_probability=0.25"],
+    "precond fsam previous": ["sam.mode=fsam", "sam.precond=true", "sam.ascent=previous"],
+    "precond fsam momentum": ["sam.mode=fsam", "sam.precond=true", "sam.ascent=momentum"],
+    "precond fsam last quarter": ["sam.mode=fsam", "sam.precond=true", "sam.sam_start_step=0.75"],
 }
 TABLE_1 = ["adamw", "sam", "precond sam", "fsam", "precond fsam"]
 MANIFEST = "compare.json"
 
 
-# ----- the cost of a run in forward-backward passes ---------------------------------------
+# ----- the cost of a run, in passes (a plain step's FLOPs) --------------------------------
 
 
-def step_passes(sam: SAMConfig, step: int) -> int:
-    """Forward-backward passes of the step after `step` completed steps (as SAMStep counts:
-    the first step is step 0): 1 for a plain step (mode adamw, rho 0, or not a SAM step of
-    sam_interval / sam_probability), else the mode's 2 (3 for the exact angle form).
-
-    `sam.seed` must be the seed the run draws with (pretrain.py: train.seed when unset).
-    """
-    if not sam.sam_enabled or rho_at(sam, step) == 0.0 or not is_sam_step(sam, step):
-        return 1
-    return recipe_for(sam).passes
+def step_flops(sam: SAMConfig, step: int) -> float:
+    """Forward-equivalents of the step after `step` completed steps (as SAMStep counts: the
+    first step is step 0; whole numbers, so that sums are exact). `sam.seed` must be the seed
+    the run draws with (pretrain.py: train.seed when unset)."""
+    return cost.flops(cost.planned_passes(sam, step))
 
 
-def steps_for_budget(sam: SAMConfig, budget: int) -> tuple[int, int]:
+PLAIN_FLOPS = cost.flops(cost.PLAIN)
+
+
+def steps_for_budget(sam: SAMConfig, budget: float) -> tuple[int, float]:
     """The most optimizer steps whose passes fit in `budget`, and the passes they spend."""
     if budget < 1:
         raise ValueError(f"the budget must be at least 1 pass, got {budget}")
-    steps = spent = 0
-    while spent + (cost := step_passes(sam, steps)) <= budget:
-        spent += cost
+    steps, spent = 0, 0.0  # forward-equivalents
+    while spent + (flops := step_flops(sam, steps)) <= budget * PLAIN_FLOPS:
+        spent += flops
         steps += 1
-    return steps, spent
+    return steps, spent / PLAIN_FLOPS
 
 
-def passes_at(sam: SAMConfig, steps: int, at: set[int] | None = None) -> dict[int, int]:
+def passes_at(sam: SAMConfig, steps: int, at: set[int] | None = None) -> dict[int, float]:
     """Passes spent after each of the steps `at` (1-based step numbers, as logged; all of
     1..steps when None)."""
-    spent, out = 0, {}
+    spent, out = 0.0, {}
     for step in range(steps):
-        spent += step_passes(sam, step)
+        spent += step_flops(sam, step)
         if at is None or step + 1 in at:
-            out[step + 1] = spent
+            out[step + 1] = spent / PLAIN_FLOPS
     return out
 
 
@@ -138,10 +141,10 @@ class Run:
     seed: int
     settings: list[str]
     steps: int
-    passes: int  # spent by the whole run
+    passes: float  # spent by the whole run
     eval_interval: int
     sam: SAMConfig  # with the seed the run draws with
-    passes_at: dict[int, int] = field(default_factory=dict)  # at the eval steps
+    passes_at: dict[int, float] = field(default_factory=dict)  # at the eval steps
     evals: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -249,8 +252,8 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
-def span(values: list[int]) -> str:
-    return str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+def span(values: list[float]) -> str:
+    return f"{values[0]:g}" if min(values) == max(values) else f"{min(values):g}-{max(values):g}"
 
 
 def table(runs: list[Run], budget: int | None) -> str:
@@ -304,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         type=int,
         metavar="PASSES",
-        help="equal compute: forward-backward passes (global batches) every run may spend",
+        help="equal compute: the FLOPs every run may spend, in plain steps (global batches "
+        "once forward and backward)",
     )
     parser.add_argument(
         "--out", help="TensorBoard root (default runs/compare, or runs/compare_<PASSES>passes)"
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         for run in runs:
             print(
-                f"{run.mode:>20}  seed {run.seed}: {run.steps} steps, {run.passes} passes, "
+                f"{run.mode:>20}  seed {run.seed}: {run.steps} steps, {run.passes:g} passes, "
                 f"eval every {run.eval_interval}",
                 flush=True,
             )

@@ -13,6 +13,7 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 ON_NONFINITE = ("skip", "fallback")
 COTANGENT_MEMORIES = ("device", "offload", "recompute", "auto")
 ASCENTS = ("gradient", "previous", "momentum")
+PHASE_BOUNDS = ("sam_start_step", "sam_end_step")  # entry points: steps, or fractions of the run
 CHOICES = {
     "mode": MODES,
     "angle_impl": ANGLE_IMPLS,

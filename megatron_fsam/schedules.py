@@ -47,3 +47,15 @@ def uniform_draw(seed: int, step: int) -> float:
     generator state is shared with (or disturbed by) anything else in the run."""
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "big") >> 11) / float(1 << 53)
+
+
+def phase_step(value: int | float, total_steps: int) -> int:
+    """A SAM phase bound given to an entry point as a step number (an int) or as a fraction
+    of the run (a float in [0, 1]: 0.75 is the start of the last quarter)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"a SAM phase bound must be a step or a fraction, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"a SAM phase bound given as a fraction must be in [0, 1], got {value}")
+    return round(value * total_steps)

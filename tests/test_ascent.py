@@ -8,6 +8,8 @@ backward per micro-batch per step: the clean pass of fsam is a forward, and sam 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,8 +18,10 @@ from megatron_fsam.backends.megatron_weights import global_param_names
 from megatron_fsam.cost import passes as cost_over_plain
 from megatron_fsam.cost import planned_passes, sam_passes
 from megatron_fsam.schedules import rho_at
+from megatron_fsam.trainer.parallel import ParallelConfig
 from tests import reference
 from tests.sam_harness import (
+    TINY,
     build,
     my_batches,
     one_process_model,
@@ -25,6 +29,7 @@ from tests.sam_harness import (
     received_gradients,
     relative_error,
     sam_step,
+    use_layout,
 )
 from tests.spawn import run_ranks
 
@@ -41,6 +46,23 @@ FORMS = {
 }
 ASCENTS = ("previous", "momentum")
 PHASE_START = 2
+MOE = dataclasses.replace(
+    TINY, num_layers=2, num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.1,
+    moe_z_loss_coeff=0.01, moe_token_dispatcher_type="alltoall",
+)  # fmt: skip
+MODELS = {"dense": TINY, "moe": MOE}
+LAYOUTS_2 = {
+    "dp2_distopt": (ParallelConfig(distributed_optimizer=True), "dense"),
+    "ep2_dp2_distopt": (ParallelConfig(expert_parallel=2, distributed_optimizer=True), "moe"),
+}
+LAYOUTS_4 = {
+    "tp2_pp2": (ParallelConfig(tensor_parallel=2, pipeline_parallel=2), "dense"),
+    "tp2_pp2_vp2": (
+        ParallelConfig(tensor_parallel=2, pipeline_parallel=2, virtual_pipeline=2),
+        "dense",
+    ),
+}
+SPAWN_TIMEOUT = 1500
 
 
 class BackwardCounter:
@@ -63,9 +85,9 @@ def _first_layer(model: list) -> torch.nn.Module:
     return next(m for n, m in model[0].named_modules() if n.endswith("layers.0"))
 
 
-def _run(parallel, full, batches, cfg: SAMConfig, steps: int):
+def _run(parallel, full, batches, cfg: SAMConfig, steps: int, model_config=TINY):
     """Each step's received gradients, metrics and backward count."""
-    model, opt = build(parallel, full, ADAM)
+    model, opt = build(parallel, full, ADAM, model=model_config)
     sam = FuncSAM(cfg, model, opt)
     counter = BackwardCounter(_first_layer(model))
     out = []
@@ -89,28 +111,46 @@ def _bitwise(a: dict, b: dict) -> bool:
     return all(torch.equal(x[2], y[2]) for name in a for x, y in zip(a[name], b[name], strict=True))
 
 
-def _single_process(rank: int, world: int) -> dict:
-    parallel, batches, gpt, full = one_process_model()
-    micro_batches = len(my_batches(batches))
-    report: dict = {}
+def _config(ascent: str, form: str) -> SAMConfig:
+    return SAMConfig(rho=RHO, ascent=ascent, **FORMS[form])
+
+
+def _references(model_config) -> dict:
+    """The float64 run of every (ascent, form), and the weights it starts from."""
+    parallel, batches, gpt, full = one_process_model(model_config)
+    runs = {}
     for ascent in ASCENTS:
-        for name, form in FORMS.items():
-            cfg = SAMConfig(rho=RHO, ascent=ascent, **form)
-            _, _, steps = _run(parallel, full, batches, cfg, STEPS)
-            want = reference.known_direction_run(
-                gpt, full, [batches] * STEPS, mode=form["mode"], ascent=ascent, rho=RHO,
-                precond=cfg.precond, lr=ADAM["lr"], betas=(ADAM["adam_beta1"],
-                ADAM["adam_beta2"]), adam_eps=ADAM["adam_eps"],
+        for form in FORMS:
+            runs[ascent, form] = reference.known_direction_run(
+                gpt, full, [batches] * STEPS, mode=FORMS[form]["mode"], ascent=ascent,
+                rho=RHO, precond=_config(ascent, form).precond, lr=ADAM["lr"],
+                betas=(ADAM["adam_beta1"], ADAM["adam_beta2"]), adam_eps=ADAM["adam_eps"],
             )  # fmt: skip
-            report[f"{ascent}/{name}"] = {
-                "errors": [
-                    relative_error(got, w) for (got, _, _), w in zip(steps, want, strict=True)
-                ],
-                "backwards": [count for _, _, count in steps],
-                "passes": [metrics["passes"] for _, metrics, _ in steps],
-                "no_direction": [metrics["no_direction"] for _, metrics, _ in steps],
-            }
-    report["micro_batches"] = micro_batches
+    return {"full": full, "batches": batches, "runs": runs}
+
+
+def _compared(parallel, saved: dict, model_config) -> dict:
+    """Every (ascent, form) run in this layout against the reference, step by step."""
+    report = {}
+    for (ascent, form), want in saved["runs"].items():
+        _, _, steps = _run(
+            parallel, saved["full"], saved["batches"], _config(ascent, form), STEPS, model_config
+        )
+        report[f"{ascent}/{form}"] = {
+            "errors": [relative_error(got, w) for (got, _, _), w in zip(steps, want, strict=True)],
+            "backwards": [count for _, _, count in steps],
+            "micro_batches": len(my_batches(saved["batches"])),
+            "passes": [metrics["passes"] for _, metrics, _ in steps],
+            "no_direction": [metrics["no_direction"] for _, metrics, _ in steps],
+        }
+    return report
+
+
+def _single_process(rank: int, world: int, path: str) -> dict:
+    saved = {name: _references(config) for name, config in MODELS.items()}
+    torch.save(saved, path)
+    parallel, batches, gpt, full = one_process_model()
+    report: dict = _compared(parallel, saved["dense"], TINY)
 
     # A SAM phase from step PHASE_START: plain AdamW steps before it, bit for bit (the step
     # at PHASE_START too: the rho warm-up starts there, at 0), then the paper's precond fsam.
@@ -146,23 +186,54 @@ def _precond(model: list, opt) -> dict[str, torch.Tensor]:
     return precond
 
 
+def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
+    saved = torch.load(path, weights_only=False)
+    report = {}
+    for name, (parallel, model) in layouts.items():
+        use_layout(parallel)
+        report[name] = _compared(parallel, saved[model], MODELS[model])
+    return report
+
+
 @pytest.fixture(scope="module")
-def single() -> dict:
-    return run_ranks(_single_process, 1, timeout=900)[0]
+def references(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("ascent") / "references.pt")
 
 
+@pytest.fixture(scope="module")
+def single(references) -> dict:
+    return run_ranks(_single_process, 1, references, timeout=SPAWN_TIMEOUT)[0]
+
+
+@pytest.fixture(scope="module")
+def runs(single, references) -> dict[str, list[dict]]:
+    """Each layout's report on every rank."""
+    out = {"one process": [single]}
+    for world, layouts in ((2, LAYOUTS_2), (4, LAYOUTS_4)):
+        ranks = run_ranks(_layouts, world, references, layouts, timeout=SPAWN_TIMEOUT)
+        out.update({name: [report[name] for report in ranks] for name in layouts})
+    return out
+
+
+LAYOUTS = ("one process", *LAYOUTS_2, *LAYOUTS_4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("ascent", ASCENTS)
 @pytest.mark.parametrize("form", FORMS)
-def test_every_step_equals_the_float64_reference(single, ascent, form):
-    errors = single[f"{ascent}/{form}"]["errors"]
-    assert max(errors) <= TOLERANCE, errors
+def test_every_step_equals_the_float64_reference(runs, layout, ascent, form):
+    for rank_report in runs[layout]:
+        errors = rank_report[f"{ascent}/{form}"]["errors"]
+        assert max(errors) <= TOLERANCE, errors
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("ascent", ASCENTS)
 @pytest.mark.parametrize("form", FORMS)
-def test_one_backward_per_micro_batch_per_step(single, ascent, form):
-    run = single[f"{ascent}/{form}"]
-    assert run["backwards"] == [single["micro_batches"]] * STEPS
+def test_one_backward_per_micro_batch_per_step(runs, layout, ascent, form):
+    for rank_report in runs[layout]:
+        run = rank_report[f"{ascent}/{form}"]
+        assert run["backwards"] == [run["micro_batches"]] * STEPS
 
 
 @pytest.mark.parametrize("ascent", ASCENTS)
