@@ -9,12 +9,15 @@ shards, where the norm sums, the preconditioner and the perturbation read g.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from megatron_fsam.backends.shards import RankShards, ShardBackend
 from megatron_fsam.config import SAMConfig
+
+logger = logging.getLogger("megatron_fsam")
 
 
 class Direction:
@@ -36,10 +39,18 @@ class Direction:
         """The step changed nothing."""
 
     def state_dict(self) -> dict[str, Any]:
+        """What every rank holds alike."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's own part (its shard of a kept direction)."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict[str, Any] | None) -> None:
+        """`state` None: saved in another layout, whose shards are not this rank's."""
 
 
 class PreviousGradient(Direction):
@@ -64,11 +75,17 @@ class PreviousGradient(Direction):
     def skipped(self) -> None:
         self.kept = None
 
-    def state_dict(self) -> dict[str, Any]:
+    def rank_state_dict(self) -> dict[str, Any]:
         return {"kept": self.kept}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.kept = state.get("kept")
+    def load_rank_state_dict(self, state: dict[str, Any] | None) -> None:
+        """None (another layout): no direction, so the next step is a plain one."""
+        self.kept = None if state is None else state.get("kept")
+        if self.kept is None:
+            logger.warning(
+                "megatron_fsam: the checkpoint holds no previous gradient for this rank (saved "
+                "in another layout, or before any step): the next step is a plain one"
+            )
 
 
 class FirstMoment(Direction):

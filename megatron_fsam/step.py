@@ -220,7 +220,7 @@ class SAMStep:
     # ----- checkpointing --------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The step count, and the kept direction (`ascent="previous"`: this rank's shard)."""
+        """The SAM state every rank holds alike (`rank_state_dict`: this rank's own part)."""
         state: dict[str, Any] = {"iteration": self.iteration, "fallback_steps": self.fallback_steps}
         if self.direction.known_before_the_step:
             state["direction"] = self.direction.state_dict()
@@ -230,6 +230,17 @@ class SAMStep:
         self.iteration = int(state["iteration"])
         self.fallback_steps = int(state.get("fallback_steps", 0))
         self.direction.load_state_dict(state.get("direction", {}))
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's part of the SAM state: its shard of the kept direction
+        (`ascent="previous"`), to be saved per rank."""
+        return self.direction.rank_state_dict()
+
+    def load_rank_state_dict(self, state: dict[str, Any] | None) -> None:
+        """This rank's part as saved; None where the checkpoint holds none for this rank (it
+        was saved in another layout): a kept direction is then dropped, and the next step is
+        a plain one."""
+        self.direction.load_rank_state_dict(state)
 
     # ----- internals ------------------------------------------------------------------
 

@@ -13,6 +13,23 @@ import torch
 from megatron_fsam.backends.shards import local
 
 
+class BackwardCounter:
+    """Backwards through the network: gradients that reach `layer`'s output (a forward-only
+    pass, or one whose backward stops at the logits, adds none)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.count = 0
+        layer.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad:
+            hidden.register_hook(self._on_backward)
+
+    def _on_backward(self, grad: torch.Tensor) -> None:
+        self.count += 1
+
+
 class Received:
     """The gradients `optimizer.step()` steps with (after any clipping)."""
 

@@ -20,6 +20,7 @@ from megatron_fsam.cost import planned_passes, sam_passes
 from megatron_fsam.schedules import rho_at
 from megatron_fsam.trainer.parallel import ParallelConfig
 from tests import reference
+from tests.received import BackwardCounter
 from tests.sam_harness import (
     TINY,
     build,
@@ -63,22 +64,6 @@ LAYOUTS_4 = {
     ),
 }
 SPAWN_TIMEOUT = 1500
-
-
-class BackwardCounter:
-    """Backwards through the network: gradients reaching the first layer's output."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        self.count = 0
-        layer.register_forward_hook(self._on_forward)
-
-    def _on_forward(self, module, args, output) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.requires_grad:
-            hidden.register_hook(self._on_backward)
-
-    def _on_backward(self, grad: torch.Tensor) -> None:
-        self.count += 1
 
 
 def _first_layer(model: list) -> torch.nn.Module:
