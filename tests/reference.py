@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -296,15 +297,19 @@ def known_direction_run(
     ascent: str,
     rho: float,
     precond: bool,
-    lr: float,
+    lr: float | Callable[[int], float],
     betas: tuple[float, float],
     adam_eps: float,
+    clip: float | None = None,
 ) -> list[Params]:
     """The gradient each step of an AdamW run hands its optimizer when eps follows a direction
     d known before the step: "previous", the gradient applied at the step before; "momentum",
     Adam's first moment. The first step has no d and is a plain step. In float64, with this
-    run's own AdamW (no weight decay): P = 1 / (sqrt(v / (1 - beta2^t)) + adam_eps) from v
-    before the step's update (no floor), eps = rho * P d / ||P d||."""
+    run's own AdamW (no weight decay; `lr` a number or a function of the step): P = 1 /
+    (sqrt(v / (1 - beta2^t)) + adam_eps) from v before the step's update (no floor), eps =
+    rho * P d / ||P d||. With `clip`, the gradient is rescaled to at most that global norm
+    before the update (as torch's clip_grad_norm_: clip / (norm + 1e-6), at most 1), which
+    changes no direction."""
     theta = {n: v.detach().double() for n, v in theta.items()}  # the model computes in float64
     beta1, beta2 = betas
     m = {n: torch.zeros_like(v) for n, v in theta.items()}
@@ -321,13 +326,17 @@ def known_direction_run(
             at_eps = {n: theta[n] + scale * d[n] for n in theta}
             grad = _gradient_at(model, theta, at_eps, batches, mode)
         grad = {n: x.detach() for n, x in grad.items()}
+        if clip is not None:
+            norm = torch.sqrt(sum(x.square().sum() for x in grad.values()))
+            grad = {n: x * min(1.0, clip / (norm.item() + 1e-6)) for n, x in grad.items()}
         applied.append(grad)
+        step_lr = lr(t) if callable(lr) else lr
         for n in theta:
             m[n] = beta1 * m[n] + (1.0 - beta1) * grad[n]
             v[n] = beta2 * v[n] + (1.0 - beta2) * grad[n].square()
             m_hat = m[n] / (1.0 - beta1 ** (t + 1))
             denom = (v[n] / (1.0 - beta2 ** (t + 1))).sqrt() + adam_eps
-            theta[n] = theta[n] - lr * m_hat / denom
+            theta[n] = theta[n] - step_lr * m_hat / denom
     return applied
 
 
