@@ -30,6 +30,13 @@ compute (each run's final eval loss). At equal steps the cheaper runs are mid-sc
 their learning rate has not decayed yet. Passes count training only: evaluation and the
 sharpness diagnostics (diagnostics.sharpness_interval) are left out of the budget.
 
+Wall-clock: each run's seconds from the opening of its TensorBoard writer (after the model
+and data are built) to each evaluation, evaluation included, from the event files; the
+table gives each mode's seconds to its final evaluation and, under a budget, the eval loss
+each run had reached by the time the quickest run finished (equal wall-clock: the last
+evaluation at or before then). FLOPs and seconds are both shown because on the CPU a SAM
+step's overheads (perturbation, the norm sums, the logit gate) are not in the FLOPs.
+
 Each (mode, seed) trains with torchrun in its own TensorBoard directory under --out
 (`<mode>_seed<seed>`, its console output in `stdout.log` there; a rerun replaces both), and
 --out/compare.json lists the runs, their steps and the passes spent at every eval step, for
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -146,6 +154,7 @@ class Run:
     sam: SAMConfig  # with the seed the run draws with
     passes_at: dict[int, float] = field(default_factory=dict)  # at the eval steps
     evals: dict[int, float] = field(default_factory=dict)
+    seconds_at: dict[int, float] = field(default_factory=dict)  # wall-clock at the eval steps
 
     @property
     def name(self) -> str:
@@ -201,6 +210,22 @@ def train(args, run: Run) -> None:
     run.evals = {int(s): float(v) for s, v in EVAL_LINE.findall(result.stdout)}
     if result.returncode != 0 or run.steps not in run.evals:
         raise SystemExit(f"{run.name} failed:\n{result.stderr[-3000:]}")
+    run.seconds_at = eval_seconds(directory)
+
+
+def eval_seconds(directory: Path) -> dict[int, float]:
+    """Seconds from the opening of a run's TensorBoard writer to each of its evaluations."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory)).Reload()
+    start = events.FirstEventTimestamp()
+    return {event.step: event.wall_time - start for event in events.Scalars("eval/loss")}
+
+
+def at_seconds(run: Run, seconds: float) -> float:
+    """The run's eval loss at its last evaluation at or before `seconds`."""
+    reached = [step for step, at in run.seconds_at.items() if at <= seconds]
+    return run.evals[max(reached)] if reached else math.nan
 
 
 EVAL_LINE = re.compile(r"^step\s+(\d+) \| eval loss ([-+0-9.naninf]+)$", re.M)
@@ -235,6 +260,7 @@ def write_manifest(args, runs: list[Run]) -> Path:
                         "steps": run.steps,
                         "passes": run.passes,
                         "passes_at": {str(s): p for s, p in run.passes_at.items()},
+                        "seconds_at": {str(s): t for s, t in run.seconds_at.items()},
                     }
                     for run in runs
                 ],
@@ -261,28 +287,40 @@ def table(runs: list[Run], budget: int | None) -> str:
     modes = list(dict.fromkeys(run.mode for run in runs))
     rows = {mode: [run for run in runs if run.mode == mode] for mode in modes}
     if budget is None:
-        lines = ["| mode | steps | passes | final eval loss |", "|---|---|---|---|"]
+        lines = [
+            "| mode | steps | passes | wall-clock (s) | final eval loss |",
+            "|---|---|---|---|---|",
+        ]
         for mode, group in rows.items():
             lines.append(
                 f"| {mode} | {span([r.steps for r in group])} | "
-                f"{span([r.passes for r in group])} | "
+                f"{span([r.passes for r in group])} | {_seconds(group)} | "
                 f"{mean_spread([r.evals[r.steps] for r in group])} |"
             )
         return "\n".join(lines)
     equal = min(run.steps for run in runs)
+    quickest = min(run.seconds_at[run.steps] for run in runs)
     lines = [
-        f"| mode | steps | passes | passes / step | eval loss at step {equal} (equal steps) "
-        f"| eval loss at {budget} passes (equal compute) |",
-        "|---|---|---|---|---|---|",
+        f"| mode | steps | passes | passes / step | wall-clock (s) | eval loss at step {equal} "
+        f"(equal steps) | eval loss at {budget} passes (equal compute) | eval loss at "
+        f"{quickest:.0f} s (equal wall-clock) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, group in rows.items():
         per_step = statistics.mean(r.passes / r.steps for r in group)
         lines.append(
             f"| {mode} | {span([r.steps for r in group])} | {span([r.passes for r in group])} "
-            f"| {per_step:.3f} | {mean_spread([r.evals[equal] for r in group])} "
-            f"| {mean_spread([r.evals[r.steps] for r in group])} |"
+            f"| {per_step:.3f} | {_seconds(group)} "
+            f"| {mean_spread([r.evals[equal] for r in group])} "
+            f"| {mean_spread([r.evals[r.steps] for r in group])} "
+            f"| {mean_spread([at_seconds(r, quickest) for r in group])} |"
         )
     return "\n".join(lines)
+
+
+def _seconds(group: list[Run]) -> str:
+    """Mean seconds to the final evaluation over the group's seeds."""
+    return f"{statistics.mean(r.seconds_at[r.steps] for r in group):.0f}"
 
 
 def add_modes_argument(parser: argparse.ArgumentParser) -> None:

@@ -73,10 +73,15 @@ class FuncSAM(MicrobatchSAM):
         return loss
 
     def _forward_only(self, forward: Forward, batch, index: int, count: int):
-        """The loss scaled as engine.backward scales it (1 / gradient_accumulation_steps),
-        back-propagated to the logits outside the engine: no parameter gets a gradient."""
-        with torch.no_grad():  # the logit gate switches grad on for the loss
-            loss = forward(self.engine, batch)
+        """The engine's module called directly (ZeRO-3 gathers its params through the module
+        hooks; the engine's forward would hook the loss to run its gradient-reduction
+        epilogue after any backward), under the engine's autocast, and the loss scaled as
+        engine.backward scales it (1 / gradient_accumulation_steps) back-propagated to the
+        logits only: no parameter gets a gradient."""
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+        with torch.no_grad(), autocast_if_enabled(self.engine):  # the gate turns grad on
+            loss = forward(self.engine.module, batch)
         if loss.requires_grad:
             scale = 1.0 / self.engine.gradient_accumulation_steps() if self.scale_wrt_gas else 1.0
             (loss * scale).backward()
