@@ -26,7 +26,9 @@ from tests.sam_harness import (
     build,
     my_batches,
     one_process_model,
+    optimizer_state,
     params_of,
+    poisoned,
     received_gradients,
     relative_error,
     sam_step,
@@ -155,7 +157,31 @@ def _single_process(rank: int, world: int, path: str) -> dict:
     theta, precond = params_of(plain_model), _precond(plain_model, plain_opt)
     want = reference.sam_gradient(gpt, theta, batches, mode="fsam", rho=RHO, precond=precond)
     report["phase_sam_error"] = relative_error(phased[-1][0], want)
+    report["nonfinite"] = {
+        ascent: _nonfinite_clean_pass(parallel, full, batches, ascent) for ascent in ASCENTS
+    }
     return report
+
+
+def _nonfinite_clean_pass(parallel, full, batches, ascent: str) -> dict:
+    """A NaN in the forward-only clean pass of step 2 (its first micro-batch): the step is
+    skipped with params and Adam state bit-identical, and the next step has a direction
+    again only where it does not come from the skipped step (momentum)."""
+    model, opt = build(parallel, full, ADAM)
+    sam = FuncSAM(SAMConfig(mode="fsam", rho=RHO, ascent=ascent), model, opt)
+    sam_step(sam, batches)  # plain: no direction yet
+    before = (params_of(model), optimizer_state(opt))
+    micro_batches = len(my_batches(batches))
+    with poisoned(model, range(micro_batches, micro_batches + 1)):
+        ok, _, _, skipped = sam_step(sam, batches)
+    after = (params_of(model), optimizer_state(opt))
+    _, _, _, following = sam_step(sam, batches)
+    return {
+        "skipped": (ok, skipped["skipped"]),
+        "bitwise": all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
+        and all(torch.equal(before[0][n], after[0][n]) for n in before[0]),
+        "next_no_direction": following["no_direction"],
+    }
 
 
 def _precond(model: list, opt) -> dict[str, torch.Tensor]:
@@ -234,6 +260,13 @@ def test_a_sam_phase_is_plain_adamw_before_it_and_sam_in_it(single):
     assert single["phase_plain_bitwise"] == [True] * (PHASE_START + 1)
     assert single["phase_sam_steps"] == [0.0] * (PHASE_START + 1) + [1.0]
     assert single["phase_sam_error"] <= TOLERANCE
+
+
+@pytest.mark.parametrize("ascent", ASCENTS)
+def test_a_nonfinite_clean_pass_skips_the_step(single, ascent):
+    report = single["nonfinite"][ascent]
+    assert report["skipped"] == (False, 1.0) and report["bitwise"]
+    assert report["next_no_direction"] == (1.0 if ascent == "previous" else 0.0)
 
 
 # ----- configuration and cost: no model ------------------------------------------------
