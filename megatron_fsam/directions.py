@@ -10,6 +10,7 @@ shards, where the norm sums, the preconditioner and the perturbation read g.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,8 +33,9 @@ class Direction:
     def load(self, shards: RankShards, backend: ShardBackend) -> None:
         """Write d into `shards.all.grads`."""
 
-    def applied(self, grads: list[torch.Tensor]) -> None:
-        """The gradient the optimizer is about to apply (plain and SAM steps alike)."""
+    def applied(self, gradients: Callable[[], list[torch.Tensor]]) -> None:
+        """The optimizer is about to apply `gradients()` (plain and SAM steps alike; read only
+        where the direction keeps it)."""
 
     def skipped(self) -> None:
         """The step changed nothing."""
@@ -67,7 +69,8 @@ class PreviousGradient(Direction):
     def load(self, shards: RankShards, backend: ShardBackend) -> None:
         torch._foreach_copy_(shards.all.grads, self.kept)
 
-    def applied(self, grads: list[torch.Tensor]) -> None:
+    def applied(self, gradients: Callable[[], list[torch.Tensor]]) -> None:
+        grads = gradients()
         if self.kept is None or [k.shape for k in self.kept] != [g.shape for g in grads]:
             self.kept = [torch.empty_like(g, dtype=torch.float32) for g in grads]
         torch._foreach_copy_(self.kept, grads)
@@ -102,7 +105,7 @@ class FirstMoment(Direction):
     def load(self, shards: RankShards, backend: ShardBackend) -> None:
         torch._foreach_copy_(shards.all.grads, backend.first_moments())
 
-    def applied(self, grads: list[torch.Tensor]) -> None:
+    def applied(self, gradients: Callable[[], list[torch.Tensor]]) -> None:
         self.steps_applied += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -109,7 +109,7 @@ class SAMStep:
         if not sam_step or no_direction:
             losses_reduced = passing(pass1_losses, "direct")
             clock.lap("pass1")
-            self.direction.applied(self.backend.current_gradients())
+            self.direction.applied(self.backend.current_gradients)
             ok, grad_norm, num_zeros = self._optimizer_step()
             clock.lap("optimizer")
             return self._finish(
@@ -197,7 +197,7 @@ class SAMStep:
             )
 
         # The optimizer updates theta (never theta + eps) and writes it back to the model.
-        self.direction.applied(grads)
+        self.direction.applied(lambda: grads)
         ok, grad_norm, num_zeros = self._optimizer_step()
         if not ok:
             self._restore(shards)
