@@ -82,3 +82,17 @@ def clipping_errors(sam, received: Received, model, theta, batches, clip: float,
         "vs_sam": relative_error(sam, received, clipped(fsam)),
         "vs_g": relative_error(sam, received, clipped(g)),
     }
+
+
+def stepwise(sam, optimizer, layer: torch.nn.Module, step, want: list[dict]) -> dict[str, list]:
+    """Run `step()` once per entry of `want` (the reference's gradients, step by step): the
+    relative error of what `optimizer` received at each step, and the backwards through
+    `layer` at each."""
+    counter, received = BackwardCounter(layer), Received(optimizer)
+    errors, backwards = [], []
+    for wanted in want:
+        counter.count = 0
+        step()
+        errors.append(relative_error(sam, received, wanted))
+        backwards.append(counter.count)
+    return {"errors": errors, "backwards": backwards}

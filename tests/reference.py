@@ -288,6 +288,16 @@ def angle_first_order_gradient(
     return {n: total[n] + (1.0 - cos) * g[n] for n in g}
 
 
+# The SAM settings a direction known before the step is checked in, in every layout.
+KNOWN_DIRECTION_FORMS = {
+    "sam": dict(mode="sam"),
+    "fsam": dict(mode="fsam"),
+    "precond sam": dict(mode="sam", precond=True, precond_floor=0.0),
+    "precond fsam": dict(mode="fsam", precond=True, precond_floor=0.0),
+}
+KNOWN_DIRECTIONS = ("previous", "momentum")
+
+
 def known_direction_run(
     model: torch.nn.Module,
     theta: Params,

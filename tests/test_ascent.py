@@ -41,13 +41,7 @@ STEPS = 4  # the first has no direction yet: three SAM steps follow
 RHO = 0.05
 # beta1 0.9: the momentum differs from the previous gradient (beta1 0 would make them equal).
 ADAM = dict(name="adam", lr=1e-3, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-3)
-FORMS = {
-    "sam": dict(mode="sam"),
-    "fsam": dict(mode="fsam"),
-    "precond sam": dict(mode="sam", precond=True, precond_floor=0.0),
-    "precond fsam": dict(mode="fsam", precond=True, precond_floor=0.0),
-}
-ASCENTS = ("previous", "momentum")
+FORMS, ASCENTS = reference.KNOWN_DIRECTION_FORMS, reference.KNOWN_DIRECTIONS
 PHASE_START = 2
 MOE = dataclasses.replace(
     TINY, num_layers=2, num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.1,

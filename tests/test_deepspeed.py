@@ -19,7 +19,7 @@ import torch
 from megatron_fsam import SAMConfig
 from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
-from tests.received import BackwardCounter, Received, clipping_errors, relative_error
+from tests.received import Received, clipping_errors, relative_error, stepwise
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
 from tests.spawn import run_ranks
 
@@ -67,13 +67,7 @@ STAGES_0_TO_2 = ("zero0", "zero1", "zero2")
 # A direction known before the step (SAMConfig.ascent), over consecutive steps, at ZeRO-2 and
 # fully partitioned ZeRO-3; beta1 0.9 so that the momentum is not the previous gradient.
 KNOWN_DIRECTION_CASES = ("zero2", "zero3 persistence 0")
-ASCENT_FORMS = {
-    "sam": dict(mode="sam"),
-    "fsam": dict(mode="fsam"),
-    "precond sam": dict(mode="sam", precond=True, precond_floor=0.0),
-    "precond fsam": dict(mode="fsam", precond=True, precond_floor=0.0),
-}
-ASCENTS = ("previous", "momentum")
+ASCENT_FORMS, ASCENTS = reference.KNOWN_DIRECTION_FORMS, reference.KNOWN_DIRECTIONS
 ASCENT_STEPS = 3  # the first has no direction yet
 ASCENT_BETAS = (0.9, 0.98)
 ZERO3 = tuple(name for name, case in CASES.items() if case.stage == 3)
@@ -172,15 +166,10 @@ def _known_direction(case: Case, batches, reference_model, theta) -> dict[str, d
             )  # fmt: skip
             engine = _engine(case, betas=ASCENT_BETAS)
             sam = FuncSAM(cfg, engine)
-            counter = BackwardCounter(engine.module.layers[0])
-            received = Received(engine.basic_optimizer)
-            errors, backwards = [], []
-            for step in range(ASCENT_STEPS):
-                counter.count = 0
-                sam.train_step(_mine(batches), micro_batch_loss)
-                errors.append(relative_error(sam, received, want[step]))
-                backwards.append(counter.count)
-            out[f"{ascent}/{name}"] = {"errors": errors, "backwards": backwards}
+            out[f"{ascent}/{name}"] = stepwise(
+                sam, engine.basic_optimizer, engine.module.layers[0],
+                lambda sam=sam: sam.train_step(_mine(batches), micro_batch_loss), want,
+            )  # fmt: skip
     return out
 
 

@@ -19,7 +19,7 @@ from megatron_fsam import SAMConfig
 from megatron_fsam.backends.shards import local
 from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
-from tests.received import BackwardCounter, Received, clipping_errors, relative_error
+from tests.received import Received, clipping_errors, relative_error, stepwise
 from tests.sam_harness import TINY, make_batches
 from tests.spawn import run_ranks
 
@@ -34,13 +34,7 @@ MODES = ("sam", "fsam", "precond sam", "precond fsam", "angle 30 exact")
 MODEL = replace(TINY, vocab_size=65)
 # A direction known before the step (SAMConfig.ascent), over consecutive steps; beta1 0.9 so
 # that the momentum is not the previous gradient.
-ASCENT_FORMS = {
-    "sam": dict(mode="sam"),
-    "fsam": dict(mode="fsam"),
-    "precond sam": dict(mode="sam", precond=True, precond_floor=0.0),
-    "precond fsam": dict(mode="fsam", precond=True, precond_floor=0.0),
-}
-ASCENTS = ("previous", "momentum")
+ASCENT_FORMS, ASCENTS = reference.KNOWN_DIRECTION_FORMS, reference.KNOWN_DIRECTIONS
 ASCENT_STEPS = 3  # the first has no direction yet
 ASCENT_BETAS = (0.9, 0.98)
 _known_direction_references: dict = {}
@@ -159,18 +153,11 @@ def _known_direction(layout: str, batches, model, theta) -> dict[str, dict]:
             want = _known_direction_references[ascent, name]
             sam = _sam(layout, cfg, betas=ASCENT_BETAS)
             inner = sam.model.module if hasattr(sam.model, "module") else sam.model
-            counter, received = BackwardCounter(inner.layers[0]), Received(sam.optimizer)
-            errors, backwards = [], []
-            for step in range(ASCENT_STEPS):
-                counter.count = 0
-                sam.train_step(_mine(batches), micro_batch_loss)
-                errors.append(relative_error(sam, received, want[step]))
-                backwards.append(counter.count)
-            out[f"{ascent}/{name}"] = {
-                "errors": errors,
-                "backwards": backwards,
-                "micro_batches": len(_mine(batches)),
-            }
+            out[f"{ascent}/{name}"] = stepwise(
+                sam, sam.optimizer, inner.layers[0],
+                lambda sam=sam: sam.train_step(_mine(batches), micro_batch_loss), want,
+            )  # fmt: skip
+            out[f"{ascent}/{name}"]["micro_batches"] = len(_mine(batches))
     return out
 
 
