@@ -8,10 +8,13 @@ for every SAM mode, the median and the mean step time (ms) and three ratios to t
 measured in the same run: "paired", the median over rounds of the mode's step over AdamW's in
 the same round (the steadiest: a shared machine's slow drifts touch both steps of a round
 alike), the ratio of the medians and the ratio of the means; then the split of the SAM step
-into pass 1 / perturb / pass 2 / (pass 3) / optimizer. The ideal ratio is about 2 (two
-forward-backward passes); what exceeds it is SAM's own cost. Modes that thin out SAM steps
-(`fsam every 4`: sam_interval=4) are judged by the ratio of the means over many steps
-(--steps 40: ideally 1.25).
+into pass 1 / perturb / pass 2 / (pass 3) / optimizer, and the step's FLOPs over AdamW's
+(`flops`, megatron_fsam.cost: a forward 1, a backward 2). The ideal ratio is that FLOPs
+ratio: about 2 for the paper's forms (two forward-backward passes), 4/3 for fsam with a
+direction known before the step (`... previous`: sam.ascent="previous"; its pass 1 is a
+forward), 1 for sam with one (one forward-backward at theta + eps); what exceeds it is SAM's
+own cost. Modes that thin out SAM steps (`fsam every 4`: sam_interval=4) are judged by the
+ratio of the means over many steps (--steps 40: ideally 1.25).
 The last lines are the precondition's cost, fsam precond's step time over fsam's (the median
 of each round's ratio, and the ratio of the medians; then what precond adds outside the passes,
 which are the same work in both modes: the steadiest estimate, free of the passes' noise of a
@@ -71,6 +74,8 @@ MODES = {
     "angle 45": SAMConfig(mode="angle", angle=45.0),
     "angle 45 exact": SAMConfig(mode="angle", angle=45.0, angle_impl="exact"),
     "fsam every 4": SAMConfig(mode="fsam", sam_interval=4),
+    "sam previous": SAMConfig(mode="sam", ascent="previous"),
+    "fsam precond previous": SAMConfig(mode="fsam", precond=True, ascent="previous"),
 }
 
 
@@ -91,6 +96,7 @@ def main() -> None:
     sams = {name: build_sam(cfg, model_cfg, parallel, args.bf16) for name, cfg in modes}
     times = {name: [] for name in sams}
     phases = {name: {p: [] for p in PHASES} for name in sams}
+    flops = {name: [] for name in sams}  # each step's FLOPs over a plain step's
     names = list(sams)
     for round_ in range(args.warmup + args.steps):
         # Each round starts one mode further on, so that no mode always follows the same one.
@@ -99,11 +105,12 @@ def main() -> None:
             gc.collect()  # as timeit does: no collection of another mode's garbage in a step
             gc.disable()
             try:
-                run_step(sam, batches)
+                metrics = run_step(sam, batches)
             finally:
                 gc.enable()
             seconds = sam.phase_times()
             if round_ >= args.warmup:
+                flops[name].append(metrics["passes"])
                 times[name].append(sum(seconds.get(p, 0.0) for p in PHASES))
                 for p in PHASES:
                     if p in seconds:
@@ -111,8 +118,8 @@ def main() -> None:
     baseline = statistics.median(times["adamw"])
     baseline_mean = statistics.mean(times["adamw"])
     print(
-        f"{'mode':>14}  {'median':>8}  {'mean':>8}   x adamw: {'paired':>6} {'medians':>7} "
-        f"{'means':>6}   phases (median ms)"
+        f"{'mode':>21}  {'median':>8}  {'mean':>8}   x adamw: {'paired':>6} {'medians':>7} "
+        f"{'means':>6} {'flops':>6}   phases (median ms)"
     )
     for name in sams:
         median, mean = statistics.median(times[name]), statistics.mean(times[name])
@@ -123,8 +130,9 @@ def main() -> None:
             if v
         )
         print(
-            f"{name:>14}  {median * 1e3:8.1f}  {mean * 1e3:8.1f}            {paired:6.2f} "
-            f"{median / baseline:7.2f} {mean / baseline_mean:6.2f}   {split}"
+            f"{name:>21}  {median * 1e3:8.1f}  {mean * 1e3:8.1f}            {paired:6.2f} "
+            f"{median / baseline:7.2f} {mean / baseline_mean:6.2f} "
+            f"{statistics.mean(flops[name]):6.2f}   {split}"
         )
     if "fsam" in times and "fsam precond" in times:
         ratios = _ratios(times["fsam precond"], times["fsam"])

@@ -12,11 +12,14 @@ Equal steps (no --budget): every run trains the run file's steps; the table give
 eval loss per mode as mean and spread over the seeds (the small-scale counterpart of the
 paper's Table 1) and the forward-backward passes each mode spent.
 
-Equal compute (--budget PASSES): every run gets the same number of forward-backward passes,
-one pass being the step's global batch once forward and backward through the network (a
-budget in tokens is PASSES x global_batch_size x seq_length). A plain step (AdamW, the plain
-steps of sam_interval / sam_probability, and the steps whose rho is still 0 at the start of
-a rho warm-up) costs 1 pass, a SAM step 2 (3 for the exact angle form). Each run trains the
+Equal compute (--budget PASSES): every run gets the same FLOPs, counted in passes: one pass
+is a plain step's FLOPs, the step's global batch once forward and backward through the
+network (a forward 1, a backward 2: megatron_fsam.cost; a budget in tokens is PASSES x
+global_batch_size x seq_length). A plain step (AdamW, the plain steps of sam_interval /
+sam_probability or outside a SAM phase, the steps whose rho is still 0 at the start of a rho
+warm-up, and the first step of a direction known before the step) costs 1 pass, a SAM step 2
+(3 for the exact angle form, 4/3 for fsam with sam.ascent previous / momentum, 1 for sam
+with them). Each run trains the
 most steps whose passes fit in the budget (`steps_for_budget`: the schedule of
 megatron_fsam.schedules, step by step; for sam_probability the seeded draw of that run, so
 the count is exact and differs between seeds), with train.train_steps set to that count so
@@ -26,6 +29,13 @@ there, the eval interval lowered to a divisor of that count when needed) and at 
 compute (each run's final eval loss). At equal steps the cheaper runs are mid-schedule:
 their learning rate has not decayed yet. Passes count training only: evaluation and the
 sharpness diagnostics (diagnostics.sharpness_interval) are left out of the budget.
+
+Wall-clock: each run's seconds from the opening of its TensorBoard writer (after the model
+and data are built) to each evaluation, evaluation included, from the event files; the
+table gives each mode's seconds to its final evaluation and, under a budget, the eval loss
+each run had reached by the time the quickest run finished (equal wall-clock: the last
+evaluation at or before then). FLOPs and seconds are both shown because on the CPU a SAM
+step's overheads (perturbation, the norm sums, the logit gate) are not in the FLOPs.
 
 Each (mode, seed) trains with torchrun in its own TensorBoard directory under --out
 (`<mode>_seed<seed>`, its console output in `stdout.log` there; a rerun replaces both), and
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -50,9 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # this tree's megatron_fsam, not another installed copy
 
+from megatron_fsam import cost  # noqa: E402
 from megatron_fsam.config import SAMConfig  # noqa: E402
-from megatron_fsam.modes import recipe_for  # noqa: E402
-from megatron_fsam.schedules import is_sam_step, rho_at  # noqa: E402
 
 MODES = {
     "adamw": ["sam.mode=adamw"],
@@ -66,45 +76,46 @@ MODES = {
     "precond logit": ["sam.mode=logit", "sam.precond=true"],
     "precond fsam every 4": ["sam.mode=fsam", "sam.precond=true", "sam.sam_interval=4"],
     "precond fsam p 0.25": ["sam.mode=fsam", "sam.precond=true", "sam.sam_probability=0.25"],
+    "precond fsam previous": ["sam.mode=fsam", "sam.precond=true", "sam.ascent=previous"],
+    "precond fsam momentum": ["sam.mode=fsam", "sam.precond=true", "sam.ascent=momentum"],
+    "precond fsam last quarter": ["sam.mode=fsam", "sam.precond=true", "sam.sam_start_step=0.75"],
 }
 TABLE_1 = ["adamw", "sam", "precond sam", "fsam", "precond fsam"]
 MANIFEST = "compare.json"
 
 
-# ----- the cost of a run in forward-backward passes ---------------------------------------
+# ----- the cost of a run, in passes (a plain step's FLOPs) --------------------------------
 
 
-def step_passes(sam: SAMConfig, step: int) -> int:
-    """Forward-backward passes of the step after `step` completed steps (as SAMStep counts:
-    the first step is step 0): 1 for a plain step (mode adamw, rho 0, or not a SAM step of
-    sam_interval / sam_probability), else the mode's 2 (3 for the exact angle form).
-
-    `sam.seed` must be the seed the run draws with (pretrain.py: train.seed when unset).
-    """
-    if not sam.sam_enabled or rho_at(sam, step) == 0.0 or not is_sam_step(sam, step):
-        return 1
-    return recipe_for(sam).passes
+def step_flops(sam: SAMConfig, step: int) -> float:
+    """Forward-equivalents of the step after `step` completed steps (as SAMStep counts: the
+    first step is step 0; whole numbers, so that sums are exact). `sam.seed` must be the seed
+    the run draws with (pretrain.py: train.seed when unset)."""
+    return cost.flops(cost.planned_passes(sam, step))
 
 
-def steps_for_budget(sam: SAMConfig, budget: int) -> tuple[int, int]:
+PLAIN_FLOPS = cost.flops(cost.PLAIN)
+
+
+def steps_for_budget(sam: SAMConfig, budget: float) -> tuple[int, float]:
     """The most optimizer steps whose passes fit in `budget`, and the passes they spend."""
     if budget < 1:
         raise ValueError(f"the budget must be at least 1 pass, got {budget}")
-    steps = spent = 0
-    while spent + (cost := step_passes(sam, steps)) <= budget:
-        spent += cost
+    steps, spent = 0, 0.0  # forward-equivalents
+    while spent + (flops := step_flops(sam, steps)) <= budget * PLAIN_FLOPS:
+        spent += flops
         steps += 1
-    return steps, spent
+    return steps, spent / PLAIN_FLOPS
 
 
-def passes_at(sam: SAMConfig, steps: int, at: set[int] | None = None) -> dict[int, int]:
+def passes_at(sam: SAMConfig, steps: int, at: set[int] | None = None) -> dict[int, float]:
     """Passes spent after each of the steps `at` (1-based step numbers, as logged; all of
     1..steps when None)."""
-    spent, out = 0, {}
+    spent, out = 0.0, {}
     for step in range(steps):
-        spent += step_passes(sam, step)
+        spent += step_flops(sam, step)
         if at is None or step + 1 in at:
-            out[step + 1] = spent
+            out[step + 1] = spent / PLAIN_FLOPS
     return out
 
 
@@ -138,11 +149,12 @@ class Run:
     seed: int
     settings: list[str]
     steps: int
-    passes: int  # spent by the whole run
+    passes: float  # spent by the whole run
     eval_interval: int
     sam: SAMConfig  # with the seed the run draws with
-    passes_at: dict[int, int] = field(default_factory=dict)  # at the eval steps
+    passes_at: dict[int, float] = field(default_factory=dict)  # at the eval steps
     evals: dict[int, float] = field(default_factory=dict)
+    seconds_at: dict[int, float] = field(default_factory=dict)  # wall-clock at the eval steps
 
     @property
     def name(self) -> str:
@@ -198,6 +210,22 @@ def train(args, run: Run) -> None:
     run.evals = {int(s): float(v) for s, v in EVAL_LINE.findall(result.stdout)}
     if result.returncode != 0 or run.steps not in run.evals:
         raise SystemExit(f"{run.name} failed:\n{result.stderr[-3000:]}")
+    run.seconds_at = eval_seconds(directory)
+
+
+def eval_seconds(directory: Path) -> dict[int, float]:
+    """Seconds from the opening of a run's TensorBoard writer to each of its evaluations."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory)).Reload()
+    start = events.FirstEventTimestamp()
+    return {event.step: event.wall_time - start for event in events.Scalars("eval/loss")}
+
+
+def at_seconds(run: Run, seconds: float) -> float:
+    """The run's eval loss at its last evaluation at or before `seconds`."""
+    reached = [step for step, at in run.seconds_at.items() if at <= seconds]
+    return run.evals[max(reached)] if reached else math.nan
 
 
 EVAL_LINE = re.compile(r"^step\s+(\d+) \| eval loss ([-+0-9.naninf]+)$", re.M)
@@ -232,6 +260,7 @@ def write_manifest(args, runs: list[Run]) -> Path:
                         "steps": run.steps,
                         "passes": run.passes,
                         "passes_at": {str(s): p for s, p in run.passes_at.items()},
+                        "seconds_at": {str(s): t for s, t in run.seconds_at.items()},
                     }
                     for run in runs
                 ],
@@ -249,8 +278,8 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
-def span(values: list[int]) -> str:
-    return str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+def span(values: list[float]) -> str:
+    return f"{values[0]:g}" if min(values) == max(values) else f"{min(values):g}-{max(values):g}"
 
 
 def table(runs: list[Run], budget: int | None) -> str:
@@ -258,28 +287,40 @@ def table(runs: list[Run], budget: int | None) -> str:
     modes = list(dict.fromkeys(run.mode for run in runs))
     rows = {mode: [run for run in runs if run.mode == mode] for mode in modes}
     if budget is None:
-        lines = ["| mode | steps | passes | final eval loss |", "|---|---|---|---|"]
+        lines = [
+            "| mode | steps | passes | wall-clock (s) | final eval loss |",
+            "|---|---|---|---|---|",
+        ]
         for mode, group in rows.items():
             lines.append(
                 f"| {mode} | {span([r.steps for r in group])} | "
-                f"{span([r.passes for r in group])} | "
+                f"{span([r.passes for r in group])} | {_seconds(group)} | "
                 f"{mean_spread([r.evals[r.steps] for r in group])} |"
             )
         return "\n".join(lines)
     equal = min(run.steps for run in runs)
+    quickest = min(run.seconds_at[run.steps] for run in runs)
     lines = [
-        f"| mode | steps | passes | passes / step | eval loss at step {equal} (equal steps) "
-        f"| eval loss at {budget} passes (equal compute) |",
-        "|---|---|---|---|---|---|",
+        f"| mode | steps | passes | passes / step | wall-clock (s) | eval loss at step {equal} "
+        f"(equal steps) | eval loss at {budget} passes (equal compute) | eval loss at "
+        f"{quickest:.0f} s (equal wall-clock) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, group in rows.items():
         per_step = statistics.mean(r.passes / r.steps for r in group)
         lines.append(
             f"| {mode} | {span([r.steps for r in group])} | {span([r.passes for r in group])} "
-            f"| {per_step:.3f} | {mean_spread([r.evals[equal] for r in group])} "
-            f"| {mean_spread([r.evals[r.steps] for r in group])} |"
+            f"| {per_step:.3f} | {_seconds(group)} "
+            f"| {mean_spread([r.evals[equal] for r in group])} "
+            f"| {mean_spread([r.evals[r.steps] for r in group])} "
+            f"| {mean_spread([at_seconds(r, quickest) for r in group])} |"
         )
     return "\n".join(lines)
+
+
+def _seconds(group: list[Run]) -> str:
+    """Mean seconds to the final evaluation over the group's seeds."""
+    return f"{statistics.mean(r.seconds_at[r.steps] for r in group):.0f}"
 
 
 def add_modes_argument(parser: argparse.ArgumentParser) -> None:
@@ -304,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         type=int,
         metavar="PASSES",
-        help="equal compute: forward-backward passes (global batches) every run may spend",
+        help="equal compute: the FLOPs every run may spend, in plain steps (global batches "
+        "once forward and backward)",
     )
     parser.add_argument(
         "--out", help="TensorBoard root (default runs/compare, or runs/compare_<PASSES>passes)"
@@ -331,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         for run in runs:
             print(
-                f"{run.mode:>20}  seed {run.seed}: {run.steps} steps, {run.passes} passes, "
+                f"{run.mode:>20}  seed {run.seed}: {run.steps} steps, {run.passes:g} passes, "
                 f"eval every {run.eval_interval}",
                 flush=True,
             )

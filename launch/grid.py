@@ -41,7 +41,7 @@ result.json is written, unless --keep-checkpoints.
 Output: --out/table.md, printed too: Table 1 (the final eval loss of each mode and size at its
 best rho, mean +- std over seeds) and the whole rho sweep per size; --out/rho_sweep.png (eval
 loss against rho per size); --out/<size>/compare.json and --out/passes_<size>.png (each mode
-at its best rho, eval loss against forward-backward passes, as plot.py's `passes` command
+at its best rho, eval loss against passes (FLOPs in plain steps), as plot.py's `passes` command
 draws it).
 """
 

@@ -9,7 +9,7 @@ taus: tau_logit, tau_func and tau_cross over training (paper Figure 2), from dia
 JSON lines or from a TensorBoard directory with scalars named .../tau_logit etc.
 loss: one panel per tag, the runs side by side. pruning: validation loss against sparsity,
 one curve per checkpoint (paper Figure 5). --labels names the sources in order.
-passes: eval loss against forward-backward passes for every mode of a comparison (an --out
+passes: eval loss against passes (FLOPs in plain steps) for every mode of a comparison (an --out
 directory of compare_modes.py or a size directory of grid.py: its compare.json names the runs
 and the passes spent at their eval steps; the losses come from their TensorBoard `eval/loss`),
 one curve per mode: the mean over seeds with a min-max band (or one thin line per seed),
@@ -175,7 +175,7 @@ def plot_passes(
             _curve(ax, runs, x, seeds, color=f"C{i % 10}", label=label, start=start)
         if x == "passes" and budget:
             ax.axvline(budget, color="0.6", linestyle=":", linewidth=1)
-        ax.set_xlabel("forward-backward passes" if x == "passes" else "optimizer step")
+        ax.set_xlabel("passes (FLOPs in plain steps)" if x == "passes" else "optimizer step")
         ax.set_ylabel("eval loss")
         ax.ticklabel_format(axis="y", useOffset=False)
     axes[0].set_title(f"eval loss, budget {budget} passes" if budget else "eval loss")

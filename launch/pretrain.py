@@ -170,6 +170,7 @@ def setup(config_path: str, overrides: list[str]) -> Run:
         extra = load_checkpoint(cfg.checkpoint.load_dir, model, optimizer)
         if extra is not None:
             sam.load_state_dict(extra["sam"])
+            sam.load_rank_state_dict(extra["rank"] and extra["rank"].get("sam"))
             scheduler.load_state_dict(extra["scheduler"])
             run.iteration, run.consumed_samples = extra["iteration"], extra["consumed_samples"]
             monitor.message(f"resumed from {cfg.checkpoint.load_dir} at step {run.iteration}")
@@ -317,6 +318,7 @@ def save(run: Run) -> None:
             "iteration": run.iteration,
             "consumed_samples": run.consumed_samples,
         },
+        rank_extra={"sam": run.sam.rank_state_dict()},
         keep_last=checkpoint.keep_last,
         sharding_type=checkpoint.sharding_type,
     )

@@ -271,6 +271,8 @@ def save(run: Run) -> None:
     }
     client = {"megatron_fsam": {**meta, "sam": run.sam.state_dict(), "rng": rng}}
     run.engine.save_checkpoint(root, tag=tag, client_state=client, save_latest=False)
+    torch.save(run.sam.rank_state_dict(), _rank_state_path(Path(root) / tag))
+    torch.distributed.barrier()  # every rank's files are written before `latest` names them
     if torch.distributed.get_rank() == 0:
         (Path(root) / tag / META).write_text(json.dumps(meta, indent=1) + "\n")
         (Path(root) / "latest").write_text(tag)
@@ -278,6 +280,11 @@ def save(run: Run) -> None:
     torch.distributed.barrier()
     where = Path(root) / tag
     _note(run, f"saved checkpoint {where} (step {run.step}, ZeRO stage {run.zero_stage})")
+
+
+def _rank_state_path(checkpoint: Path) -> Path:
+    """This rank's part of the SAM state (its shard of a kept ascent direction)."""
+    return checkpoint / f"megatron_fsam_rank{torch.distributed.get_rank():05d}.pt"
 
 
 def _check_save_dir(root: Path) -> None:
@@ -363,6 +370,10 @@ def resume(run: Run, load_dir: str) -> None:
         raise CheckpointRefused(f"DeepSpeed could not load {path}")
     state = client["megatron_fsam"]
     run.sam.load_state_dict(state["sam"])
+    rank_state = _rank_state_path(path)
+    run.sam.load_rank_state_dict(
+        torch.load(rank_state, weights_only=True) if rank_state.is_file() else None
+    )
     rng = state["rng"][run.dp_rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -12,6 +12,8 @@ RHO_SCHEDULES = ("constant", "linear_warmup", "cosine_warmup")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 ON_NONFINITE = ("skip", "fallback")
 COTANGENT_MEMORIES = ("device", "offload", "recompute", "auto")
+ASCENTS = ("gradient", "previous", "momentum")
+PHASE_BOUNDS = ("sam_start_step", "sam_end_step")  # entry points: steps, or fractions of the run
 CHOICES = {
     "mode": MODES,
     "angle_impl": ANGLE_IMPLS,
@@ -20,6 +22,7 @@ CHOICES = {
     "kernels": KERNEL_BACKENDS,
     "on_nonfinite": ON_NONFINITE,
     "cotangent_memory": COTANGENT_MEMORIES,
+    "ascent": ASCENTS,
 }
 
 
@@ -45,8 +48,23 @@ class SAMConfig:
         sqrt(v_hat) over the whole model (recomputed every SAM step), so that coordinates
         whose second moment decayed to ~0 (rare-token embedding rows) cannot take most of
         the radius; relative, because gradient scales differ across models and steps.
-    rho_schedule / rho_warmup_steps: rho ramps from 0 over the first steps.
-    sam_interval: a SAM step every sam_interval-th step (0, k, 2k, ...), plain steps between.
+    ascent: the direction d that eps = rho * P d / N follows. "gradient" (the paper): this
+        step's pass-1 gradient g, which costs a forward-backward at theta. "previous": the
+        gradient the optimizer applied at the previous step (the SAM gradient after a SAM
+        step, g after a plain one; one fp32 gradient shard kept between steps). "momentum":
+        Adam's first moment exp_avg (no extra memory). With a direction known before the
+        step, sam is one forward-backward at theta + eps, and fsam's pass 1 is a forward at
+        theta that only records c(theta) (4/3 of a plain step's FLOPs instead of 2). A step
+        with no direction yet (the first one; for "previous" also the one after a skipped
+        step) is a plain step. Modes whose gradient mixes in g (the first-order angle form
+        at angles other than 0, the exact form at angles other than 0 and 90) need
+        "gradient", and so does on_nonfinite="fallback" (it applies g).
+    rho_schedule / rho_warmup_steps: rho ramps from 0 over the first steps (of the SAM
+        phase, from sam_start_step).
+    sam_start_step / sam_end_step: SAM steps only in the phase [sam_start_step,
+        sam_end_step) (None: to the end); plain optimizer steps outside it.
+    sam_interval: a SAM step every sam_interval-th step of the phase (start, start + k, ...),
+        plain steps between.
     sam_probability: each step is a SAM step with this probability (randomized sharpness
         training), drawn from (seed, step): every rank draws the same without talking.
     seed: seed of the sam_probability draws; None takes the run's seed where an entry point
@@ -92,6 +110,9 @@ class SAMConfig:
     kernels: str = "auto"
     cotangent_memory: str = "device"
     cotangent_offload: bool = False
+    ascent: str = "gradient"
+    sam_start_step: int = 0
+    sam_end_step: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +139,26 @@ class SAMConfig:
             raise ValueError(
                 "SAMConfig: sam_interval and sam_probability both thin out SAM steps; set one "
                 f"(got sam_interval={self.sam_interval}, sam_probability={self.sam_probability})"
+            )
+        _step("sam_start_step", self.sam_start_step)
+        if self.sam_end_step is not None:
+            _step("sam_end_step", self.sam_end_step)
+            if self.sam_end_step <= self.sam_start_step:
+                raise ValueError(
+                    f"SAMConfig.sam_end_step ({self.sam_end_step}) must be after sam_start_step "
+                    f"({self.sam_start_step})"
+                )
+        if self.stale_ascent and self.needs_clean_gradient:
+            raise ValueError(
+                f"SAMConfig: ascent={self.ascent!r} with mode={self.mode!r} at angle "
+                f"{self.angle_degrees:g} ({self.angle_impl}): that gradient mixes in g, which a "
+                "step with a known direction never computes; use ascent='gradient'"
+            )
+        if self.stale_ascent and self.on_nonfinite == "fallback":
+            raise ValueError(
+                f"SAMConfig: ascent={self.ascent!r} with on_nonfinite='fallback': the fallback "
+                "applies g, which a step with a known direction never computes; use "
+                "on_nonfinite='skip'"
             )
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"SAMConfig.seed must be an integer, got {self.seed!r}")
@@ -152,6 +193,11 @@ class SAMConfig:
             parts.append(
                 f"precond {self.precond_norm}, floor {self.precond_floor:g} x RMS sqrt(v_hat)"
             )
+        if self.stale_ascent:
+            parts.append(f"ascent along the {ASCENT_WORDS[self.ascent]}")
+        if self.sam_start_step or self.sam_end_step is not None:
+            end = "the end" if self.sam_end_step is None else f"step {self.sam_end_step}"
+            parts.append(f"SAM from step {self.sam_start_step} to {end}")
         if self.sam_interval > 1:
             parts.append(f"SAM every {self.sam_interval} steps")
         if self.sam_probability < 1.0:
@@ -160,6 +206,19 @@ class SAMConfig:
             parts.append(f"cotangent memory {self.cotangent_memory}")
         parts.append(f"non-finite SAM gradient: {self.on_nonfinite}")
         return ", ".join(parts)
+
+    @property
+    def stale_ascent(self) -> bool:
+        """Whether eps follows a direction known before the step (no backward at theta)."""
+        return self.sam_enabled and self.ascent != "gradient"
+
+    @property
+    def needs_clean_gradient(self) -> bool:
+        """Whether the mode's update mixes in g = J(theta)^T c(theta) (Eq. 19's (1 - cos) g or
+        (1 - sin - cos) g): every angle form but phi = 0, and phi = 90 taken exactly."""
+        if self.mode not in ("angle", "logit") or self.angle_degrees == 0.0:
+            return False
+        return not (self.angle_impl == "exact" and self.angle_degrees == 90.0)
 
     @property
     def mixes_cotangents(self) -> bool:
@@ -175,6 +234,17 @@ class SAMConfig:
     def angle_degrees(self) -> float:
         """phi of the step, in degrees: fsam 0, logit 90, angle its setting, sam 45."""
         return {"fsam": 0.0, "logit": 90.0, "angle": float(self.angle)}.get(self.mode, 45.0)
+
+
+ASCENT_WORDS = {
+    "previous": "previous step's applied gradient",
+    "momentum": "optimizer's first moment",
+}
+
+
+def _step(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"SAMConfig.{name} must be a step number >= 0, got {value!r}")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -24,6 +24,12 @@ With `offload`, CUDA cotangents wait in pinned host memory between the passes
 cotangent with its own (`mixing`), which costs one logits-sized tensor per micro-batch.
 `LogitHook` is the hook plumbing that this gate and `recompute.RecomputeGate`
 (cotangent_memory="recompute": keep the module's input, substitute the clean logits) share.
+
+A forward-only pass (the clean pass of a step whose direction is known before it) runs the
+network without an autograd graph; where the cotangent is wanted, the hook hands the loss
+a detached copy of the logits that requires grad and switches grad mode on for the loss:
+back-propagating the loss then stops at the logits, with c(theta) exactly as a full
+backward would deliver it there.
 """
 
 from __future__ import annotations
@@ -210,6 +216,7 @@ class LogitHook:
         self._on_logits: OnLogits | None = None
         self._rewrite: Rewrite | None = None
         self._active = False
+        self._forward_only = False
         self._forward_count = 0
         self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
 
@@ -222,14 +229,19 @@ class LogitHook:
 
     @contextmanager
     def _pass(
-        self, *, rewrite: Rewrite | None = None, on_logits: OnLogits | None = None
+        self,
+        *,
+        rewrite: Rewrite | None = None,
+        on_logits: OnLogits | None = None,
+        forward_only: bool = False,
     ) -> Iterator[None]:
         self._rewrite, self._on_logits = rewrite, on_logits
-        self._active, self._forward_count = True, 0
+        self._active, self._forward_only, self._forward_count = True, forward_only, 0
         try:
             yield
         finally:
             self._rewrite, self._on_logits, self._active = None, None, False
+            self._forward_only = False
 
     def _on_backward(self, index: int, incoming: torch.Tensor) -> torch.Tensor | None:
         if self._rewrite is None:
@@ -237,17 +249,23 @@ class LogitHook:
         rewritten = self._rewrite(index, incoming)
         return None if rewritten is incoming else rewritten
 
-    def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not self._active or not torch.is_grad_enabled():
-            return
+    def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._active or not (self._forward_only or torch.is_grad_enabled()):
+            return None
         index = self._forward_count
         self._forward_count += 1
         # Megatron linear layers return (output, bias).
         logits = output[0] if isinstance(output, tuple) else output
+        cut = self._forward_only and self._rewrite is not None
+        if cut:  # the loss back-propagates to here and no further (see the module docstring)
+            torch.set_grad_enabled(True)
+            logits = logits.detach().requires_grad_(True)
+            output = (logits, *output[1:]) if isinstance(output, tuple) else logits
         if self._on_logits is not None:
             self._on_logits(index, args, kwargs, logits)
         if self._rewrite is not None and logits.requires_grad:
             logits.register_hook(functools.partial(self._on_backward, index))
+        return output if cut else None
 
 
 class LogitGate(LogitHook):
@@ -268,10 +286,11 @@ class LogitGate(LogitHook):
         self.perturbed = CotangentStore(offload, cuda_ops)
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Keep each micro-batch's incoming cotangent c(theta) (pass 1)."""
+    def recording(self, forward_only: bool = False) -> Iterator[None]:
+        """Keep each micro-batch's incoming cotangent c(theta) (pass 1; `forward_only`: a pass
+        whose network runs without a graph, the loss back-propagated to the logits only)."""
         self.clear()
-        with self._pass(rewrite=self._record_clean):
+        with self._pass(rewrite=self._record_clean, forward_only=forward_only):
             yield
 
     @contextmanager

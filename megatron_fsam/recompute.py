@@ -107,10 +107,10 @@ class RecomputeGate(LogitHook):
         self.perturbed = InputStore()
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Keep each micro-batch's h(theta) and W(theta) (pass 1)."""
+    def recording(self, forward_only: bool = False) -> Iterator[None]:
+        """Keep each micro-batch's h(theta) and W(theta) (pass 1, a forward-only one too)."""
         self.clear()
-        with self._pass(on_logits=self._keeper(self.clean)):
+        with self._pass(on_logits=self._keeper(self.clean), forward_only=forward_only):
             yield
 
     def mixing(

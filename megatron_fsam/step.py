@@ -7,7 +7,7 @@ PyTorch (one process, DDP, FSDP2) and the Hugging Face Trainer.
 One step, as in the paper (Singh et al. 2025, Eq. 2, Eq. 11 and App. D):
 
     pass 1   g = J(theta)^T c(theta)          record micro-batches, RNG (expert bias), c(theta)
-    ascent   eps = rho * P g / N              three sums, one all-reduce
+    ascent   eps = rho * P d / N              d = g; three sums, one all-reduce
     perturb  model <- theta + eps             written from fp32 theta, all-gathered
     pass 2   sam:   J(theta+eps)^T c(theta+eps)
              fsam:  J(theta+eps)^T c(theta)   the recorded cotangent replayed
@@ -17,6 +17,9 @@ One step, as in the paper (Singh et al. 2025, Eq. 2, Eq. 11 and App. D):
 
 `modes.py` holds what each mode back-propagates and mixes; the logit gate (`gate.py`, or
 `recompute.py` under cotangent_memory="recompute") keeps c(theta) or what recomputes it.
+`directions.py` holds d: with a direction known before the step (the previous step's applied
+gradient, Adam's momentum) pass 1 is a forward at theta that only records c(theta), or is not
+run at all (sam); `cost.py` counts what each step cost.
 A non-finite g skips the step; a non-finite SAM gradient skips it too, or
 (on_nonfinite="fallback") applies g as a plain step.
 The model is left at theta either way. `sam_interval` / `sam_probability` make some steps
@@ -37,6 +40,8 @@ import torch
 
 from megatron_fsam.backends.shards import RankShards, Restorable, ShardBackend
 from megatron_fsam.config import SAMConfig
+from megatron_fsam.cost import PLAIN, flops, passes, sam_passes
+from megatron_fsam.directions import direction_for
 from megatron_fsam.gate import LogitGate, find_logits_module
 from megatron_fsam.kernels import get_kernels, resolve_kernels
 from megatron_fsam.kernels.concentration import grouped_top_share
@@ -57,9 +62,11 @@ class SAMStep:
     """The SAM / Func-SAM / ANGLE-SAM step over any backend (optimizer layout).
 
     A training-loop adapter gives `_run` a `run_pass(losses, source)` that runs one
-    forward-backward pass over the step's micro-batches: `source` is "direct" (a plain step),
-    "record" (pass 1: keep the micro-batches for later passes) or "replay" (the same
-    micro-batches again). The backend zeroes, reads and applies the gradients.
+    forward-backward pass over the step's micro-batches: `source` is "direct" (the step's only
+    pass), "record" (pass 1: keep the micro-batches for later passes), "forward" (pass 1 as a
+    forward only: keep the micro-batches; the logit gate back-propagates the loss to the
+    logits itself) or "replay" (the same micro-batches again). The backend zeroes, reads and
+    applies the gradients.
     """
 
     def __init__(
@@ -79,6 +86,8 @@ class SAMStep:
         resolve_kernels(config.kernels, backend.device)  # Triton's self-check: now, once
         needs_gate = self.recipe is not None and self.recipe.needs_gate
         self.gate = self._attach_gate(modules, last_stage, logits_names) if needs_gate else None
+        self.direction = direction_for(config)
+        self.recomputed_forwards = backend.recomputed_forwards()
         self.iteration = 0
         self.fallback_steps = 0
         self._clock: _PhaseClock | None = None
@@ -95,28 +104,42 @@ class SAMStep:
             self.backend.zero_grads()
             return run_pass(losses, source)
 
-        if rho == 0.0 or not is_sam_step(self.config, self.iteration):
+        sam_step = rho != 0.0 and is_sam_step(self.config, self.iteration)
+        no_direction = sam_step and not self.direction.ready()  # d known before: none yet
+        if not sam_step or no_direction:
             losses_reduced = passing(pass1_losses, "direct")
             clock.lap("pass1")
-            ok, grad_norm, num_zeros = self.backend.optimizer_step()
+            self.direction.applied(self.backend.current_gradients)
+            ok, grad_norm, num_zeros = self._optimizer_step()
             clock.lap("optimizer")
-            return self._finish(ok, grad_norm, losses_reduced, rho, None, pass1_losses, num_zeros)
+            return self._finish(
+                ok, grad_norm, losses_reduced, rho, None, pass1_losses, num_zeros,
+                no_direction=float(no_direction),
+            )  # fmt: skip
 
         # Pass 1 at theta: g, and the clean logit cotangent c(theta) where the mode needs it.
-        recipe = self.recipe
+        # With d known before the step, only c(theta) (a forward), or nothing (sam).
+        recipe, passes_of_step = self.recipe, sam_passes(self.config)
         replay = _StateReplay([RNGState.capture, *self.backend.replayed_state()])
-        with self.gate.recording() if self.gate else nullcontext():
-            losses_reduced = passing(pass1_losses, "record")
-        replay.recorded()
+        pass1 = _pass1_source(passes_of_step, self.direction.known_before_the_step)
+        losses_reduced = None
+        if pass1:
+            forward_only = pass1 == "forward"
+            with self.gate.recording(forward_only) if self.gate else nullcontext():
+                losses_reduced = passing(pass1_losses, pass1)
+            replay.recorded()
         clock.lap("pass1")
 
-        # Ascent direction from the reduced sums; a non-finite g skips the step. The sums
-        # leave P g where g was (fp32 gradients): g is copied first where the mode needs it.
+        # Ascent direction d (g, or written where g would be) from the reduced sums; a
+        # non-finite d skips the step. The sums leave P d where d was (fp32 gradients): g is
+        # copied first where the mode needs it.
         shards = self.backend.shards(self.config.precond, self.config.precond_floor)
+        self.direction.load(shards, self.backend)
         g = _copies(shards.all.grads) if self._keeps_gradient() else None  # this rank's shard
         sums = self.backend.reduced_norm_sums(self.kernels, shards)
         if not sums.finite:
-            return self._skip(rho, None, pass1_losses, losses_reduced, "pass-1 gradient")
+            ran = passes_of_step[:1] if pass1 else ()
+            return self._skip(rho, None, pass1_losses, losses_reduced, "ascent direction", ran)
         step = ascent(sums, rho, self.config.precond_norm)
         measured = {"eps_top_share": self._eps_top_share(shards)} if log_step else {}
         self.kernels.perturb(shards.all, step.scale)
@@ -131,8 +154,11 @@ class SAMStep:
             if self.gate
             else nullcontext()
         )
-        with cotangent, replay.replayed(), self.backend.replaying(recipe.side_loss_weight):
-            passing(pass2_losses, "replay")
+        replayed = replay.replayed() if pass1 else nullcontext()
+        with cotangent, replayed, self.backend.replaying(recipe.side_loss_weight):
+            pass2_reduced = passing(pass2_losses, "replay" if pass1 else "direct")
+        if not pass1:
+            losses_reduced = pass2_reduced
         grads = self.backend.gradients(shards)
         clock.lap("pass2")
         if recipe.pass3:
@@ -157,7 +183,9 @@ class SAMStep:
         if not self.backend.all_finite(grads, shards):
             if self.config.on_nonfinite == "skip":
                 self._restore(shards)
-                return self._skip(rho, step, pass1_losses, losses_reduced, "SAM gradient")
+                return self._skip(
+                    rho, step, pass1_losses, losses_reduced, "SAM gradient", passes_of_step
+                )
             torch._foreach_copy_(grads, g)  # a plain step on g instead
             fallback = True
             self.fallback_steps += 1
@@ -169,14 +197,16 @@ class SAMStep:
             )
 
         # The optimizer updates theta (never theta + eps) and writes it back to the model.
-        ok, grad_norm, num_zeros = self.backend.optimizer_step()
+        self.direction.applied(lambda: grads)
+        ok, grad_norm, num_zeros = self._optimizer_step()
         if not ok:
             self._restore(shards)
         clock.lap("optimizer")
         metrics_of_step = dict(measured, fallback=float(fallback), held_bytes=held)
         return self._finish(
             ok, grad_norm, losses_reduced, rho, step, pass1_losses, num_zeros,
-            perturbed=None if fallback else pass2_losses, **metrics_of_step,
+            perturbed=None if fallback else pass2_losses, passes_of_step=passes_of_step,
+            **metrics_of_step,
         )  # fmt: skip
 
     def phase_times(self) -> dict[str, float]:
@@ -189,12 +219,28 @@ class SAMStep:
 
     # ----- checkpointing --------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, int]:
-        return {"iteration": self.iteration, "fallback_steps": self.fallback_steps}
+    def state_dict(self) -> dict[str, Any]:
+        """The SAM state every rank holds alike (`rank_state_dict`: this rank's own part)."""
+        state: dict[str, Any] = {"iteration": self.iteration, "fallback_steps": self.fallback_steps}
+        if self.direction.known_before_the_step:
+            state["direction"] = self.direction.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration = int(state["iteration"])
         self.fallback_steps = int(state.get("fallback_steps", 0))
+        self.direction.load_state_dict(state.get("direction", {}))
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's part of the SAM state: its shard of the kept direction
+        (`ascent="previous"`), to be saved per rank."""
+        return self.direction.rank_state_dict()
+
+    def load_rank_state_dict(self, state: dict[str, Any] | None) -> None:
+        """This rank's part as saved; None where the checkpoint holds none for this rank (it
+        was saved in another layout): a kept direction is then dropped, and the next step is
+        a plain one."""
+        self.direction.load_rank_state_dict(state)
 
     # ----- internals ------------------------------------------------------------------
 
@@ -256,6 +302,13 @@ class SAMStep:
             self.backend.parts(shards), TOP_FRACTION, device=self.backend.device
         )
 
+    def _optimizer_step(self) -> tuple[bool, float | None, int | None]:
+        """The optimizer's step; one that applied nothing leaves no direction behind."""
+        ok, grad_norm, num_zeros = self.backend.optimizer_step()
+        if not ok:
+            self.direction.skipped()
+        return ok, grad_norm, num_zeros
+
     def _restore(self, shards: RankShards) -> None:
         self.kernels.restore(shards.all)
         self.backend.sync_params()
@@ -267,11 +320,15 @@ class SAMStep:
         losses: LossCapture,
         losses_reduced: list[Any],
         what: str,
+        ran: tuple[bool, ...],
     ) -> StepResult:
         if self.gate:
             self.gate.clear()
+        self.direction.skipped()
         logger.warning("megatron_fsam: skipping step %d: %s is not finite", self.iteration, what)
-        return self._finish(False, None, losses_reduced, rho, step, losses, None)
+        return self._finish(
+            False, None, losses_reduced, rho, step, losses, None, passes_of_step=ran
+        )
 
     def _finish(
         self,
@@ -283,9 +340,10 @@ class SAMStep:
         clean: LossCapture,
         num_zeros_in_grad: int | None,
         perturbed: LossCapture | None = None,
+        passes_of_step: tuple[bool, ...] = PLAIN,
         **measured: float,
     ) -> StepResult:
-        """Count the step and say what it was."""
+        """Count the step and say what it was; `passes_of_step` are the passes it ran."""
         self.iteration += 1
         pass2_loss = perturbed.mean() if perturbed else None
         pass2_is_clean = self.gate is not None and self.gate.pass2_loss_is_clean
@@ -298,7 +356,9 @@ class SAMStep:
             "loss_pass2_clean": pass2_loss if pass2_is_clean else None,
             "skipped": float(not ok),
             "sam_step": float(step is not None),
-            "passes": float(self.recipe.passes if step else 1),
+            "passes": passes(passes_of_step, self.recomputed_forwards),
+            "flops": flops(passes_of_step, self.recomputed_forwards),  # forward-equivalents
+            "no_direction": 0.0,
             "fallback": 0.0,
             "fallback_steps": float(self.fallback_steps),
             "num_zeros_in_grad": num_zeros_in_grad,
@@ -329,6 +389,15 @@ class _StateReplay:
         finally:
             for state in self.after:
                 state.restore()
+
+
+def _pass1_source(passes_of_step: tuple[bool, ...], known_before_the_step: bool) -> str | None:
+    """What pass 1 is: the paper's forward-backward ("record"), a forward that records the
+    micro-batches and c(theta) where the step replays them ("forward"), or none (sam with d
+    known before the step: its one pass is pass 2)."""
+    if not known_before_the_step:
+        return "record"
+    return "forward" if not passes_of_step[0] else None
 
 
 def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

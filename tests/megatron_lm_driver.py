@@ -122,6 +122,9 @@ def _direct_sam_step(forward_step_func, data_iterator, model, optimizer) -> dict
 
     args = get_args()
     sam = FuncSAM(megatron_lm.sam_config_from_args(args), model, optimizer)
+    if megatron_lm._session is not None:  # the run's SAM state so far (e.g. a kept direction)
+        sam.load_state_dict(megatron_lm._session.sam.state_dict())
+        sam.load_rank_state_dict(copy.deepcopy(megatron_lm._session.sam.rank_state_dict()))
     sam.iteration = args.curr_iteration
     start = _StepStart(model, optimizer, sam)
     data = _ReplayedMicrobatches(data_iterator)

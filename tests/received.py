@@ -13,6 +13,23 @@ import torch
 from megatron_fsam.backends.shards import local
 
 
+class BackwardCounter:
+    """Backwards through the network: gradients that reach `layer`'s output (a forward-only
+    pass, or one whose backward stops at the logits, adds none)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.count = 0
+        layer.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad:
+            hidden.register_hook(self._on_backward)
+
+    def _on_backward(self, grad: torch.Tensor) -> None:
+        self.count += 1
+
+
 class Received:
     """The gradients `optimizer.step()` steps with (after any clipping)."""
 
@@ -65,3 +82,17 @@ def clipping_errors(sam, received: Received, model, theta, batches, clip: float,
         "vs_sam": relative_error(sam, received, clipped(fsam)),
         "vs_g": relative_error(sam, received, clipped(g)),
     }
+
+
+def stepwise(sam, optimizer, layer: torch.nn.Module, step, want: list[dict]) -> dict[str, list]:
+    """Run `step()` once per entry of `want` (the reference's gradients, step by step): the
+    relative error of what `optimizer` received at each step, and the backwards through
+    `layer` at each."""
+    counter, received = BackwardCounter(layer), Received(optimizer)
+    errors, backwards = [], []
+    for wanted in want:
+        counter.count = 0
+        step()
+        errors.append(relative_error(sam, received, wanted))
+        backwards.append(counter.count)
+    return {"errors": errors, "backwards": backwards}

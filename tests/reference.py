@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -218,6 +219,13 @@ def sam_gradient(
     """The gradient a SAM step hands to the optimizer (paper Eq. 2 and 11): sam is the
     gradient at theta + eps, fsam the VJP at theta + eps of the clean cotangent."""
     _, at_eps = perturbed_weights(model, theta, batches, **ascent)
+    return _gradient_at(model, theta, at_eps, batches, mode)
+
+
+def _gradient_at(
+    model: torch.nn.Module, theta: Params, at_eps: Params, batches: list[dict], mode: str
+) -> Params:
+    """sam's gradient at theta + eps, or fsam's J(theta + eps)^T c(theta)."""
     perturbed, clean = _leaves(at_eps), _leaves(theta)
     if mode not in ("sam", "fsam"):
         raise ValueError(mode)
@@ -278,6 +286,68 @@ def angle_first_order_gradient(
         total = _accumulate(total, _vjp(model, perturbed, batch, mixed))
     total = _plus(total, aux_gradient(model, at_eps, batches), cos)
     return {n: total[n] + (1.0 - cos) * g[n] for n in g}
+
+
+# The SAM settings a direction known before the step is checked in, in every layout.
+KNOWN_DIRECTION_FORMS = {
+    "sam": dict(mode="sam"),
+    "fsam": dict(mode="fsam"),
+    "precond sam": dict(mode="sam", precond=True, precond_floor=0.0),
+    "precond fsam": dict(mode="fsam", precond=True, precond_floor=0.0),
+}
+KNOWN_DIRECTIONS = ("previous", "momentum")
+
+
+def known_direction_run(
+    model: torch.nn.Module,
+    theta: Params,
+    steps: list[list[dict]],
+    *,
+    mode: str,
+    ascent: str,
+    rho: float,
+    precond: bool,
+    lr: float | Callable[[int], float],
+    betas: tuple[float, float],
+    adam_eps: float,
+    clip: float | None = None,
+) -> list[Params]:
+    """The gradient each step of an AdamW run hands its optimizer when eps follows a direction
+    d known before the step: "previous", the gradient applied at the step before; "momentum",
+    Adam's first moment. The first step has no d and is a plain step. In float64, with this
+    run's own AdamW (no weight decay; `lr` a number or a function of the step): P = 1 /
+    (sqrt(v / (1 - beta2^t)) + adam_eps) from v before the step's update (no floor), eps =
+    rho * P d / ||P d||. With `clip`, the gradient is rescaled to at most that global norm
+    before the update (as torch's clip_grad_norm_: clip / (norm + 1e-6), at most 1), which
+    changes no direction."""
+    theta = {n: v.detach().double() for n, v in theta.items()}  # the model computes in float64
+    beta1, beta2 = betas
+    m = {n: torch.zeros_like(v) for n, v in theta.items()}
+    v = {n: torch.zeros_like(t) for n, t in theta.items()}
+    applied: list[Params] = []
+    for t, batches in enumerate(steps):  # t optimizer steps taken before this one
+        d = applied[-1] if ascent == "previous" and applied else (m if t else None)
+        if d is None:
+            grad = gradient(model, theta, batches)
+        else:
+            if precond:
+                d = {n: d[n] / ((v[n] / (1.0 - beta2**t)).sqrt() + adam_eps) for n in d}
+            scale = rho / torch.sqrt(sum(x.square().sum() for x in d.values()))
+            at_eps = {n: theta[n] + scale * d[n] for n in theta}
+            grad = _gradient_at(model, theta, at_eps, batches, mode)
+        grad = {n: x.detach() for n, x in grad.items()}
+        if clip is not None:
+            norm = torch.sqrt(sum(x.square().sum() for x in grad.values()))
+            grad = {n: x * min(1.0, clip / (norm.item() + 1e-6)) for n, x in grad.items()}
+        applied.append(grad)
+        step_lr = lr(t) if callable(lr) else lr
+        for n in theta:
+            m[n] = beta1 * m[n] + (1.0 - beta1) * grad[n]
+            v[n] = beta2 * v[n] + (1.0 - beta2) * grad[n].square()
+            m_hat = m[n] / (1.0 - beta1 ** (t + 1))
+            denom = (v[n] / (1.0 - beta2 ** (t + 1))).sqrt() + adam_eps
+            theta[n] = theta[n] - step_lr * m_hat / denom
+    return applied
 
 
 def uniform_draw(seed: int, step: int) -> float:

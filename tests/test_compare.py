@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,6 +83,7 @@ def test_equal_steps_usage_is_unchanged(monkeypatch, tmp_path):
                        compare_modes.run_overrides(args, run))  # fmt: skip
         trained.append((run.mode, run.seed))
         run.evals = {s: 5.0 + run.seed / 10 for s in compare_modes.eval_steps(run.steps, 3)}
+        run.seconds_at = {s: 10.0 * s + run.seed for s in run.evals}
 
     monkeypatch.setattr(compare_modes, "train", fake_train)
     modes = ["adamw", "precond fsam every 4"]
@@ -89,9 +91,9 @@ def test_equal_steps_usage_is_unchanged(monkeypatch, tmp_path):
     code, stdout = _quiet(compare_modes.main, argv)
     assert code == 0
     assert trained == [(m, s) for s in (1, 2) for m in modes]
-    assert "| adamw | 6 | 6 | 5.1500 +- 0.0707 |" in stdout
+    assert "| adamw | 6 | 6 | 62 | 5.1500 +- 0.0707 |" in stdout  # seconds: mean of 61, 62
     # tiny_test.yaml warms rho up from 0: step 0 is plain, step 4 the only SAM step
-    assert "| precond fsam every 4 | 6 | 7 | 5.1500 +- 0.0707 |" in stdout
+    assert "| precond fsam every 4 | 6 | 7 | 62 | 5.1500 +- 0.0707 |" in stdout
     manifest = json.loads((tmp_path / "compare.json").read_text())
     assert manifest["budget"] is None
     assert manifest["runs"][1]["passes_at"] == {"3": 3, "6": 7}
@@ -148,13 +150,26 @@ def test_compare_at_equal_compute(budget_compare):
     for label, run in runs.items():
         steps, values = plot.read_tensorboard(out / run["tensorboard"])["eval/loss"]
         losses[label] = dict(zip(steps, values, strict=True))
+    # Wall-clock from the event files: one time per evaluation, growing with the steps.
+    seconds = {
+        label: {int(s): t for s, t in run["seconds_at"].items()} for label, run in runs.items()
+    }
+    for label, at in seconds.items():
+        assert sorted(at) == sorted(losses[label]) and sorted(at.values()) == list(at.values())
+    quickest = min(at[max(at)] for at in seconds.values())
+    assert f"eval loss at {quickest:.0f} s (equal wall-clock) |" in table[0]
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table[2:]}
     assert rows["adamw"][1:4] == ["7", "7", "1.000"]
     assert rows["fsam"][1:4] == ["4", "7", "1.750"]
     for label in runs:
-        at_4, final = float(rows[label][4]), float(rows[label][5].rstrip(" |"))
+        assert rows[label][4] == f"{seconds[label][max(seconds[label])]:.0f}"
+        at_4, final = float(rows[label][5]), float(rows[label][6])
         assert at_4 == pytest.approx(losses[label][4], abs=1e-4)
         assert final == pytest.approx(losses[label][max(losses[label])], abs=1e-4)
+        by_then = [s for s, t in seconds[label].items() if t <= quickest]  # may be none
+        equal_time = float(rows[label][7].rstrip(" |"))
+        want = losses[label][max(by_then)] if by_then else math.nan
+        assert equal_time == pytest.approx(want, abs=1e-4, nan_ok=True)
 
 
 def test_plot_passes_writes_png(budget_compare, tmp_path):

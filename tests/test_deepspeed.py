@@ -19,7 +19,7 @@ import torch
 from megatron_fsam import SAMConfig
 from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
-from tests.received import Received, clipping_errors, relative_error
+from tests.received import Received, clipping_errors, relative_error, stepwise
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
 from tests.spawn import run_ranks
 
@@ -64,10 +64,16 @@ CASES = {
     "zero3 persistence 0 zero.Init": Case(3, (("stage3_param_persistence_threshold", 0),), True),
 }
 STAGES_0_TO_2 = ("zero0", "zero1", "zero2")
+# A direction known before the step (SAMConfig.ascent), over consecutive steps, at ZeRO-2 and
+# fully partitioned ZeRO-3; beta1 0.9 so that the momentum is not the previous gradient.
+KNOWN_DIRECTION_CASES = ("zero2", "zero3 persistence 0")
+ASCENT_FORMS, ASCENTS = reference.KNOWN_DIRECTION_FORMS, reference.KNOWN_DIRECTIONS
+ASCENT_STEPS = 3  # the first has no direction yet
+ASCENT_BETAS = (0.9, 0.98)
 ZERO3 = tuple(name for name, case in CASES.items() if case.stage == 3)
 
 
-def _ds_config(case: Case, *, bf16: bool = False, clipping: float = 0.0) -> dict:
+def _ds_config(case: Case, *, bf16: bool = False, clipping: float = 0.0, betas=(0.0, 0.98)) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": ACCUMULATION,
@@ -75,7 +81,7 @@ def _ds_config(case: Case, *, bf16: bool = False, clipping: float = 0.0) -> dict
             "type": "Adam",
             "params": {
                 "lr": LR,
-                "betas": [0.0, 0.98],
+                "betas": list(betas),
                 "eps": ADAM_EPS,
                 "weight_decay": 0.0,
                 "torch_adam": True,
@@ -139,7 +145,32 @@ def _two_ranks(rank: int, world: int, names: tuple[str, ...], directory: str) ->
         report[f"{name}/nonfinite"] = _nonfinite(case, batches)
         report[f"{name}/clipping"] = _clipping(case, batches, reference_model, theta)
         report[f"{name}/checkpoint"] = _checkpoint_holds_theta(case, batches, f"{directory}/{name}")
+        if name in KNOWN_DIRECTION_CASES:
+            report[f"{name}/ascent"] = _known_direction(case, batches, reference_model, theta)
     return report
+
+
+def _known_direction(case: Case, batches, reference_model, theta) -> dict[str, dict]:
+    """Each step of every (ascent, form) against the float64 reference, and the backwards
+    through the network per step."""
+    from megatron_fsam.deepspeed import FuncSAM
+
+    out = {}
+    for ascent in ASCENTS:
+        for name, form in ASCENT_FORMS.items():
+            cfg = SAMConfig(rho=0.05, ascent=ascent, **form)
+            want = reference.known_direction_run(
+                reference_model, theta, [batches] * ASCENT_STEPS, mode=form["mode"],
+                ascent=ascent, rho=0.05, precond=cfg.precond, lr=LR, betas=ASCENT_BETAS,
+                adam_eps=ADAM_EPS,
+            )  # fmt: skip
+            engine = _engine(case, betas=ASCENT_BETAS)
+            sam = FuncSAM(cfg, engine)
+            out[f"{ascent}/{name}"] = stepwise(
+                sam, engine.basic_optimizer, engine.module.layers[0],
+                lambda sam=sam: sam.train_step(_mine(batches), micro_batch_loss), want,
+            )  # fmt: skip
+    return out
 
 
 def _against_the_reference(name: str, case: Case, batches, reference_model, theta) -> dict:
@@ -305,6 +336,17 @@ def test_update_equals_the_reference(reports, case, mode):
     assert len(reports[case]) == 2
     for report in reports[case]:
         assert report[f"{case}/{mode}"] <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", KNOWN_DIRECTION_CASES)
+@pytest.mark.parametrize("ascent", ASCENTS)
+@pytest.mark.parametrize("form", ASCENT_FORMS)
+def test_a_known_direction_steps_as_the_reference_with_one_backward(reports, case, ascent, form):
+    assert len(reports[case]) == 2
+    for report in reports[case]:
+        run = report[f"{case}/ascent"][f"{ascent}/{form}"]
+        assert max(run["errors"]) <= TOLERANCE, run["errors"]
+        assert run["backwards"] == [ACCUMULATION] * ASCENT_STEPS
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -61,6 +61,10 @@ RHO, LR, CLIP = 0.05, 1e-3, 0.25
 TOLERANCE = 1e-5
 SPAWN_TIMEOUT = 900
 SAM_TAGS = ("sam/loss_perturbed", "sam/eps_norm", "sam/rho")
+# A direction known before the step (SAMConfig.ascent) under DDP, every step of the run.
+ASCENT_RUNS = tuple(
+    f"{ascent}/{mode}" for ascent in ("previous", "momentum") for mode in ("sam", "fsam")
+)
 
 
 def _model():
@@ -271,7 +275,76 @@ def _layout_checks(rank: int, world: int, layout: str, directory: str) -> dict:
         report["compiled_weights_equal"] = _same(compiled_weights, straight_weights)
         report["compiled_layout"] = compiled.sam.backend.layout
         report["refusals"] = _refusals(f"{base}/refused")
+        report["ascent"] = {run: _known_direction(run, f"{base}/ascent") for run in ASCENT_RUNS}
     return report
+
+
+def _known_direction(run: str, base: str) -> dict[str, list]:
+    """sam or fsam with a direction known before the step ("previous/fsam", ...) for STEPS
+    steps: each step's received gradient against the float64 reference fed the same
+    micro-batches, the Trainer's linear LR decay and its clipping; and the backwards through
+    the network per step."""
+    from transformers import TrainerCallback
+
+    from megatron_fsam import SAMConfig
+    from megatron_fsam.hf import FuncSAMTrainer
+    from tests import reference
+    from tests.received import BackwardCounter, Received, relative_error
+
+    ascent, mode = run.split("/")
+    inputs: dict[int, list[torch.Tensor]] = {}
+
+    class Recording(FuncSAMTrainer):
+        def training_step(self, model, batch, num_items_in_batch=None):
+            step = inputs.setdefault(self.state.global_step, [])
+            step.append(batch["input_ids"].detach().cpu().clone())
+            return super().training_step(model, batch, num_items_in_batch)
+
+    class Stepwise(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.received, self.grads, self.backwards = Received(optimizer()), [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            counter.count = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.grads.append(dict(self.received.grads))
+            self.backwards.append(counter.count)
+
+    model = _model()
+    counter, stepwise = BackwardCounter(model.model.layers[0]), Stepwise()
+    trainer = Recording(
+        sam=SAMConfig(mode=mode, rho=RHO, ascent=ascent),
+        model=model,
+        args=_arguments("ddp", f"{base}/{ascent}-{mode}"),
+        train_dataset=Tokens(),
+        callbacks=[stepwise],
+    )
+
+    def optimizer():
+        return _inner_optimizer(trainer)
+
+    trainer.train()
+    batches = []
+    for step in range(STEPS):
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, inputs[step])
+        batches.append(_reference_batches([ids for rank in gathered for ids in rank]))
+    start = _model()
+    want = reference.known_direction_run(
+        start, {n: p.detach().clone() for n, p in start.named_parameters()}, batches,
+        mode=mode, ascent=ascent, rho=RHO, precond=False, lr=lambda t: LR * (STEPS - t) / STEPS,
+        betas=(0.9, 0.999), adam_eps=1e-8, clip=CLIP,
+    )  # fmt: skip
+
+    class Snapshot:
+        grads: dict
+
+    errors = []
+    for grads, wanted in zip(stepwise.grads, want, strict=True):
+        Snapshot.grads = grads
+        errors.append(relative_error(trainer.sam, Snapshot(), wanted))
+    return {"errors": errors, "backwards": stepwise.backwards}
 
 
 def _reference_error(trainer, received: dict, first_step: list[torch.Tensor]) -> float:
@@ -453,6 +526,14 @@ def test_checkpoint_resumes_bit_identically(reports, layout):
         assert len(report["straight_logs_after_2"]) == STEPS - 2
         assert report["resumed_logs"] == report["straight_logs_after_2"]
         assert report["resumed_weights_equal"]
+
+
+@pytest.mark.parametrize("run", ASCENT_RUNS)
+def test_a_known_direction_steps_as_the_reference_under_ddp(reports, run):
+    for report in reports["ddp"]:
+        result = report["ascent"][run]
+        assert len(result["errors"]) == STEPS and max(result["errors"]) <= TOLERANCE, result
+        assert result["backwards"] == [ACCUMULATION] * STEPS
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -283,6 +283,20 @@ def test_sam_trains_in_every_layout_and_equals_funcsam_train_step(tmp_path, patc
         assert pass2_loss == pytest.approx(pass1_loss, rel=1e-6)
 
 
+def test_a_direction_known_before_the_step_runs_through_train_step(tmp_path):
+    """--sam-ascent previous at TP=2 (no-diff route): iteration 1 has no direction yet and is
+    a plain step; iteration DIRECT_AT, a forward-only clean pass and the perturbed pass, equals
+    FuncSAM.train_step called directly with the run's kept direction."""
+    output, records = _run(
+        tmp_path, TREE, "--tensor-model-parallel-size", "2", *FSAM, "--sam-ascent", "previous",
+        driver=(*NO_DIFF, "--direct-sam-at", str(DIRECT_AT)),
+    )  # fmt: skip
+    _assert_route_is_the_direct_step(records, tolerance=DIRECT_TOLERANCE)
+    losses = _losses(records)
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert output.count(" sam eps_norm: 0.0500 |") == 4, output[-3000:]
+
+
 def test_update_equals_funcsam_train_step_on_the_same_model(dp2_fp32_run):
     """One SAM iteration through Megatron-LM's train_step vs FuncSAM.train_step called
     directly on the model, optimizer and data Megatron-LM built (fp32, DP=2, distributed

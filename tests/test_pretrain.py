@@ -330,8 +330,19 @@ def _moe_resume(rank: int, world: int, work: str) -> dict:
     from megatron_fsam.trainer.checkpoint import CheckpointError
 
     report = {}
-    for distributed in ("true", "false"):  # one stats group, or dense and expert groups
-        common = [f"data.cache_dir={work}/cache", f"parallel.distributed_optimizer={distributed}"]
+    # One stats group, or dense and expert groups; and eps along the previous step's applied
+    # gradient, which each rank keeps between steps and saves (MTP off: its clean pass
+    # records the main head only).
+    variants = {
+        "true": [],
+        "false": [],
+        "previous": ["sam.ascent=previous", "model.mtp_num_layers=null"],
+    }
+    for distributed, more in variants.items():
+        optimizer = "false" if distributed == "false" else "true"
+        common = [
+            f"data.cache_dir={work}/cache", f"parallel.distributed_optimizer={optimizer}", *more
+        ]  # fmt: skip
         ckpt = f"{work}/ckpt_{distributed}"
         # The straight run also measures the taus every 2 steps: they must leave no trace.
         tensorboard = f"logging.tensorboard_dir={work}/tb_{distributed}"
@@ -358,6 +369,7 @@ def _moe_resume(rank: int, world: int, work: str) -> dict:
             "bias_moved": all(
                 not torch.equal(b, first["biases"][n]) for n, b in straight["biases"].items()
             ),
+            "sam_steps": [straight["logged"][s].get("eps_norm", 0.0) > 0 for s in range(1, 7)],
         }
     # Another expert layout cannot take the optimizer state: one clear error.
     from megatron.core import parallel_state
@@ -387,6 +399,17 @@ def test_moe_resume_equals_straight_run_bitwise(moe_resumed, distributed):
         assert report["logged"] == [] and report["params"] == [] and report["biases"] == []
         assert report["bias_count"] == 3 and report["bias_moved"]  # 2 layers and the MTP layer
         assert {"moe_load_balancing_loss", "moe_z_loss", "mtp_1_loss"} <= set(report["logged_keys"])
+
+
+def test_resume_with_the_previous_gradient_as_direction_is_bitwise(moe_resumed):
+    """ascent="previous": the direction kept after step 3 is saved per rank, and steps 4-6
+    after the resume are those of the straight run bit for bit (SAM steps from step 2 on:
+    step 1 has rho 0 and no direction yet)."""
+    for rank_report in moe_resumed[1]:
+        report = rank_report["previous"]
+        assert report["steps"] == ([1, 2, 3], [4, 5, 6])
+        assert report["logged"] == [] and report["params"] == [] and report["biases"] == []
+        assert report["sam_steps"] == [False, True, True, True, True, True]
 
 
 def test_moe_run_logs_sam_and_moe_scalars_to_tensorboard(moe_resumed):

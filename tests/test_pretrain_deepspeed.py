@@ -191,6 +191,26 @@ def zero2_resumed(tmp_path_factory, cache, zero2):
     return path, _launched(path, load, f"checkpoint.save_dir={path / 'ckpt'}", cache=cache)
 
 
+PREVIOUS = "sam.ascent=previous"  # eps along the previous step's applied gradient
+
+
+@pytest.fixture(scope="module")
+def zero2_previous(tmp_path_factory, cache):
+    """The ZeRO-2 run with the ascent direction kept between steps (saved per rank)."""
+    path = tmp_path_factory.mktemp("zero2_previous")
+    save = f"checkpoint.save_dir={path / 'ckpt'}"
+    return path, _launched(path, PREVIOUS, save, "checkpoint.save_interval=3", cache=cache)
+
+
+@pytest.fixture(scope="module")
+def zero2_previous_resumed(tmp_path_factory, cache, zero2_previous):
+    path = tmp_path_factory.mktemp("zero2_previous_resumed")
+    load = f"checkpoint.load_dir={zero2_previous[0] / 'ckpt' / 'iter_0000003'}"
+    return path, _launched(
+        path, PREVIOUS, load, f"checkpoint.save_dir={path / 'ckpt'}", cache=cache
+    )
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, cache):
     """A Llama with untied embeddings at ZeRO-3 (built under zero.Init), saving every step and
@@ -285,6 +305,21 @@ def _assert_resumed_bitwise(straight, resumed, stage: int) -> None:
 @needs_deepspeed
 def test_resume_at_zero_2_is_bitwise_the_straight_run(zero2, zero2_resumed):
     _assert_resumed_bitwise(zero2, zero2_resumed, stage=2)
+
+
+@needs_deepspeed
+def test_resume_with_the_previous_gradient_as_direction_is_bitwise(
+    zero2_previous, zero2_previous_resumed
+):
+    """The kept direction is each rank's own file in the checkpoint: without it step 4 would
+    be a plain step, and steps 4-6 would differ from the straight run."""
+    _assert_resumed_bitwise(zero2_previous, zero2_previous_resumed, stage=2)
+    saved = zero2_previous[0] / "ckpt" / "iter_0000003"
+    assert sorted(p.name for p in saved.glob("megatron_fsam_rank*.pt")) == [
+        "megatron_fsam_rank00000.pt", "megatron_fsam_rank00001.pt"
+    ]  # fmt: skip
+    kept = torch.load(saved / "megatron_fsam_rank00000.pt", weights_only=True)["kept"]
+    assert kept and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in kept)
 
 
 @needs_deepspeed

@@ -19,7 +19,7 @@ from megatron_fsam import SAMConfig
 from megatron_fsam.backends.shards import local
 from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
-from tests.received import Received, clipping_errors, relative_error
+from tests.received import Received, clipping_errors, relative_error, stepwise
 from tests.sam_harness import TINY, make_batches
 from tests.spawn import run_ranks
 
@@ -32,6 +32,12 @@ GLOBAL_MICROBATCHES = 4  # 2 per rank on two ranks
 MODES = ("sam", "fsam", "precond sam", "precond fsam", "angle 30 exact")
 # vocab 65: the embedding's and lm_head's rows split 33 / 32 over two FSDP2 ranks.
 MODEL = replace(TINY, vocab_size=65)
+# A direction known before the step (SAMConfig.ascent), over consecutive steps; beta1 0.9 so
+# that the momentum is not the previous gradient.
+ASCENT_FORMS, ASCENTS = reference.KNOWN_DIRECTION_FORMS, reference.KNOWN_DIRECTIONS
+ASCENT_STEPS = 3  # the first has no direction yet
+ASCENT_BETAS = (0.9, 0.98)
+_known_direction_references: dict = {}
 
 
 def _wrapped(layout: str) -> torch.nn.Module:
@@ -49,12 +55,12 @@ def _wrapped(layout: str) -> torch.nn.Module:
     return model
 
 
-def _sam(layout: str, cfg: SAMConfig, **kwargs):
+def _sam(layout: str, cfg: SAMConfig, betas=(0.0, 0.98), **kwargs):
     from megatron_fsam.pytorch import FuncSAM
 
     model = _wrapped(layout)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=LR, betas=(0.0, 0.98), eps=ADAM_EPS, weight_decay=0.0
+        model.parameters(), lr=LR, betas=betas, eps=ADAM_EPS, weight_decay=0.0
     )
     return FuncSAM(cfg, model, optimizer, **kwargs)
 
@@ -127,8 +133,32 @@ def run_layout(layout: str) -> dict:
     sam = _sam(layout, SAMConfig(mode="angle", angle=30.0, angle_impl="exact", rho=RHO))
     report["angle 30 exact"] = relative_error(sam, _steps(sam, batches), want)
     report["nonfinite"] = _nonfinite(layout, batches)
+    report["ascent"] = _known_direction(layout, batches, model, theta)
     report["clipping"] = _clipping(layout, batches, model, theta)
     return report
+
+
+def _known_direction(layout: str, batches, model, theta) -> dict[str, dict]:
+    """Each step of every (ascent, form) against the float64 reference, and the backwards
+    through the network per step."""
+    out = {}
+    for ascent in ASCENTS:
+        for name, form in ASCENT_FORMS.items():
+            cfg = SAMConfig(rho=RHO, ascent=ascent, **form)
+            if (ascent, name) not in _known_direction_references:
+                _known_direction_references[ascent, name] = reference.known_direction_run(
+                    model, theta, [batches] * ASCENT_STEPS, mode=form["mode"], ascent=ascent,
+                    rho=RHO, precond=cfg.precond, lr=LR, betas=ASCENT_BETAS, adam_eps=ADAM_EPS,
+                )  # fmt: skip
+            want = _known_direction_references[ascent, name]
+            sam = _sam(layout, cfg, betas=ASCENT_BETAS)
+            inner = sam.model.module if hasattr(sam.model, "module") else sam.model
+            out[f"{ascent}/{name}"] = stepwise(
+                sam, sam.optimizer, inner.layers[0],
+                lambda sam=sam: sam.train_step(_mine(batches), micro_batch_loss), want,
+            )  # fmt: skip
+            out[f"{ascent}/{name}"]["micro_batches"] = len(_mine(batches))
+    return out
 
 
 def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -209,6 +239,16 @@ def test_clip_grad_norm_acts_on_the_sam_gradient(reports, layout):
         clipping = report["clipping"]
         assert clipping["vs_sam"] <= TOLERANCE and clipping["vs_g"] > 1e-2, clipping
         assert clipping["reported_norm_is_unclipped"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ascent", ASCENTS)
+@pytest.mark.parametrize("form", ASCENT_FORMS)
+def test_a_known_direction_steps_as_the_reference_with_one_backward(reports, layout, ascent, form):
+    for report in reports[layout]:
+        run = report["ascent"][f"{ascent}/{form}"]
+        assert max(run["errors"]) <= TOLERANCE, run["errors"]
+        assert run["backwards"] == [run["micro_batches"]] * ASCENT_STEPS
 
 
 def test_refusals_are_one_clear_error_each():

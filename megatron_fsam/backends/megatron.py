@@ -181,6 +181,17 @@ class MegatronBackend(ShardBackend):
             del machine.validate_result
             MoEAuxLossAutoScaler.set_loss_scale = staticmethod(set_scale)
 
+    def recomputed_forwards(self) -> float:
+        """Full activation recomputation runs the recomputed layers' forward again in the
+        backward: all of them ("uniform"), or recompute_num_layers of the stage's ("block")."""
+        config = self.model_config
+        if config.recompute_granularity != "full":
+            return 0.0
+        if config.recompute_method != "block":
+            return 1.0
+        stage_layers = config.num_layers / config.pipeline_model_parallel_size
+        return min(1.0, config.recompute_num_layers / stage_layers)
+
     def replayed_state(self) -> list[Callable[[], Restorable]]:
         """The routers' expert bias (every pass of a step routes with the bias it started
         with, and the step keeps pass 1's one update: `ExpertBiasState`) and the router and

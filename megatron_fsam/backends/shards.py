@@ -134,10 +134,18 @@ class ShardBackend:
         aligned with `shards.all`; writing into them changes what the optimizer applies."""
         raise NotImplementedError
 
+    def current_gradients(self) -> list[torch.Tensor]:
+        """`gradients` of the shards as they are now (a plain step's, before its update)."""
+        return self.gradients(self._layout()[0])
+
     def optimizer_step(self) -> tuple[bool, float | None, int | None]:
         """The optimizer's step on theta with the gradients in place: (ok, grad_norm,
         num_zeros_in_grad); it writes the new theta into what the model reads."""
         raise NotImplementedError
+
+    def recomputed_forwards(self) -> float:
+        """Forwards that activation recomputation adds to each backward (the step's FLOPs)."""
+        return 0.0
 
     def replayed_state(self) -> list[Callable[[], Restorable]]:
         """Captures of model state besides the RNG that every pass of a step must start from
@@ -175,6 +183,22 @@ class ShardBackend:
         else:
             shards.second_moments = shards.v_scales = shards.adam_eps = None
         return rank_shards
+
+    def first_moments(self) -> list[torch.Tensor]:
+        """Adam's exp_avg of each of this rank's shards (views, aligned with `shards().all`;
+        zeros for a shard the optimizer has not stepped yet): `ascent="momentum"`'s d."""
+        _, entries = self._layout()
+        moments = []
+        for entry in entries:
+            state = entry.inner.state.get(entry.main, {})
+            if "exp_avg" not in state:
+                moments.append(torch.zeros_like(entry.grad, dtype=torch.float32))
+                continue
+            moment = _adam_state(entry.inner, entry.main, state, "exp_avg").view(-1)
+            if entry.state_range is not None:
+                moment = moment[slice(*entry.state_range)]
+            moments.append(moment)
+        return moments
 
     def main_params(self) -> tuple[list[torch.Tensor], list[bool]]:
         """This rank's fp32 theta shards (1-D views) and whether each enters global norms."""
@@ -312,7 +336,7 @@ class ShardBackend:
                 eps.append(0.0)
                 continue
             real.append(len(moments))
-            moment = _second_moment(entry.inner, entry.main, state).view(-1)
+            moment = _adam_state(entry.inner, entry.main, state, "exp_avg_sq").view(-1)
             if entry.state_range is not None:
                 moment = moment[slice(*entry.state_range)]
             moments.append(moment)
@@ -337,11 +361,13 @@ def _adam_step(state: dict, group: dict) -> int:
     return int(step.item()) if torch.is_tensor(step) else int(step)
 
 
-def _second_moment(inner: torch.optim.Optimizer, main: torch.Tensor, state: dict) -> torch.Tensor:
-    """exp_avg_sq in fp32; TE's FusedAdam may store it scaled in low precision."""
+def _adam_state(
+    inner: torch.optim.Optimizer, main: torch.Tensor, state: dict, name: str
+) -> torch.Tensor:
+    """exp_avg or exp_avg_sq in fp32; TE's FusedAdam may store them scaled in low precision."""
     if hasattr(inner, "get_unscaled_state"):
-        return inner.get_unscaled_state(main, "exp_avg_sq")
-    return local(state["exp_avg_sq"])
+        return inner.get_unscaled_state(main, name)
+    return local(state[name])
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,15 @@ module named `lm_head` or `output_layer` (or `SAMConfig.logits_module`).
 
 Checkpoints: after `train_step` the engine holds theta (never theta + eps) at every stage, so
 `engine.save_checkpoint(dir, client_state={"sam": sam.state_dict()})` saves a resumable state;
-after `engine.load_checkpoint(dir)`, `sam.load_state_dict(client_state["sam"])`.
+after `engine.load_checkpoint(dir)`, `sam.load_state_dict(client_state["sam"])`. With
+`ascent="previous"` each rank also saves `sam.rank_state_dict()` (its shard of the kept
+direction; DeepSpeed writes client_state from one rank) in a file of its own, and loads it
+with `sam.load_rank_state_dict()`, as launch/pretrain_deepspeed.py does.
 """
 
 from __future__ import annotations
+
+import torch
 
 from megatron_fsam.backends.deepspeed import DeepSpeedBackend
 from megatron_fsam.config import SAMConfig
@@ -35,6 +40,11 @@ class FuncSAM(MicrobatchSAM):
         does not divide it by gradient_accumulation_steps, and a step may have fewer
         micro-batches (the end of an epoch)."""
         config.validate()
+        if config.stale_ascent and engine.fp16_enabled():
+            raise ValueError(
+                f"megatron_fsam: ascent={config.ascent!r} on an fp16 engine: its clean pass "
+                "back-propagates outside the engine's loss scaler; use bf16 or fp32"
+            )
         self.engine = self.model = engine
         self.scale_wrt_gas = scale_wrt_gas
         backend = DeepSpeedBackend(engine)
@@ -60,4 +70,19 @@ class FuncSAM(MicrobatchSAM):
         self.engine.set_gradient_accumulation_boundary(index == count - 1)
         loss = forward(self.engine, batch)
         self.engine.backward(loss, scale_wrt_gas=self.scale_wrt_gas)
+        return loss
+
+    def _forward_only(self, forward: Forward, batch, index: int, count: int):
+        """The engine's module called directly (ZeRO-3 gathers its params through the module
+        hooks; the engine's forward would hook the loss to run its gradient-reduction
+        epilogue after any backward), under the engine's autocast, and the loss scaled as
+        engine.backward scales it (1 / gradient_accumulation_steps) back-propagated to the
+        logits only: no parameter gets a gradient."""
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+        with torch.no_grad(), autocast_if_enabled(self.engine):  # the gate turns grad on
+            loss = forward(self.engine.module, batch)
+        if loss.requires_grad:
+            scale = 1.0 / self.engine.gradient_accumulation_steps() if self.scale_wrt_gas else 1.0
+            (loss * scale).backward()
         return loss

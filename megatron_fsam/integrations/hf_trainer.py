@@ -85,7 +85,9 @@ class FuncSAMTrainer(Trainer):
         self._sam_for: tuple[int, int] | None = None  # (model, optimizer) it was built for
         self._pending: list[Any] = []  # this optimizer step's micro-batches so far
         self._sam_history: list[dict[str, float]] = []  # each step's scalars since the last log
-        self._fallback_steps = 0  # carried over from a checkpoint until the front end exists
+        # The SAM state (same on every rank, and this rank's own) of a checkpoint or of an
+        # earlier front end, until the front end exists.
+        self._carried: tuple[dict[str, Any], dict[str, Any] | None] = ({}, None)
         _use_sam_tensorboard(self)
         self.add_callback(_SAMStateSaver(self))
 
@@ -156,7 +158,7 @@ class FuncSAMTrainer(Trainer):
         if self.sam is not None and self._sam_for == key:
             return self.sam
         if self.sam is not None:
-            self._fallback_steps = self.sam.fallback_steps
+            self._carried = (self.sam.state_dict(), self.sam.rank_state_dict())
             if self.sam.gate is not None:
                 self.sam.gate.remove()
         if self.is_deepspeed_enabled:  # the Trainer scaled the loss; the engine steps
@@ -172,7 +174,7 @@ class FuncSAMTrainer(Trainer):
                 step_optimizer=False,
                 backward=self.accelerator.backward,
             )
-        self.sam.fallback_steps = self._fallback_steps
+        self._load_carried()
         self._sam_for = key
         logger.info("megatron_fsam: SAM %s", self.sam_config.describe())
         return self.sam
@@ -210,10 +212,12 @@ class FuncSAMTrainer(Trainer):
         for key in NOT_LOGGED:
             scalars.pop(key, None)
         passes = [losses[i : i + count] for i in range(0, len(losses), count)]
-        scalars["loss_clean"] = _total(passes[0])
+        clean = "loss_clean" in scalars  # sam with a known direction: one pass, at theta + eps
+        if clean:
+            scalars["loss_clean"] = _total(passes[0])
         for key in ("loss_perturbed", "loss_pass2_clean"):
             if key in scalars:
-                scalars[key] = _total(passes[1])
+                scalars[key] = _total(passes[1 if clean else 0])
         self._sam_history.append(scalars)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -256,27 +260,42 @@ class FuncSAMTrainer(Trainer):
             path = os.path.join(resume_from_checkpoint, STATE_FILE)
             if os.path.isfile(path):
                 with open(path) as file:
-                    self._fallback_steps = int(json.load(file)["fallback_steps"])
+                    state = json.load(file)
+                saved = os.path.join(resume_from_checkpoint, _rank_file())
+                rank = torch.load(saved, weights_only=True) if os.path.isfile(saved) else None
+                self._carried = (state, rank)
                 if self.sam is not None:
-                    self.sam.fallback_steps = self._fallback_steps
+                    self._load_carried()
         self._pending = []
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _load_carried(self) -> None:
+        state, rank = self._carried
+        if state:
+            self.sam.load_state_dict(state)
+            self.sam.load_rank_state_dict(rank)
+
 
 class _SAMStateSaver(TrainerCallback):
-    """Writes the SAM state into each checkpoint the Trainer saves (`sam_state.json`)."""
+    """Writes the SAM state into each checkpoint the Trainer saves: `sam_state.json`, and with
+    `ascent="previous"` each rank's shard of the kept direction in a file of its own."""
 
     def __init__(self, trainer: FuncSAMTrainer) -> None:
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not args.should_save or not os.path.isdir(folder):  # (a trial's run directory)
+        if not os.path.isdir(folder):  # (a trial's run directory, or another node's disk)
             return
         sam = self.trainer.sam
-        fallback = sam.fallback_steps if sam is not None else self.trainer._fallback_steps
-        with open(os.path.join(folder, STATE_FILE), "w") as file:
-            json.dump({"iteration": state.global_step, "fallback_steps": fallback}, file)
+        common, rank = (
+            (sam.state_dict(), sam.rank_state_dict()) if sam is not None else self.trainer._carried
+        )
+        if rank:
+            torch.save(rank, os.path.join(folder, _rank_file()))
+        if args.should_save:
+            with open(os.path.join(folder, STATE_FILE), "w") as file:
+                json.dump({**common, "iteration": state.global_step}, file)
 
 
 class _SkipAware:
@@ -288,6 +307,11 @@ class _SkipAware:
     @property
     def step_was_skipped(self) -> bool:
         return self.sam_skipped or super().step_was_skipped
+
+
+def _rank_file() -> str:
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return f"megatron_fsam_rank{rank:05d}.pt"
 
 
 def _total(losses: list[torch.Tensor]) -> float:

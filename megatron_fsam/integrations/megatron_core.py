@@ -12,6 +12,8 @@ layout: the backend (`backends/megatron.py`) finds this rank's shards.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +48,12 @@ class FuncSAM(SAMStep):
         self.optimizer = optimizer
         backend = MegatronBackend(self.model, optimizer)
         backend.check_grad_reduction()
+        if config.stale_ascent and config.mode != "sam" and backend.model_config.mtp_num_layers:
+            raise ValueError(
+                f"megatron_fsam: ascent={config.ascent!r} with multi-token prediction: the "
+                "forward-only clean pass records the main head's cotangent only; use "
+                "ascent='gradient'"
+            )
         if config.precond and config.sam_enabled:
             backend.check_second_moments()
         super().__init__(
@@ -79,20 +87,77 @@ class FuncSAM(SAMStep):
         sources = {
             "direct": lambda: data_iterator,
             "record": replay.recording,
+            "forward": replay.recording,
             "replay": replay.replaying,
         }
 
         def run_pass(losses: LossCapture, source: str) -> list[Any]:
-            return self.forward_backward_func(
-                forward_step_func=losses.wrap(forward_step_func),
-                data_iterator=sources[source](),
-                model=self.model,
-                num_microbatches=num_microbatches,
-                seq_length=seq_length,
-                micro_batch_size=micro_batch_size,
-                decoder_seq_length=decoder_seq_length,
-                forward_only=False,
-                **schedule_kwargs,
-            )
+            step_func = losses.wrap(forward_step_func)
+            to_logits = _LossesToLogits(self.backend.model_config) if source == "forward" else None
+            with to_logits or contextlib.nullcontext():
+                return self.forward_backward_func(
+                    forward_step_func=to_logits.wrap(step_func) if to_logits else step_func,
+                    data_iterator=sources[source](),
+                    model=self.model,
+                    num_microbatches=num_microbatches,
+                    seq_length=seq_length,
+                    micro_batch_size=micro_batch_size,
+                    decoder_seq_length=decoder_seq_length,
+                    forward_only=to_logits is not None,
+                    **schedule_kwargs,
+                )
 
         return self._run(run_pass, log_step=log_step)
+
+
+class _LossesToLogits:
+    """A forward-only pass's losses back-propagated to the logits, as the schedule would.
+
+    `forward_backward_func(forward_only=True)` runs every pipeline stage's forwards and
+    neither back-propagates nor keeps the losses. Here each micro-batch starts with grad off
+    (no graph through the network; the logit gate turns it on for the loss), its output is
+    kept after the schedule has scaled it in place (1 / tokens, 1 / micro-batches, the CP
+    size) and back-propagated, times `grad_scale_func` as `backward_step` does, when the
+    next micro-batch starts and after the last: the logits receive what a full backward
+    would hand them, and nothing before them receives anything.
+    """
+
+    def __init__(self, model_config: Any) -> None:
+        self.grad_scale_func = model_config.grad_scale_func
+        self.pending: torch.Tensor | None = None
+        self.grad_mode = torch.is_grad_enabled()
+
+    def __enter__(self) -> _LossesToLogits:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if exc_info[0] is None:
+                self.back_propagate()
+        finally:
+            self.pending = None
+            torch.set_grad_enabled(self.grad_mode)
+
+    def wrap(self, forward_step_func: Callable) -> Callable:
+        @functools.wraps(forward_step_func)
+        def forward_step(data_iterator, model, *args):
+            self.back_propagate()
+            torch.set_grad_enabled(False)
+            output, loss_func = forward_step_func(data_iterator, model, *args)
+            return output, functools.partial(self._keep, loss_func)
+
+        return forward_step
+
+    def _keep(self, loss_func: Callable, output_tensor: torch.Tensor, **kwargs):
+        outputs = loss_func(output_tensor, **kwargs)
+        if not kwargs and outputs[0].requires_grad:  # non_loss_data calls carry no loss
+            self.pending = outputs[0]
+        return outputs
+
+    def back_propagate(self) -> None:
+        if self.pending is None:
+            return
+        output, self.pending = self.pending, None
+        if self.grad_scale_func is not None:
+            output = self.grad_scale_func(output)
+        torch.autograd.backward(output)

@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from megatron_fsam.config import CHOICES, SAMConfig
+from megatron_fsam.config import CHOICES, PHASE_BOUNDS, SAMConfig
+from megatron_fsam.schedules import phase_step
 
 FLAG_PREFIX = "--sam-"
 _HOOKED = "_megatron_fsam_hooked"
@@ -63,6 +64,8 @@ def add_sam_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             group.add_argument(flag, action="store_true", default=None, help=f"(default {default})")
             continue
         kind = {"int": int, "float": float}.get(field.type.removesuffix(" | None"), str)
+        if field.name in PHASE_BOUNDS:
+            kind = _step_or_fraction
         group.add_argument(
             flag, type=kind, choices=CHOICES.get(field.name), default=None,
             help=f"(default {default})",
@@ -95,12 +98,20 @@ def sam_config_from_args(args: argparse.Namespace) -> SAMConfig | None:
             raise ValueError(f"{flags} given without --sam-mode, which turns SAM on")
         return None
     given.setdefault("seed", getattr(args, "seed", None))  # sam_probability draws: the run's seed
+    for name in PHASE_BOUNDS:  # fractions of --train-iters
+        if isinstance(given.get(name), float):
+            given[name] = phase_step(given[name], getattr(args, "train_iters", None) or 0)
     config = SAMConfig(**given)
     if config.sam_enabled:
         reason = _unsupported(args)
         if reason:
             raise ValueError(f"--sam-mode {config.mode} does not work with {reason}")
     return config
+
+
+def _step_or_fraction(text: str) -> int | float:
+    """A phase bound: a step number, or a fraction of --train-iters ("0.75")."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
 
 
 def _unsupported(args: argparse.Namespace) -> str | None:
@@ -241,7 +252,7 @@ class _Session:
 
         self.sam = FuncSAM(config, model, optimizer, forward_backward_func=schedule)
         self.metrics: dict[str, float | None] = {}
-        self.passes = 1
+        self.passes = 1.0  # the last step's FLOPs over a plain step's
 
     def step_stand_ins(self, optimizer: Any) -> tuple[Callable, _SteppedOptimizer]:
         """A forward_backward_func that runs the SAM step, and the optimizer that reports it."""
@@ -276,7 +287,7 @@ class _Session:
             )
             stepped.result = (ok, grad_norm, metrics.pop("num_zeros_in_grad"))
             self.metrics = metrics
-            self.passes = int(metrics["passes"])
+            self.passes = metrics["passes"]
             return losses
 
         return forward_backward, stepped
@@ -344,8 +355,8 @@ def _refuse_cross_grid(step_args: dict[str, Any]) -> None:
 
 
 def _all_passes(num_floating_point_operations: Callable) -> Callable:
-    """Megatron-LM's FLOPs of one iteration, times the forward/backward passes it ran
-    (core_v0.19 also passes packed-sequence statistics, by keyword)."""
+    """Megatron-LM's FLOPs of one iteration, times the step's FLOPs over a plain step's
+    (`passes`; core_v0.19 also passes packed-sequence statistics, by keyword)."""
 
     @functools.wraps(num_floating_point_operations)
     def counted(args, batch_size, *more, **kwargs):

@@ -2,7 +2,8 @@
 
 The DeepSpeed and PyTorch-native front ends differ only in how one micro-batch's loss is
 back-propagated (`_backward`): through `engine.backward` with DeepSpeed's accumulation
-boundary, or through `loss.backward()` with DDP/FSDP2's gradient sync on the last micro-batch.
+boundary, or through `loss.backward()` with DDP/FSDP2's gradient sync on the last micro-batch;
+and in how a forward-only clean pass back-propagates it to the logits (`_forward_only`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class MicrobatchSAM(SAMStep):
         self._check_batches(batches)
 
         def run_pass(losses: LossCapture, source: str) -> None:
+            one_micro_batch = self._forward_only if source == "forward" else self._backward
             for index, batch in enumerate(batches):
-                losses.add(self._backward(forward, batch, index, len(batches)))
+                losses.add(one_micro_batch(forward, batch, index, len(batches)))
 
         _, grad_norm, _, metrics = self._run(run_pass, log_step=log_step)
         self.metrics = {**metrics, "applied_grad_norm": grad_norm}
@@ -59,4 +61,10 @@ class MicrobatchSAM(SAMStep):
 
     def _backward(self, forward: Forward, batch: Any, index: int, count: int) -> torch.Tensor:
         """Forward and backward of micro-batch `index` of `count`; returns its loss."""
+        raise NotImplementedError
+
+    def _forward_only(self, forward: Forward, batch: Any, index: int, count: int) -> torch.Tensor:
+        """Forward of micro-batch `index` of `count` at theta without a graph through the
+        network; its loss, scaled as `_backward` scales it, back-propagated to the logits
+        (where the logit gate records c(theta)); returns the loss."""
         raise NotImplementedError

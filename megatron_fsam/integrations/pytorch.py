@@ -69,8 +69,20 @@ class FuncSAM(MicrobatchSAM):
     def _backward(self, forward: Forward, batch, index: int, count: int) -> torch.Tensor:
         with self.backend.gradient_sync(index == count - 1):
             loss = forward(self.model, batch)
-            if self._backward_loss is None:
-                (loss / count).backward()
-            else:
-                self._backward_loss(loss)
+            self._back_propagate(loss, count)
         return loss
+
+    def _forward_only(self, forward: Forward, batch, index: int, count: int) -> torch.Tensor:
+        # No gradient sync: no parameter receives a gradient in this pass.
+        with self.backend.gradient_sync(False):
+            with torch.no_grad():  # the logit gate switches grad on for the loss
+                loss = forward(self.model, batch)
+            if loss.requires_grad:
+                self._back_propagate(loss, count)
+        return loss
+
+    def _back_propagate(self, loss: torch.Tensor, count: int) -> None:
+        if self._backward_loss is None:
+            (loss / count).backward()
+        else:
+            self._backward_loss(loss)

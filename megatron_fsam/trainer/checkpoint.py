@@ -60,6 +60,7 @@ LATEST = "latest"
 SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _RNG_KEY = "rng_state"
+_RANK_KEY = "rank_extra"
 
 
 class CheckpointError(RuntimeError):
@@ -100,12 +101,14 @@ def save_checkpoint(
     optimizer: MegatronOptimizer,
     *,
     extra: dict,
+    rank_extra: dict | None = None,
     keep_last: int | None = None,
     sharding_type: str = "dp_reshardable",
 ) -> str:
     """Save on every rank (collective); returns the checkpoint directory.
 
-    ``extra`` must hold plain values (what ``torch.load(weights_only=True)`` reads back).
+    ``extra`` (the same on every rank) and ``rank_extra`` (each rank's own, e.g. its shard of
+    the SAM state) must hold plain values (what ``torch.load(weights_only=True)`` reads back).
     ``sharding_type`` sets the distributed optimizer's format: "dp_reshardable" restores
     into another data-parallel size only, "fully_reshardable" into any TP/PP/DP layout
     (gathers the optimizer state on save). ``keep_last`` prunes older checkpoints.
@@ -115,6 +118,7 @@ def save_checkpoint(
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     _check_plain(extra)
+    _check_plain(rank_extra or {})
     final = checkpoint_path(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank()
@@ -126,6 +130,7 @@ def save_checkpoint(
     _ensure_adam_state(optimizer)
     gather_params(model_chunks)  # under overlap_param_gather, other slices may be stale
     state = _sharded_state(model_chunks, optimizer, sharding_type, with_rng=True)
+    state[_RANK_KEY] = _per_rank(_RANK_KEY, rank_extra or {})
     state.update(
         iteration=iteration,
         extra=extra,
@@ -152,11 +157,13 @@ def load_checkpoint(
     *,
     strict: bool = True,
 ) -> dict | None:
-    """Restore a checkpoint on every rank (collective); returns its ``extra``.
+    """Restore a checkpoint on every rank (collective); returns its ``extra``, with this
+    rank's ``rank_extra`` under the key "rank".
 
     ``root`` is a save root (its ``latest`` checkpoint is loaded) or one ``iter_XXXXXXX``
-    directory. Returns None when a root holds no checkpoint. RNG states are restored only
-    into the layout they were saved from; in another layout each rank keeps its own seeding.
+    directory. Returns None when a root holds no checkpoint. RNG states and ``rank_extra``
+    are restored only into the layout they were saved from; in another layout each rank keeps
+    its own seeding, and "rank" is None.
     """
     given = Path(root)
     path = given if _ITER_DIR.match(given.name) and given.is_dir() else latest_checkpoint(root)
@@ -192,6 +199,8 @@ def load_checkpoint(
     request = _sharded_state(
         model_chunks, optimizer, common["sharding_type"], with_rng=same_layout, loading=True
     )
+    if same_layout:
+        request[_RANK_KEY] = _per_rank(_RANK_KEY, {})
     try:
         # Megatron's naming: "unexpected" = requested but absent, "missing" = left unread.
         loaded, unread, absent = dist_checkpointing.load(
@@ -199,7 +208,8 @@ def load_checkpoint(
         )
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise CheckpointError(f"cannot load {path}: {_summary(e)}") from e
-    unread = {k for k in unread if same_layout or k != _RNG_KEY}
+    unread = {k for k in unread if same_layout or k not in (_RNG_KEY, _RANK_KEY)}
+    absent = {k for k in absent if k != _RANK_KEY}  # saved before rank_extra existed
     if strict and (absent or unread):
         raise CheckpointError(
             f"{path} does not match the model and optimizer: they need {sorted(absent)[:3]} "
@@ -221,7 +231,7 @@ def load_checkpoint(
             saved_layout,
             _layout(),
         )
-    return loaded["extra"]
+    return {**loaded["extra"], "rank": loaded.get(_RANK_KEY) if same_layout else None}
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -250,10 +260,13 @@ def _sharded_state(
         state, is_loading=loading, metadata={"distrib_optim_sharding_type": sharding_type}
     )
     if with_rng:
-        state[_RNG_KEY] = ShardedObject(
-            _RNG_KEY, _rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0
-        )
+        state[_RNG_KEY] = _per_rank(_RNG_KEY, _rng_state())
     return state
+
+
+def _per_rank(key: str, value: Any) -> ShardedObject:
+    """A value each rank saves and loads for itself."""
+    return ShardedObject(key, value, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
 def _read_common(path: Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ check, refuses them).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import types
@@ -36,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from megatron_fsam.config import SAMConfig
+from megatron_fsam.config import PHASE_BOUNDS, SAMConfig
+from megatron_fsam.schedules import phase_step
 from megatron_fsam.trainer.checkpoint import SHARDING_TYPES
 from megatron_fsam.trainer.data import DataConfig
 from megatron_fsam.trainer.models.gpt import GPTConfig
@@ -652,9 +654,22 @@ def _build(raw: dict[str, Any], *, run_name: str) -> RunConfig:
     if "seq_length" in sections["model"]:
         sections["data"].setdefault("seq_length", sections["model"]["seq_length"])
     sections["logging"].setdefault("run_name", run_name)
-    return RunConfig(
+    # SAM phase bounds may be fractions of the run, resolved once the run's length is known.
+    fractions = {
+        key: sections["sam"].pop(key)
+        for key in PHASE_BOUNDS
+        if isinstance(sections["sam"].get(key), float)
+    }
+    cfg = RunConfig(
         **{name: _section(name, cls, sections[name]) for name, cls in _SECTIONS.items()}
     )
+    if fractions:
+        try:
+            steps = {key: phase_step(v, cfg.total_steps) for key, v in fractions.items()}
+            cfg.sam = dataclasses.replace(cfg.sam, **steps)
+        except ValueError as err:
+            raise ConfigError(f"sam: {err}") from None
+    return cfg
 
 
 def _mapping(raw: dict[str, Any], section: str) -> dict[str, Any]:
