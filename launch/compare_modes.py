@@ -54,6 +54,7 @@ import socket
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def train(args, run: Run) -> None:
         "--config", args.config, "checkpoint.save_dir=null", "checkpoint.save_interval=null",
         f"logging.tensorboard_dir={directory}", *run_overrides(args, run),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=child_env())
+    result = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
     (directory / "stdout.log").write_text(result.stdout + result.stderr)
     run.evals = {int(s): float(v) for s, v in EVAL_LINE.findall(result.stdout)}
     if result.returncode != 0 or run.steps not in run.evals:
@@ -231,10 +232,15 @@ def at_seconds(run: Run, seconds: float) -> float:
 EVAL_LINE = re.compile(r"^step\s+(\d+) \| eval loss ([-+0-9.naninf]+)$", re.M)
 
 
-def child_env() -> dict[str, str]:
-    """The environment of a training process: this tree first on the import path."""
+def child_env(args) -> dict[str, str]:
+    """The environment of a training process: this tree first on the import path, and under
+    --jobs its share of the cores (unless OMP_NUM_THREADS is set)."""
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+    if args.jobs > 1:
+        share = max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
+        env.setdefault("OMP_NUM_THREADS", str(share))
+    return env
 
 
 def free_port() -> int:
@@ -342,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     add_modes_argument(parser)
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun)")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each with its share of the cores as OMP_NUM_THREADS "
+        "(their wall-clock then shares the machine)",
+    )
+    parser.add_argument(
         "--budget",
         type=int,
         metavar="PASSES",
@@ -377,12 +390,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"eval every {run.eval_interval}",
                 flush=True,
             )
-    for run in runs:
+
+    def train_and_report(run: Run) -> None:
         train(args, run)
         at = f"at step {equal} {run.evals[equal]:.4f}, " if args.budget is not None else ""
         print(
             f"{run.mode:>20}  seed {run.seed}: {at}eval loss {run.evals[run.steps]:.4f}", flush=True
         )
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(train_and_report, runs))  # list(): re-raises a failed run's error
     write_manifest(args, runs)
     what = "final eval loss" if args.budget is None else f"equal compute, {args.budget} passes"
     print(f"\n{what}; mean +- std over seeds {' '.join(map(str, args.seeds))} ({args.config})\n")
