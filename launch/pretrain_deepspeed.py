@@ -53,7 +53,7 @@ from launch.pretrain import add_launcher_arguments, is_logging_rank, parse_launc
 from megatron_fsam.backends.shards import mean_over_ranks
 from megatron_fsam.compat.cpu import share_cpu_cores
 from megatron_fsam.compat.deepspeed_shm import unlink_shm_buffers
-from megatron_fsam.deepspeed import FuncSAM
+from megatron_fsam.deepspeed import FuncSAM, load_rank_state, save_rank_state
 from megatron_fsam.trainer.data import build_datasets, microbatch_iterator
 from megatron_fsam.trainer.data.gpt_data import GPTData
 from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
@@ -271,7 +271,7 @@ def save(run: Run) -> None:
     }
     client = {"megatron_fsam": {**meta, "sam": run.sam.state_dict(), "rng": rng}}
     run.engine.save_checkpoint(root, tag=tag, client_state=client, save_latest=False)
-    torch.save(run.sam.rank_state_dict(), _rank_state_path(Path(root) / tag))
+    save_rank_state(run.sam.rank_state_dict(), Path(root) / tag)
     torch.distributed.barrier()  # every rank's files are written before `latest` names them
     if torch.distributed.get_rank() == 0:
         (Path(root) / tag / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -280,11 +280,6 @@ def save(run: Run) -> None:
     torch.distributed.barrier()
     where = Path(root) / tag
     _note(run, f"saved checkpoint {where} (step {run.step}, ZeRO stage {run.zero_stage})")
-
-
-def _rank_state_path(checkpoint: Path) -> Path:
-    """This rank's part of the SAM state (its shard of a kept ascent direction)."""
-    return checkpoint / f"megatron_fsam_rank{torch.distributed.get_rank():05d}.pt"
 
 
 def _check_save_dir(root: Path) -> None:
@@ -370,10 +365,7 @@ def resume(run: Run, load_dir: str) -> None:
         raise CheckpointRefused(f"DeepSpeed could not load {path}")
     state = client["megatron_fsam"]
     run.sam.load_state_dict(state["sam"])
-    rank_state = _rank_state_path(path)
-    run.sam.load_rank_state_dict(
-        torch.load(rank_state, weights_only=True) if rank_state.is_file() else None
-    )
+    run.sam.load_rank_state_dict(load_rank_state(path))
     rng = state["rng"][run.dp_rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

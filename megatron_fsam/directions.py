@@ -10,7 +10,9 @@ shards, where the norm sums, the preconditioner and the perturbation read g.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,3 +121,26 @@ def direction_for(cfg: SAMConfig) -> Direction:
     return {"gradient": Direction, "previous": PreviousGradient, "momentum": FirstMoment}[
         cfg.ascent
     ]()
+
+
+# ----- a rank's part of the state in checkpoint folders -----------------------------------
+
+
+def rank_state_path(folder: str | os.PathLike) -> Path:
+    """This rank's file of the SAM state in a checkpoint folder, for formats with no per-rank
+    object of their own (DeepSpeed's, the HF Trainer's)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return Path(folder) / f"megatron_fsam_rank{rank:05d}.pt"
+
+
+def save_rank_state(state: dict[str, Any], folder: str | os.PathLike) -> None:
+    """Writes `sam.rank_state_dict()` into the folder (nothing when there is none)."""
+    if state:
+        torch.save(state, rank_state_path(folder))
+
+
+def load_rank_state(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """What `save_rank_state` wrote for this rank, for `sam.load_rank_state_dict()`; None
+    where the folder holds none for it."""
+    path = rank_state_path(folder)
+    return torch.load(path, weights_only=True) if path.is_file() else None

@@ -17,6 +17,13 @@ from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.backends.megatron_weights import global_param_names
 from megatron_fsam.cost import passes as cost_over_plain
 from megatron_fsam.cost import planned_passes, sam_passes
+from megatron_fsam.directions import (
+    Direction,
+    PreviousGradient,
+    load_rank_state,
+    rank_state_path,
+    save_rank_state,
+)
 from megatron_fsam.schedules import rho_at
 from megatron_fsam.trainer.parallel import ParallelConfig
 from tests import reference
@@ -329,3 +336,17 @@ def test_rho_warmup_starts_at_the_phase():
     assert [rho_at(cfg, s) for s in (0, 9, 10, 11, 14, 20)] == pytest.approx(
         [0.0, 0.0, 0.0, 0.02, 0.08, 0.08]
     )
+
+
+def test_a_kept_direction_round_trips_through_its_rank_file(tmp_path):
+    kept = PreviousGradient()
+    kept.kept = [torch.randn(5), torch.randn(3)]
+    save_rank_state(kept.rank_state_dict(), tmp_path)
+    assert rank_state_path(tmp_path).name == "megatron_fsam_rank00000.pt"
+    loaded = PreviousGradient()
+    loaded.load_rank_state_dict(load_rank_state(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.kept, kept.kept, strict=True))
+    empty = tmp_path / "paper"  # ascent="gradient" keeps nothing: no file, nothing to load
+    empty.mkdir()
+    save_rank_state(Direction().rank_state_dict(), empty)
+    assert not any(empty.iterdir()) and load_rank_state(empty) is None

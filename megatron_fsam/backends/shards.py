@@ -194,10 +194,7 @@ class ShardBackend:
             if "exp_avg" not in state:
                 moments.append(torch.zeros_like(entry.grad, dtype=torch.float32))
                 continue
-            moment = _adam_state(entry.inner, entry.main, state, "exp_avg").view(-1)
-            if entry.state_range is not None:
-                moment = moment[slice(*entry.state_range)]
-            moments.append(moment)
+            moments.append(_shard_state(entry, state, "exp_avg"))
         return moments
 
     def main_params(self) -> tuple[list[torch.Tensor], list[bool]]:
@@ -336,10 +333,7 @@ class ShardBackend:
                 eps.append(0.0)
                 continue
             real.append(len(moments))
-            moment = _adam_state(entry.inner, entry.main, state, "exp_avg_sq").view(-1)
-            if entry.state_range is not None:
-                moment = moment[slice(*entry.state_range)]
-            moments.append(moment)
+            moments.append(_shard_state(entry, state, "exp_avg_sq"))
             v_scales.append(1.0 / (1.0 - group["betas"][1] ** step))
             eps.append(float(group["eps"]))
         if missing:
@@ -353,6 +347,13 @@ class ShardBackend:
 
 def _aliased(entries: list[ShardEntry]) -> list[ShardEntry]:
     return [e for e in entries if e.aliased]
+
+
+def _shard_state(entry: ShardEntry, state: dict, name: str) -> torch.Tensor:
+    """Adam's `name` tensor (exp_avg, exp_avg_sq) of the entry's shard: flat, and sliced to
+    the shard where the optimizer's state covers more than this rank's part."""
+    tensor = _adam_state(entry.inner, entry.main, state, name).view(-1)
+    return tensor if entry.state_range is None else tensor[slice(*entry.state_range)]
 
 
 def _adam_step(state: dict, group: dict) -> int:

@@ -16,9 +16,11 @@ module named `lm_head` or `output_layer` (or `SAMConfig.logits_module`).
 Checkpoints: after `train_step` the engine holds theta (never theta + eps) at every stage, so
 `engine.save_checkpoint(dir, client_state={"sam": sam.state_dict()})` saves a resumable state;
 after `engine.load_checkpoint(dir)`, `sam.load_state_dict(client_state["sam"])`. With
-`ascent="previous"` each rank also saves `sam.rank_state_dict()` (its shard of the kept
-direction; DeepSpeed writes client_state from one rank) in a file of its own, and loads it
-with `sam.load_rank_state_dict()`, as launch/pretrain_deepspeed.py does.
+`ascent="previous"` each rank also saves its shard of the kept direction (DeepSpeed writes
+client_state from one rank) in a file of its own, as launch/pretrain_deepspeed.py does:
+`save_rank_state(sam.rank_state_dict(), dir / tag)` after the engine's save, and
+`sam.load_rank_state_dict(load_rank_state(dir / tag))` after its load (both in
+`megatron_fsam.deepspeed`).
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.training_args import OptimizerNames
 
 from megatron_fsam.config import SAMConfig
+from megatron_fsam.directions import load_rank_state, save_rank_state
 from megatron_fsam.integrations.microbatches import MicrobatchSAM
 from megatron_fsam.integrations.pytorch import FuncSAM
 
@@ -261,9 +262,7 @@ class FuncSAMTrainer(Trainer):
             if os.path.isfile(path):
                 with open(path) as file:
                     state = json.load(file)
-                saved = os.path.join(resume_from_checkpoint, _rank_file())
-                rank = torch.load(saved, weights_only=True) if os.path.isfile(saved) else None
-                self._carried = (state, rank)
+                self._carried = (state, load_rank_state(resume_from_checkpoint))
                 if self.sam is not None:
                     self._load_carried()
         self._pending = []
@@ -291,8 +290,7 @@ class _SAMStateSaver(TrainerCallback):
         common, rank = (
             (sam.state_dict(), sam.rank_state_dict()) if sam is not None else self.trainer._carried
         )
-        if rank:
-            torch.save(rank, os.path.join(folder, _rank_file()))
+        save_rank_state(rank, folder)
         if args.should_save:
             with open(os.path.join(folder, STATE_FILE), "w") as file:
                 json.dump({**common, "iteration": state.global_step}, file)
@@ -307,11 +305,6 @@ class _SkipAware:
     @property
     def step_was_skipped(self) -> bool:
         return self.sam_skipped or super().step_was_skipped
-
-
-def _rank_file() -> str:
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return f"megatron_fsam_rank{rank:05d}.pt"
 
 
 def _total(losses: list[torch.Tensor]) -> float:
