@@ -48,6 +48,7 @@ from megatron_fsam.trainer.data import build_datasets  # noqa: E402
 from megatron_fsam.trainer.run_config import RunConfig, is_hugging_face, load_run_config  # noqa: E402
 
 SCHEDULES = {"cosine": "cosine_warmup_with_min_lr", "linear": "linear", "constant": "constant"}
+BATCH_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu"}  # of a DeepSpeed JSON
 
 
 class Samples(torch.utils.data.Dataset):
@@ -167,6 +168,17 @@ def training_arguments(cfg: RunConfig, deepspeed: str | None, output_dir: str | 
         kwargs["warmup_lr_rate"] = o.warmup_init_ratio
     elif warmup and schedule == "constant":
         schedule = "constant_with_warmup"
+    ds_config = json.loads(Path(deepspeed).read_text()) if deepspeed else None
+    if ds_config is not None and not (
+        isinstance(ds_config, dict) and BATCH_KEYS & ds_config.keys()
+    ):
+        # DeepSpeed would fail later ("Either train_batch_size or ... needs to be provided"):
+        # the Trainer fills in only the batch sizes a JSON names.
+        raise ValueError(
+            f"--deepspeed {deepspeed} names no batch size: give a Trainer-style JSON whose batch "
+            'sizes are "auto" (configs/hf_trainer_zero2.json, configs/hf_trainer_zero3.json); '
+            "an engine JSON like configs/deepspeed_zero3.json is for launch/pretrain_deepspeed.py"
+        )
     save_dir = cfg.checkpoint.save_dir
     tensorboard = cfg.logging.tensorboard_dir
     if tensorboard:
@@ -198,7 +210,7 @@ def training_arguments(cfg: RunConfig, deepspeed: str | None, output_dir: str | 
         report_to=["tensorboard"] if tensorboard else "none",
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
-        deepspeed=json.loads(Path(deepspeed).read_text()) if deepspeed else None,
+        deepspeed=ds_config,
         dataloader_drop_last=True,
         disable_tqdm=True,
     )

@@ -648,3 +648,20 @@ def test_the_example_trains_in_one_process(tmp_path):
     after = float(re.search(r"eval loss after training: (\S+)", out).group(1))
     assert after < before, out[-3000:]
     assert "sam/loss_perturbed" in out
+
+
+def test_the_example_refuses_an_engine_json(tmp_path):
+    """launch/pretrain_hf_trainer.py with configs/deepspeed_zero3.json (no batch size, made for
+    launch/pretrain_deepspeed.py): one clear error before any work."""
+    command = [
+        sys.executable, str(ROOT / "launch" / "pretrain_hf_trainer.py"),
+        "--config", str(ROOT / "configs" / "tiny_test.yaml"),
+        "--deepspeed", str(ROOT / "configs" / "deepspeed_zero3.json"),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**env, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "error: --deepspeed" in result.stderr and "names no batch size" in result.stderr
