@@ -4,7 +4,7 @@
     python launch/pretrain_hf_trainer.py --config configs/tiny_test.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 launch/pretrain_hf_trainer.py --config configs/tiny_test.yaml
     deepspeed --num_gpus 2 launch/pretrain_hf_trainer.py --config configs/tiny_test.yaml \\
-        --deepspeed configs/hf_trainer_zero2.json
+        --deepspeed configs/hf_trainer_zero2.json      # or configs/hf_trainer_zero3.json
 
 The run file gives the model (`model.family` llama or gpt2, or `model.hf_config`; a Nanodo
 model section is built as a Llama of the same shape), the data (the built-in corpus unless
@@ -17,6 +17,10 @@ constant: stays). `checkpoint.save_dir` is the Trainer's output_dir (checkpoint-
 `save_interval` steps, `keep_last` kept), `checkpoint.load_dir` a checkpoint-N to resume from
 (or a save_dir: its newest); TensorBoard events go to `logging.tensorboard_dir`, with the SAM
 scalars under `sam/...`. The eval loss on held-out data is printed before and after training.
+
+The model is built after the TrainingArguments, as transformers documents for ZeRO-3: their
+DeepSpeed config is then known, and under ZeRO-3 (`configs/hf_trainer_zero3.json`)
+`from_config` partitions the model over the ranks as it is made (`zero.Init`).
 
 Each sample is the data's `tokens` as `input_ids` and its next-token `labels` as both `labels`
 and `shift_labels`: the model's loss then reads the labels as they are (no second shift), the
@@ -44,6 +48,7 @@ from megatron_fsam.trainer.data import build_datasets  # noqa: E402
 from megatron_fsam.trainer.run_config import RunConfig, is_hugging_face, load_run_config  # noqa: E402
 
 SCHEDULES = {"cosine": "cosine_warmup_with_min_lr", "linear": "linear", "constant": "constant"}
+BATCH_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu"}  # of a DeepSpeed JSON
 
 
 class Samples(torch.utils.data.Dataset):
@@ -86,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         training = training_arguments(cfg, args.deepspeed, args.output_dir, TrainingArguments)
         world = training.world_size  # initialises the process group of a launched run
-        if args.deepspeed and "LOCAL_SIZE" in os.environ and not torch.cuda.is_available():
-            # Under the deepspeed launcher on the CPU: DeepSpeed's comm now rather than in
-            # train(), to unlink the /dev/shm buffers it creates there.
+        if args.deepspeed and "WORLD_SIZE" in os.environ and not torch.cuda.is_available():
+            # A launched run on the CPU: DeepSpeed's comm before the model (on GPUs accelerate
+            # started it with the process group). Under ZeRO-3 from_config builds the model
+            # under zero.Init, which reads the world size from DeepSpeed's comm (1 while it is
+            # not up, against the Trainer's batch sizes for all ranks); and the deepspeed
+            # launcher's ranks create /dev/shm buffers in it, unlinked here.
             import deepspeed
 
             deepspeed.init_distributed(dist_backend="gloo")
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, OSError) as error:
         return _refuse(error)
     say = print if is_logging_rank() else (lambda *a, **k: None)
-    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    unique = {id(p): p for p in model.parameters()}.values()
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in unique)  # ZeRO-3: partitioned
     say(
         f"model: {type(model).__name__}, {parameters:,} parameters; {cfg.total_steps} steps x "
         f"{world} ranks x {training.gradient_accumulation_steps} micro-batches of "
@@ -159,6 +168,17 @@ def training_arguments(cfg: RunConfig, deepspeed: str | None, output_dir: str | 
         kwargs["warmup_lr_rate"] = o.warmup_init_ratio
     elif warmup and schedule == "constant":
         schedule = "constant_with_warmup"
+    ds_config = json.loads(Path(deepspeed).read_text()) if deepspeed else None
+    if ds_config is not None and not (
+        isinstance(ds_config, dict) and BATCH_KEYS & ds_config.keys()
+    ):
+        # DeepSpeed would fail later ("Either train_batch_size or ... needs to be provided"):
+        # the Trainer fills in only the batch sizes a JSON names.
+        raise ValueError(
+            f"--deepspeed {deepspeed} names no batch size: give a Trainer-style JSON whose batch "
+            'sizes are "auto" (configs/hf_trainer_zero2.json, configs/hf_trainer_zero3.json); '
+            "an engine JSON like configs/deepspeed_zero3.json is for launch/pretrain_deepspeed.py"
+        )
     save_dir = cfg.checkpoint.save_dir
     tensorboard = cfg.logging.tensorboard_dir
     if tensorboard:
@@ -183,14 +203,14 @@ def training_arguments(cfg: RunConfig, deepspeed: str | None, output_dir: str | 
         logging_steps=t.log_interval,
         eval_strategy="steps",
         eval_steps=t.eval_interval,
-        eval_on_start=True,  # the loss before training (also under DeepSpeed ZeRO-1/2)
+        eval_on_start=True,  # the loss before training (also under DeepSpeed)
         save_strategy="steps" if save_dir else "no",
         save_steps=cfg.checkpoint.save_interval or steps,
         save_total_limit=cfg.checkpoint.keep_last,
         report_to=["tensorboard"] if tensorboard else "none",
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
-        deepspeed=json.loads(Path(deepspeed).read_text()) if deepspeed else None,
+        deepspeed=ds_config,
         dataloader_drop_last=True,
         disable_tqdm=True,
     )

@@ -1,15 +1,21 @@
 """FuncSAMTrainer (megatron_fsam.hf): the Hugging Face Trainer whose optimizer steps are SAM
-steps, on 2 CPU gloo ranks under DDP and under DeepSpeed ZeRO-2 (configs/hf_trainer_zero2.json,
-the Trainer's own AdamW and LR scheduler), and launch/pretrain_hf_trainer.py in one process.
+steps, on 2 CPU gloo ranks under DDP and under DeepSpeed ZeRO-2 and ZeRO-3
+(configs/hf_trainer_zero2.json and configs/hf_trainer_zero3.json, the Trainer's own AdamW and
+LR scheduler), and launch/pretrain_hf_trainer.py in one process.
 
-One 2-rank spawn per layout runs every check of that layout on a tiny LlamaForCausalLM (made
-from a LlamaConfig, 2 micro-batches of 2 sequences per rank and step):
+One 2-rank spawn per layout (run when a test first asks for that layout) runs every check of
+that layout on a tiny LlamaForCausalLM (made from a LlamaConfig, 2 micro-batches of 2
+sequences per rank and step). At ZeRO-3 the model is built as a user's script builds it: after
+the TrainingArguments, with DeepSpeed's comm up, by `from_config`, which partitions it as it is
+made (every param: the persistence threshold is 0); the first step's reference starts from the
+weights the Trainer starts from.
 
 - rho = 0: the logged losses, gradient norms and learning rates and the final weights are
   bit-identical to a plain `Trainer` run of the same arguments;
 - fsam: the gradient the optimizer receives at step 1 (after the Trainer's / DeepSpeed's
   clipping to max_grad_norm, which is active) equals the torch.func reference of the step's 8
   micro-batches, clipped alike; the inner optimizer and the LR scheduler step once per step;
+  under DeepSpeed the SAM step runs on the backend's layout of the stage (ZeRO-3: its own);
 - TensorBoard holds sam/loss_perturbed, sam/eps_norm, sam/rho (and no train/sam/...);
 - resuming from the step-2 checkpoint gives the straight run's logs and weights, bitwise;
 - a NaN in pass 2 (rank 0) skips the step: weights and Adam state unchanged, the LR schedule
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -55,6 +62,14 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ROOT / "configs" / "hf_trainer_zero2.json"
+ZERO3 = ROOT / "configs" / "hf_trainer_zero3.json"
+# ZeRO-3 keeps params under stage3_param_persistence_threshold (every param of the tiny model,
+# by default) whole on every rank; 0 partitions them all.
+ZERO3_CONFIG = json.loads(ZERO3.read_text())
+ZERO3_CONFIG["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+DEEPSPEED = {"ddp": None, "zero2": str(ZERO2), "zero3": ZERO3_CONFIG}
+# The SAM backend's layout class for each DeepSpeed stage (megatron_fsam/backends/deepspeed.py).
+LAYOUT_CLASSES = {"zero2": "_Zero12Partitions", "zero3": "Zero3Partitions"}
 VOCAB, SEQ, SAMPLES = 96, 16, 64
 MICRO, ACCUMULATION, STEPS = 2, 2, 4
 RHO, LR, CLIP = 0.05, 1e-3, 0.25
@@ -67,8 +82,12 @@ ASCENT_RUNS = tuple(
 )
 
 
-def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _model(layout: str = "ddp"):
+    """The tiny Llama, from seed 0. ZeRO-3: built as a user's script builds it, after the
+    TrainingArguments (transformers then knows their DeepSpeed config) and with DeepSpeed's comm
+    up (on the CPU the script's deepspeed.init_distributed; on GPUs accelerate starts it): then
+    `from_config` partitions it under zero.Init as it is made."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -80,7 +99,12 @@ def _model():
         max_position_embeddings=SEQ,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    if layout != "zero3":
+        return LlamaForCausalLM(config)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    return AutoModelForCausalLM.from_config(config)
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -112,7 +136,7 @@ def _arguments(layout: str, directory: str, **overrides):
         report_to="none",
         use_cpu=True,
         ddp_backend="gloo",
-        deepspeed=str(ZERO2) if layout == "zero2" else None,
+        deepspeed=DEEPSPEED[layout],
         disable_tqdm=True,
         seed=7,
     )
@@ -123,9 +147,10 @@ def _arguments(layout: str, directory: str, **overrides):
 def _train(cls, layout: str, directory: str, *, resume: str | None = None, callbacks=(), **kw):
     """Train STEPS steps; returns the trainer, its training logs and its final weights."""
     sam = {"sam": kw.pop("sam")} if "sam" in kw else {}
+    args = _arguments(layout, directory, **kw)  # before the model, for ZeRO-3
     trainer = cls(
-        model=_model(),
-        args=_arguments(layout, directory, **kw),
+        model=_model(layout),
+        args=args,
         train_dataset=Tokens(),
         callbacks=list(callbacks),
         **sam,
@@ -150,7 +175,14 @@ def _logs_of(trainer) -> list[dict]:
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    """The model's weights (ZeRO-3: gathered from the partitions)."""
+    params = dict(trainer.model.named_parameters())
+    if not any(hasattr(p, "ds_id") for p in params.values()):
+        return {n: p.detach().clone() for n, p in params.items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {n: p.detach().clone() for n, p in params.items()}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -162,6 +194,16 @@ def _inner_optimizer(trainer):
     if trainer.is_deepspeed_enabled:
         return trainer.model_wrapped.basic_optimizer
     return trainer.optimizer.optimizer
+
+
+def _masters(trainer) -> list[torch.Tensor]:
+    """The tensors the inner optimizer steps. ZeRO-3 puts its flat fp32 partitions into the
+    optimizer's param groups only while it steps them, one group at a time."""
+    engine_optimizer = getattr(trainer.model_wrapped, "optimizer", None)
+    partitions = getattr(engine_optimizer, "fp32_partitioned_groups_flat", None)
+    if partitions is not None:
+        return list(partitions)
+    return [p for group in _inner_optimizer(trainer).param_groups for p in group["params"]]
 
 
 def _reference_batches(first_step: list[torch.Tensor]) -> list[dict]:
@@ -180,7 +222,7 @@ def _reference_batches(first_step: list[torch.Tensor]) -> list[dict]:
 
 
 def _layout_checks(rank: int, world: int, layout: str, directory: str) -> dict:
-    """Every check of one layout ("ddp" or "zero2"), on each rank."""
+    """Every check of one layout ("ddp", "zero2" or "zero3"), on each rank."""
     from transformers import Trainer, TrainerCallback
 
     from megatron_fsam import SAMConfig
@@ -209,6 +251,7 @@ def _layout_checks(rank: int, world: int, layout: str, directory: str) -> dict:
         def on_train_begin(self, args, state, control, **kwargs):
             from tests.received import Received
 
+            self.theta = _weights(self.trainer)  # where the reference starts
             self.steps: dict[int, int] = {}  # optimizer.step() calls per param group
             optimizer = _inner_optimizer(self.trainer)
             self.received = Received(optimizer)
@@ -216,6 +259,8 @@ def _layout_checks(rank: int, world: int, layout: str, directory: str) -> dict:
 
         def count(self, optimizer, args, kwargs):
             for group in optimizer.param_groups:  # ZeRO steps one group at a time
+                if not group["params"]:  # (ZeRO-3 empties the others)
+                    continue
                 key = id(group["params"][0])
                 self.steps[key] = self.steps.get(key, 0) + 1
 
@@ -227,12 +272,18 @@ def _layout_checks(rank: int, world: int, layout: str, directory: str) -> dict:
     counting = Counting()
     os.environ["TENSORBOARD_LOGGING_DIR"] = f"{base}/tensorboard"
     fsam = SAMConfig(mode="fsam", rho=RHO)
+    args = _arguments(
+        layout, f"{base}/fsam", save_strategy="steps", save_steps=2, report_to="tensorboard"
+    )
+    model = _model(layout)
+    if layout == "zero3":
+        report["partitioned_at_construction"] = all(
+            p.ds_tensor.numel() < p.ds_numel and p.numel() == 0 for p in model.parameters()
+        )
     trainer = Recording(
         sam=fsam,
-        model=_model(),
-        args=_arguments(
-            layout, f"{base}/fsam", save_strategy="steps", save_steps=2, report_to="tensorboard"
-        ),
+        model=model,
+        args=args,
         train_dataset=Tokens(),
         callbacks=[counting],
     )
@@ -246,9 +297,10 @@ def _layout_checks(rank: int, world: int, layout: str, directory: str) -> dict:
         {int(s["step"]) for s in _inner_optimizer(trainer).state.values() if "step" in s}
     )
     report["scheduler"] = (type(trainer.lr_scheduler).__name__, trainer.lr_scheduler.last_epoch)
-    if layout == "zero2":
+    if layout != "ddp":
         report["engine_steps"] = trainer.model_wrapped.global_steps
-    report["fsam_error"] = _reference_error(trainer, counting.first, first_step)
+        report["backend_layout"] = type(trainer.sam.backend.layout).__name__
+    report["fsam_error"] = _reference_error(trainer, counting.theta, counting.first, first_step)
     if rank == 0:
         report["tags"] = _tensorboard_tags(f"{base}/tensorboard")
 
@@ -347,17 +399,18 @@ def _known_direction(run: str, base: str) -> dict[str, list]:
     return {"errors": errors, "backwards": stepwise.backwards}
 
 
-def _reference_error(trainer, received: dict, first_step: list[torch.Tensor]) -> float:
-    """||received - clip(reference)|| / ||clip(reference)|| over the shards each rank counts."""
+def _reference_error(
+    trainer, theta: dict[str, torch.Tensor], received: dict, first_step: list[torch.Tensor]
+) -> float:
+    """||received - clip(reference)|| / ||clip(reference)|| over the shards each rank counts,
+    the reference from `theta`, the weights the Trainer started from."""
     from tests import reference
     from tests.received import relative_error
 
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, first_step)
     batches = _reference_batches([ids for rank in gathered for ids in rank])
-    model = _model()
-    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
-    want = reference.sam_gradient(model, theta, batches, mode="fsam", rho=RHO)
+    want = reference.sam_gradient(_model(), theta, batches, mode="fsam", rho=RHO)
     norm = torch.sqrt(sum(v.double().square().sum() for v in want.values()))
     scale = min(1.0, CLIP / (norm.item() + 1e-6))
     want = {n: v * scale for n, v in want.items()}
@@ -396,11 +449,7 @@ def _skipped_step(layout: str, directory: str, rank: int) -> dict:
                 for k, v in s.items()
                 if torch.is_tensor(v)
             }
-            masters = {
-                f"{g}/{i}": p.detach().clone()
-                for g, group in enumerate(inner.param_groups)
-                for i, p in enumerate(group["params"])
-            }
+            masters = {str(i): p.detach().clone() for i, p in enumerate(_masters(trainer))}
             self.after[state.global_step] = (
                 _weights(trainer),
                 state_tensors,
@@ -409,10 +458,11 @@ def _skipped_step(layout: str, directory: str, rank: int) -> dict:
             )
 
     snapshots = Snapshots()
+    args = _arguments(layout, directory, max_steps=2)
     trainer = FuncSAMTrainer(
         sam=SAMConfig(mode="fsam", rho=RHO),
-        model=_model(),
-        args=_arguments(layout, directory, max_steps=2),
+        model=_model(layout),
+        args=args,
         train_dataset=Tokens(),
         callbacks=[snapshots],
     )
@@ -436,7 +486,7 @@ def _skipped_step(layout: str, directory: str, rank: int) -> dict:
         "skipped_logged": [e["sam/skipped"] for e in logs] == [0.0, 1.0],
         "weights_unchanged": _same(one[0], two[0]),
         "adam_state_unchanged": _same(one[1], two[1]) and bool(one[1]),
-        "optimizer_params_unchanged": _same(one[2], two[2]),
+        "optimizer_params_unchanged": _same(one[2], two[2]) and bool(one[2]),
         "scheduler_waited": one[3] == two[3] == 1,
         "forward_calls": calls[0],
     }
@@ -469,16 +519,25 @@ def _refusals(directory: str) -> dict[str, str]:
     return found
 
 
+class Reports(dict):
+    """Each layout's per-rank reports, from its 2-rank spawn on first use (a -k selection of
+    one layout runs that layout's spawn only)."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.directory = directory
+
+    def __missing__(self, layout: str) -> list[dict]:
+        self[layout] = run_ranks(_layout_checks, 2, layout, self.directory, timeout=SPAWN_TIMEOUT)
+        return self[layout]
+
+
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict[str, list[dict]]:
-    directory = str(tmp_path_factory.mktemp("hf_trainer"))
-    return {
-        layout: run_ranks(_layout_checks, 2, layout, directory, timeout=SPAWN_TIMEOUT)
-        for layout in ("ddp", "zero2")
-    }
+def reports(tmp_path_factory) -> Reports:
+    return Reports(str(tmp_path_factory.mktemp("hf_trainer")))
 
 
-LAYOUTS = ("ddp", "zero2")
+LAYOUTS = ("ddp", "zero2", "zero3")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -502,11 +561,17 @@ def test_optimizer_and_scheduler_step_once_per_step(reports, layout):
         assert report["optimizer_steps"] == [STEPS, STEPS]  # each of AdamW's 2 param groups
         assert report["adam_steps"] == [STEPS]
         assert report["scheduler"] == ("LambdaLR", STEPS)
-        if layout == "zero2":
+        if layout != "ddp":
             assert report["engine_steps"] == STEPS
+            assert report["backend_layout"] == LAYOUT_CLASSES[layout]
         logs = report["fsam_logs"]
         assert [e["step"] for e in logs] == list(range(1, STEPS + 1))
         assert all(e["sam/sam_step"] == 1.0 and e["sam/rho"] == RHO for e in logs)
+
+
+def test_zero3_partitions_the_model_as_it_is_made(reports):
+    for report in reports["zero3"]:
+        assert report["partitioned_at_construction"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -583,3 +648,20 @@ def test_the_example_trains_in_one_process(tmp_path):
     after = float(re.search(r"eval loss after training: (\S+)", out).group(1))
     assert after < before, out[-3000:]
     assert "sam/loss_perturbed" in out
+
+
+def test_the_example_refuses_an_engine_json(tmp_path):
+    """launch/pretrain_hf_trainer.py with configs/deepspeed_zero3.json (no batch size, made for
+    launch/pretrain_deepspeed.py): one clear error before any work."""
+    command = [
+        sys.executable, str(ROOT / "launch" / "pretrain_hf_trainer.py"),
+        "--config", str(ROOT / "configs" / "tiny_test.yaml"),
+        "--deepspeed", str(ROOT / "configs" / "deepspeed_zero3.json"),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**env, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "error: --deepspeed" in result.stderr and "names no batch size" in result.stderr

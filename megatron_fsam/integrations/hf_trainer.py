@@ -21,12 +21,17 @@ Two front ends carry the step:
   every `param.grad` None, so the optimizer changes nothing, and reports the step as skipped
   (accelerate's `optimizer_step_was_skipped`), so the LR schedule waits, as after a
   GradScaler overflow.
-- DeepSpeed (`TrainingArguments(deepspeed=...)`, ZeRO 0-3): micro-batches go through
-  `engine.backward` with the accumulation boundary set by the SAM step (never
-  `accelerator.backward`, which would step the engine inside pass 1), and the SAM step calls
-  `engine.step()` once: DeepSpeed's clipping, optimizer and scheduler act on the SAM gradient;
-  the Trainer's `optimizer.step()` and `lr_scheduler.step()` are accelerate's no-ops (or,
-  for a scheduler the Trainer made itself, its one step).
+- DeepSpeed (`TrainingArguments(deepspeed=...)`, the DeepSpeed front end, which reads the
+  engine's ZeRO partitions at any stage, 0 to 3; tested here at ZeRO-2 and ZeRO-3):
+  micro-batches go through `engine.backward` with the accumulation boundary set by the SAM
+  step (never `accelerator.backward`, which would step the engine inside pass 1), and the SAM
+  step calls `engine.step()` once: DeepSpeed's clipping, optimizer and scheduler act on the
+  SAM gradient; the Trainer's `optimizer.step()` and `lr_scheduler.step()` are accelerate's
+  no-ops (or, for a scheduler the Trainer made itself, its one step). At ZeRO-3 build the
+  model as transformers documents, after the `TrainingArguments` (then `from_config` /
+  `from_pretrained` partition it under `zero.Init` as it is made) and, on the CPU, after
+  `deepspeed.init_distributed(dist_backend="gloo")` (accelerate starts DeepSpeed's comm on
+  GPUs): `zero.Init` takes the world size from DeepSpeed's comm, 1 while it is not up.
 
 The SAM step count is the Trainer's `state.global_step` (the rho warm-up, `sam_interval` and
 `sam_probability` follow it across a resume); `SAMConfig.seed=None` takes `args.seed`.

@@ -25,9 +25,11 @@ transformers does, each module drawing from the CPU generator seeded by (seed, t
 name) on fp32 CPU copies of its parameters. The weights therefore depend on the seed alone:
 the same with and without DeepSpeed ZeRO-3's `zero.Init` (which partitions each parameter as
 it is made; the module's parameters are gathered while they are written), on any device and
-in any world size. transformers' own ZeRO-3 path (`HfDeepSpeedConfig`, which needs
-`accelerate`) initialises on rank 0 in traversal order from the global generator, so its
-weights differ from the ones built without ZeRO-3; it is not used.
+in any world size. transformers' own ZeRO-3 initialisation draws on rank 0 in traversal order
+from the global generator, so its weights differ from the ones built without ZeRO-3: where a
+ZeRO-3 config is known to transformers (`HfDeepSpeedConfig`, as the Trainer's
+`TrainingArguments(deepspeed=...)` made before the model sets it, launch/pretrain_hf_trainer.py),
+`from_config` builds under its `zero.Init` and draws those, and `init_weights` replaces them.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ def build_model(config: Any, *, seed: int, zero_init: dict | None = None) -> nn.
 
     `zero_init`: a DeepSpeed config dict of ZeRO stage 3, under whose `deepspeed.zero.Init` the
     model is built (each parameter partitioned over the data-parallel ranks as it is made);
-    the weights are the same as without it.
+    the weights are the same as without it. Leave it None where transformers knows a ZeRO-3
+    config already (the Trainer's): `from_config` then partitions under that one.
     """
     transformers = transformers_module()
     with _construction(zero_init):
