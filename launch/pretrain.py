@@ -42,6 +42,7 @@ from megatron_fsam.trainer.parallel import (
     initialize_distributed,
     wrap_model,
 )
+from megatron_fsam.trainer.ports import PortInUseError
 from megatron_fsam.trainer.run_config import (
     CheckpointSettings,
     RunConfig,
@@ -86,14 +87,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_or_report(config_path: str, overrides: list[str]) -> Run | None:
-    """setup(), or None after one error line when the config or the data is bad.
+    """setup(), or None after one error line when the config or the data is bad, or the
+    rendezvous port is taken.
 
     Every rank meets the same bad input: rank 0 says what it is, every rank exits cleanly,
     and no rank prints a traceback.
     """
     try:
         return setup(config_path, overrides)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:  # ConfigError: ValueError
+    except (ValueError, FileNotFoundError, CheckpointError, PortInUseError) as error:
         if is_logging_rank():
             print(f"error: {error}", file=sys.stderr, flush=True)
         if torch.distributed.is_initialized():
@@ -411,7 +413,8 @@ def _start_processes(cfg: RunConfig) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if os.environ["WORLD_SIZE"] == "1":  # one process meets only itself: on any free port
+        os.environ.setdefault("MASTER_PORT", "0")
     initialize_distributed(cfg.parallel, seed=cfg.train.seed)
 
 
