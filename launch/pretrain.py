@@ -20,6 +20,21 @@ from dataclasses import dataclass, replace
 # megatron-core announces at import that apex / Transformer Engine are absent; on machines
 # without them (any CPU run) that is expected, and it would bury the run's own output.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+# Two more that no run can act on, on any device. megatron-core's distributed optimizer reads,
+# in zero_grad, the .grad of its fp32 shard views, which are not leaves (its source marks the
+# line "throws grad-access warning"; under enable_cpu_emulation Python files the warning under
+# megatron_fsam/compat/cpu.py, whose torch-function mode forwards every tensor attribute read).
+# And megatron-core's grad buffers and DeepSpeed's ZeRO gather and reduce-scatter with the
+# collectives torch 2.13 deprecates.
+warnings.filterwarnings(
+    "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf", category=UserWarning
+)
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+    module=r"torch\.distributed\.c10d_logger",
+)
 
 import torch
 from megatron.core import parallel_state
