@@ -202,7 +202,7 @@ def single_process() -> ParallelConfig:
     if not torch.cuda.is_available():
         enable_cpu_emulation()
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("MASTER_PORT", "0")  # one process meets only itself: any free port
     parallel = ParallelConfig()
     initialize_distributed(parallel)
     return parallel

@@ -50,7 +50,6 @@ import json
 import math
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ if str(ROOT) not in sys.path:
 
 from megatron_fsam import cost  # noqa: E402
 from megatron_fsam.config import SAMConfig  # noqa: E402
+from megatron_fsam.trainer.ports import free_port  # noqa: E402
 
 MODES = {
     "adamw": ["sam.mode=adamw"],
@@ -241,12 +241,6 @@ def child_env(args) -> dict[str, str]:
         share = max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
         env.setdefault("OMP_NUM_THREADS", str(share))
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_manifest(args, runs: list[Run]) -> Path:

@@ -5,9 +5,11 @@
 #   bash launch/deepspeed.sh [LAUNCHER ARGS] [--script PATH] -- --config configs/NAME.yaml [key=value ...]
 #
 # One node:   bash launch/deepspeed.sh --num_gpus 8 -- --config configs/nanodo_h20.yaml
-# Many nodes: bash launch/deepspeed.sh --hostfile hosts.txt --master_addr node0 -- --config ...
+# Many nodes: bash launch/deepspeed.sh --hostfile hosts.txt --master_addr node0 \
+#                 --master_port 6000 -- --config ...
 # (hosts.txt lines: "node0 slots=8"). Without a hostfile on a CPU-only machine, each of
-# --num_gpus ranks is a local gloo process and no ssh is used.
+# --num_gpus ranks is a local gloo process and no ssh is used. Without a hostfile the ranks
+# meet on a free port unless --master_port gives one, which must be free.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 launcher_args=()
@@ -17,8 +19,28 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do
     launcher_args+=("$1"); shift
 done
 [[ $# -gt 0 ]] && shift
+# The value of a launcher option spelled any of "$@" (--opt VALUE or --opt=VALUE).
+option_value() {
+    local i name
+    for ((i = 0; i < ${#launcher_args[@]}; i++)); do
+        for name in "$@"; do
+            case "${launcher_args[i]}" in
+                "$name") echo "${launcher_args[i + 1]:-}"; return ;;
+                "$name"=*) echo "${launcher_args[i]#*=}"; return ;;
+            esac
+        done
+    done
+}
 has_gpu() { python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; }
-if [[ " ${launcher_args[*]} " != *" --hostfile"* ]] && ! has_gpu; then
-    launcher_args+=(--no_ssh --node_rank 0 --master_addr 127.0.0.1)
+if [[ -z "$(option_value --hostfile)" ]]; then  # every rank on this machine
+    port=$(option_value --master_port)
+    if [[ -z "$port" ]]; then
+        launcher_args+=(--master_port "$(python -m megatron_fsam.trainer.ports free)")
+    else
+        python -m megatron_fsam.trainer.ports check "$port"
+    fi
+    if ! has_gpu; then
+        launcher_args+=(--no_ssh --node_rank 0 --master_addr 127.0.0.1)
+    fi
 fi
 exec deepspeed "${launcher_args[@]}" "$script" "$@"

@@ -69,6 +69,7 @@ if str(ROOT) not in sys.path:
 
 from launch import compare_modes  # noqa: E402
 from launch.compare_modes import MODES  # noqa: E402
+from megatron_fsam.trainer.ports import free_port  # noqa: E402
 
 SIZES = ["2m", "h9", "h12", "h20", "h64"]
 RHOS = [0.01, 0.02, 0.05, 0.1, 0.2]
@@ -226,7 +227,7 @@ def launch(run: GridRun, devices: list[str], args, gate: DataGate | None = None)
     interval = f"checkpoint.save_interval={args.save_interval or 'null'}"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-        "--master_port", str(compare_modes.free_port()), str(ROOT / "launch" / "pretrain.py"),
+        "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.py"),
         "--config", run.size.config, *run.overrides,
         f"logging.tensorboard_dir={tb}", f"checkpoint.save_dir={ckpt}",
         f"checkpoint.load_dir={ckpt}", interval, "checkpoint.keep_last=1",

@@ -20,6 +20,21 @@ from dataclasses import dataclass, replace
 # megatron-core announces at import that apex / Transformer Engine are absent; on machines
 # without them (any CPU run) that is expected, and it would bury the run's own output.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+# Two more that no run can act on, on any device. megatron-core's distributed optimizer reads,
+# in zero_grad, the .grad of its fp32 shard views, which are not leaves (its source marks the
+# line "throws grad-access warning"; under enable_cpu_emulation Python files the warning under
+# megatron_fsam/compat/cpu.py, whose torch-function mode forwards every tensor attribute read).
+# And megatron-core's grad buffers and DeepSpeed's ZeRO gather and reduce-scatter with the
+# collectives torch 2.13 deprecates.
+warnings.filterwarnings(
+    "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf", category=UserWarning
+)
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+    module=r"torch\.distributed\.c10d_logger",
+)
 
 import torch
 from megatron.core import parallel_state
@@ -42,6 +57,7 @@ from megatron_fsam.trainer.parallel import (
     initialize_distributed,
     wrap_model,
 )
+from megatron_fsam.trainer.ports import PortInUseError
 from megatron_fsam.trainer.run_config import (
     CheckpointSettings,
     RunConfig,
@@ -86,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_or_report(config_path: str, overrides: list[str]) -> Run | None:
-    """setup(), or None after one error line when the config or the data is bad.
+    """setup(), or None after one error line when the config or the data is bad, or the
+    rendezvous port is taken.
 
     Every rank meets the same bad input: rank 0 says what it is, every rank exits cleanly,
     and no rank prints a traceback.
     """
     try:
         return setup(config_path, overrides)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:  # ConfigError: ValueError
+    except (ValueError, FileNotFoundError, CheckpointError, PortInUseError) as error:
         if is_logging_rank():
             print(f"error: {error}", file=sys.stderr, flush=True)
         if torch.distributed.is_initialized():
@@ -411,7 +428,8 @@ def _start_processes(cfg: RunConfig) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if os.environ["WORLD_SIZE"] == "1":  # one process meets only itself: on any free port
+        os.environ.setdefault("MASTER_PORT", "0")
     initialize_distributed(cfg.parallel, seed=cfg.train.seed)
 
 

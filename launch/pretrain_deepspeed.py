@@ -59,6 +59,7 @@ from megatron_fsam.trainer.data.gpt_data import GPTData
 from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
 from megatron_fsam.trainer.monitor import Monitor
 from megatron_fsam.trainer.parallel import destroy_distributed
+from megatron_fsam.trainer.ports import PortInUseError, reporting_taken_port
 from megatron_fsam.trainer.run_config import (
     CheckpointSettings,
     RunConfig,
@@ -111,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         config = engine_config(json.loads(Path(args.deepspeed_config).read_text()), cfg)
     except (ValueError, OSError) as error:
         return _refuse(error)
-    if torch.cuda.is_available():
-        deepspeed.init_distributed(dist_backend="nccl")
-    else:
-        share_cpu_cores()
-        deepspeed.init_distributed(dist_backend="gloo")
-        unlink_shm_buffers()  # left in /dev/shm by DeepSpeed otherwise
+    try:
+        with reporting_taken_port():
+            if torch.cuda.is_available():
+                deepspeed.init_distributed(dist_backend="nccl")
+            else:
+                share_cpu_cores()
+                deepspeed.init_distributed(dist_backend="gloo")
+                unlink_shm_buffers()  # left in /dev/shm by DeepSpeed otherwise
+    except PortInUseError as error:
+        return _refuse(error)
     try:  # the model section against the data, transformers, FuncSAM's refusals, a checkpoint
         run = setup(cfg, config)
     except (ValueError, ImportError, OSError) as error:

@@ -45,6 +45,7 @@ from launch.pretrain import add_launcher_arguments, is_logging_rank, parse_launc
 from megatron_fsam.compat.cpu import share_cpu_cores  # noqa: E402
 from megatron_fsam.compat.deepspeed_shm import unlink_shm_buffers  # noqa: E402
 from megatron_fsam.trainer.data import build_datasets  # noqa: E402
+from megatron_fsam.trainer.ports import reporting_taken_port  # noqa: E402
 from megatron_fsam.trainer.run_config import RunConfig, is_hugging_face, load_run_config  # noqa: E402
 
 SCHEDULES = {"cosine": "cosine_warmup_with_min_lr", "linear": "linear", "constant": "constant"}
@@ -89,18 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_fsam.trainer.models import hf
 
     try:
-        training = training_arguments(cfg, args.deepspeed, args.output_dir, TrainingArguments)
-        world = training.world_size  # initialises the process group of a launched run
-        if args.deepspeed and "WORLD_SIZE" in os.environ and not torch.cuda.is_available():
-            # A launched run on the CPU: DeepSpeed's comm before the model (on GPUs accelerate
-            # started it with the process group). Under ZeRO-3 from_config builds the model
-            # under zero.Init, which reads the world size from DeepSpeed's comm (1 while it is
-            # not up, against the Trainer's batch sizes for all ranks); and the deepspeed
-            # launcher's ranks create /dev/shm buffers in it, unlinked here.
-            import deepspeed
+        with reporting_taken_port():  # a taken port is an OSError: one line
+            # With DeepSpeed, the arguments form the process group of a launched run; without,
+            # their world_size does.
+            training = training_arguments(cfg, args.deepspeed, args.output_dir, TrainingArguments)
+            world = training.world_size
+            if args.deepspeed and "WORLD_SIZE" in os.environ and not torch.cuda.is_available():
+                # A launched run on the CPU: DeepSpeed's comm before the model (on GPUs
+                # accelerate started it with the process group). Under ZeRO-3 from_config
+                # builds the model under zero.Init, which reads the world size from DeepSpeed's
+                # comm (1 while it is not up, against the Trainer's batch sizes for all ranks);
+                # and the deepspeed launcher's ranks create /dev/shm buffers in it, unlinked here.
+                import deepspeed
 
-            deepspeed.init_distributed(dist_backend="gloo")
-            unlink_shm_buffers()
+                deepspeed.init_distributed(dist_backend="gloo")
+                unlink_shm_buffers()
         t = cfg.train
         data = build_datasets(cfg.data, train_samples=cfg.total_steps * t.global_batch_size)
         hf_config = hf.model_config(

@@ -26,18 +26,19 @@ cotangents in one pass, which needs the loss at both logits: it cannot recompute
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
 from megatron_fsam.gate import LogitHook
 
 
 def recompute_unsupported(module: torch.nn.Module) -> str | None:
     """Why `module`'s clean logits cannot be recomputed from its input and weight (or None)."""
-    if not isinstance(module, ColumnParallelLinear):
+    column_parallel = _column_parallel_linear()
+    if column_parallel is None or not isinstance(module, column_parallel):
         return (
             f"the logits module is a {type(module).__name__}, not a Megatron ColumnParallelLinear"
         )
@@ -153,6 +154,13 @@ class RecomputeGate(LogitHook):
 
     def _keeper(self, store: InputStore):
         return lambda index, args, kwargs, logits: store.keep(self.module, index, args, kwargs)
+
+
+def _column_parallel_linear() -> type | None:
+    """Megatron's ColumnParallelLinear, or None where megatron-core is not loaded: a model
+    built from it has imported it, and the front ends without Megatron must not import it."""
+    layers = sys.modules.get("megatron.core.tensor_parallel.layers")
+    return None if layers is None else layers.ColumnParallelLinear
 
 
 def _weight(module: torch.nn.Module, kwargs: dict) -> torch.Tensor:

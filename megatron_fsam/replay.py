@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from megatron.core import tensor_parallel
 
 
 class RecordingIterator:
@@ -47,7 +47,8 @@ class MicrobatchReplay:
 
 @dataclass
 class RNGState:
-    """CPU, CUDA and Megatron tensor-parallel tracker states (dropout masks).
+    """CPU, CUDA and Megatron tensor-parallel tracker states (dropout masks; no tracker
+    where megatron-core is not loaded).
 
     A graph-safe tracker (`use_cudagraphable_rng`, Transformer Engine's) keeps
     `torch.Generator` objects that its forks advance in place, and its `get_states()`
@@ -57,19 +58,29 @@ class RNGState:
 
     cpu: torch.Tensor
     cuda: torch.Tensor | None
-    tracker: dict[str, Any]
+    tracker: dict[str, Any] | None
 
     @classmethod
     def capture(cls) -> RNGState:
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-        tracker = _copied(tensor_parallel.get_cuda_rng_tracker().get_states())
-        return cls(torch.get_rng_state(), cuda, tracker)
+        tracker = _megatron_tracker()
+        states = None if tracker is None else _copied(tracker.get_states())
+        return cls(torch.get_rng_state(), cuda, states)
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda)
-        tensor_parallel.get_cuda_rng_tracker().set_states(_copied(self.tracker))
+        tracker = _megatron_tracker()
+        if tracker is not None and self.tracker is not None:
+            tracker.set_states(_copied(self.tracker))
+
+
+def _megatron_tracker() -> Any:
+    """Megatron's tensor-parallel RNG tracker, or None where megatron-core is not loaded (no
+    layer draws from it then, and the front ends without Megatron must not import it)."""
+    random = sys.modules.get("megatron.core.tensor_parallel.random")
+    return None if random is None else random.get_cuda_rng_tracker()
 
 
 def _copied(states: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ weights the Trainer starts from.
 - resuming from the step-2 checkpoint gives the straight run's logs and weights, bitwise;
 - a NaN in pass 2 (rank 0) skips the step: weights and Adam state unchanged, the LR schedule
   waits, sam/skipped logged;
+- (ZeRO-2) accelerate counts the step's micro-batches as the engine config does (no mismatch
+  warning when the engine is prepared);
 - (DDP) torch_compile (eager backend) gives the uncompiled run's logs and weights, bitwise, and
   the settings the step cannot run under are refused, one clear error each.
 
@@ -37,10 +39,13 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -206,6 +211,20 @@ def _masters(trainer) -> list[torch.Tensor]:
     return [p for group in _inner_optimizer(trainer).param_groups for p in group["params"]]
 
 
+@contextmanager
+def _logged_warnings(name: str) -> Iterator[list[str]]:
+    """The warnings logged under logger `name` (and its children) in the block."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
 def _reference_batches(first_step: list[torch.Tensor]) -> list[dict]:
     """The step's micro-batches as tests/reference.py takes them (labels: the next tokens)."""
     batches = []
@@ -233,7 +252,9 @@ def _layout_checks(rank: int, world: int, layout: str, directory: str) -> dict:
 
     # rho = 0 against a plain Trainer.
     _, plain_logs, plain_weights = _train(Trainer, layout, f"{base}/plain")
-    _, logs, weights = _train(FuncSAMTrainer, layout, f"{base}/rho0", sam=SAMConfig(rho=0.0))
+    with _logged_warnings("accelerate") as accelerate_warnings:
+        _, logs, weights = _train(FuncSAMTrainer, layout, f"{base}/rho0", sam=SAMConfig(rho=0.0))
+    report["accelerate_warnings"] = accelerate_warnings
     report["rho0_logs"] = [{k: v for k, v in e.items() if "sam/" not in k} for e in logs]
     report["plain_logs"] = plain_logs
     report["rho0_weights_equal"] = _same(plain_weights, weights)
@@ -572,6 +593,13 @@ def test_optimizer_and_scheduler_step_once_per_step(reports, layout):
 def test_zero3_partitions_the_model_as_it_is_made(reports):
     for report in reports["zero3"]:
         assert report["partitioned_at_construction"]
+
+
+def test_accelerate_counts_the_micro_batches_deepspeed_does(reports):
+    """Under DeepSpeed, accelerate is told the step's micro-batches from the start (the
+    Trainer gives it 1, and preparing the engine it warned of a mismatch with the config)."""
+    for report in reports["zero2"]:
+        assert not [m for m in report["accelerate_warnings"] if "mismatch" in m]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

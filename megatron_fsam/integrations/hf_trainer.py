@@ -97,6 +97,18 @@ class FuncSAMTrainer(Trainer):
         _use_sam_tensorboard(self)
         self.add_callback(_SAMStateSaver(self))
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; under DeepSpeed, told the micro-batches of a step.
+
+        The Trainer counts them itself and gives accelerate 1, while the engine config counts
+        them too (its "auto" filled from these arguments): preparing the engine, accelerate
+        warns of the mismatch and takes the config's count. Given that count from the start,
+        it ends the same, without the warning.
+        """
+        super().create_accelerator_and_postprocess()
+        if self.is_deepspeed_enabled:
+            self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
+
     # ----- the step -------------------------------------------------------------------
 
     def training_step(

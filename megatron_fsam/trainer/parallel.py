@@ -36,6 +36,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
+from megatron_fsam.trainer.ports import reporting_taken_port
+
 
 @dataclass
 class ParallelConfig:
@@ -72,15 +74,17 @@ class ParallelConfig:
 def initialize_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Join the job (env:// from RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), build the groups.
 
+    A MASTER_PORT that another process holds raises `PortInUseError` (one line to report).
+
     As in Megatron-LM, each pipeline stage seeds with ``seed + 100 * stage`` so dropout
     masks are not repeated across stages; the tensor-parallel RNG state is derived from it.
     """
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend="nccl", init_method="env://")
-        else:
-            dist.init_process_group(backend="gloo", init_method="env://")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        with reporting_taken_port():
+            dist.init_process_group(backend=backend, init_method="env://")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
