@@ -19,18 +19,7 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do
     launcher_args+=("$1"); shift
 done
 [[ $# -gt 0 ]] && shift
-# The value of a launcher option spelled any of "$@" (--opt VALUE or --opt=VALUE).
-option_value() {
-    local i name
-    for ((i = 0; i < ${#launcher_args[@]}; i++)); do
-        for name in "$@"; do
-            case "${launcher_args[i]}" in
-                "$name") echo "${launcher_args[i + 1]:-}"; return ;;
-                "$name"=*) echo "${launcher_args[i]#*=}"; return ;;
-            esac
-        done
-    done
-}
+source launch/launcher_options.sh
 has_gpu() { python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; }
 if [[ -z "$(option_value --hostfile)" ]]; then  # every rank on this machine
     port=$(option_value --master_port)

@@ -13,18 +13,7 @@ cd "$(dirname "$0")/.."
 launcher_args=()
 while [[ $# -gt 0 && "$1" != "--" ]]; do launcher_args+=("$1"); shift; done
 [[ $# -gt 0 ]] && shift
-# The value of a launcher option spelled any of "$@" (--opt VALUE or --opt=VALUE).
-option_value() {
-    local i name
-    for ((i = 0; i < ${#launcher_args[@]}; i++)); do
-        for name in "$@"; do
-            case "${launcher_args[i]}" in
-                "$name") echo "${launcher_args[i + 1]:-}"; return ;;
-                "$name"=*) echo "${launcher_args[i]#*=}"; return ;;
-            esac
-        done
-    done
-}
+source launch/launcher_options.sh
 port=$(option_value --master_port --master-port)
 if [[ -n "$port" ]]; then
     node_rank=$(option_value --node_rank --node-rank)
