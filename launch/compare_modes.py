@@ -206,7 +206,9 @@ def train(args, run: Run) -> None:
         "--config", args.config, "checkpoint.save_dir=null", "checkpoint.save_interval=null",
         f"logging.tensorboard_dir={directory}", *run_overrides(args, run),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=child_env(args.jobs, args.nproc)
+    )
     (directory / "stdout.log").write_text(result.stdout + result.stderr)
     run.evals = {int(s): float(v) for s, v in EVAL_LINE.findall(result.stdout)}
     if result.returncode != 0 or run.steps not in run.evals:
@@ -232,13 +234,14 @@ def at_seconds(run: Run, seconds: float) -> float:
 EVAL_LINE = re.compile(r"^step\s+(\d+) \| eval loss ([-+0-9.naninf]+)$", re.M)
 
 
-def child_env(args) -> dict[str, str]:
-    """The environment of a training process: this tree first on the import path, and under
-    --jobs its share of the cores (unless OMP_NUM_THREADS is set)."""
+def child_env(jobs: int = 1, nproc: int = 1) -> dict[str, str]:
+    """The environment of a training process: this tree first on the import path, and with
+    `jobs` runs of `nproc` ranks at once its share of the cores (unless OMP_NUM_THREADS is
+    set)."""
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
-    if args.jobs > 1:
-        share = max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
+    if jobs > 1:
+        share = max(1, (os.cpu_count() or 1) // (jobs * nproc))
         env.setdefault("OMP_NUM_THREADS", str(share))
     return env
 

@@ -403,3 +403,14 @@ def test_data_gate_lets_the_first_runs_build_the_caches(tmp_path, monkeypatch):
     assert passed[id(d)].wait(GATE_TIMEOUT)
     late.join(GATE_TIMEOUT)
     assert not late.is_alive() and started[-1] is d and counted.waiting == 0
+
+
+def test_jobs_share_the_cores_unless_the_threads_are_set(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(compare_modes.os, "cpu_count", lambda: 16)
+    assert "OMP_NUM_THREADS" not in compare_modes.child_env()
+    assert compare_modes.child_env(jobs=2, nproc=2)["OMP_NUM_THREADS"] == "4"
+    assert compare_modes.child_env(jobs=32, nproc=1)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert compare_modes.child_env(jobs=2, nproc=1)["OMP_NUM_THREADS"] == "3"
+    assert str(compare_modes.ROOT) == compare_modes.child_env()["PYTHONPATH"].split(":")[0]
