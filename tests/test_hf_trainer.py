@@ -657,18 +657,24 @@ def test_refusals_are_one_clear_error_each(reports):
         assert text in refusals[name], refusals[name]
 
 
-def test_the_example_trains_in_one_process(tmp_path):
-    """launch/pretrain_hf_trainer.py on the built-in corpus: the eval loss falls."""
+def _run_example(tmp_path, *arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """launch/pretrain_hf_trainer.py on configs/tiny_test.yaml as one unlaunched process."""
     command = [
         sys.executable, str(ROOT / "launch" / "pretrain_hf_trainer.py"),
-        "--config", str(ROOT / "configs" / "tiny_test.yaml"),
-        "--output_dir", str(tmp_path / "out"),
-        f"data.cache_dir={tmp_path / 'cache'}", f"logging.tensorboard_dir={tmp_path / 'tb'}",
+        "--config", str(ROOT / "configs" / "tiny_test.yaml"), *arguments,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    result = subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    return subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
         env={**env, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+
+
+def test_the_example_trains_in_one_process(tmp_path):
+    """launch/pretrain_hf_trainer.py on the built-in corpus: the eval loss falls."""
+    result = _run_example(
+        tmp_path, "--output_dir", str(tmp_path / "out"), f"data.cache_dir={tmp_path / 'cache'}",
+        f"logging.tensorboard_dir={tmp_path / 'tb'}",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
@@ -681,15 +687,7 @@ def test_the_example_trains_in_one_process(tmp_path):
 def test_the_example_refuses_an_engine_json(tmp_path):
     """launch/pretrain_hf_trainer.py with configs/deepspeed_zero3.json (no batch size, made for
     launch/pretrain_deepspeed.py): one clear error before any work."""
-    command = [
-        sys.executable, str(ROOT / "launch" / "pretrain_hf_trainer.py"),
-        "--config", str(ROOT / "configs" / "tiny_test.yaml"),
-        "--deepspeed", str(ROOT / "configs" / "deepspeed_zero3.json"),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    result = subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**env, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
+    engine_json = str(ROOT / "configs" / "deepspeed_zero3.json")
+    result = _run_example(tmp_path, "--deepspeed", engine_json, timeout=300)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "error: --deepspeed" in result.stderr and "names no batch size" in result.stderr
