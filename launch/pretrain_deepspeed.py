@@ -52,7 +52,7 @@ import torch
 from launch.pretrain import add_launcher_arguments, is_logging_rank, parse_launched
 from megatron_fsam.backends.shards import mean_over_ranks
 from megatron_fsam.compat.cpu import share_cpu_cores
-from megatron_fsam.compat.deepspeed_shm import unlink_shm_buffers
+from megatron_fsam.compat.deepspeed_cpu import skip_shm_allreduce
 from megatron_fsam.deepspeed import FuncSAM, load_rank_state, save_rank_state
 from megatron_fsam.trainer.data import build_datasets, microbatch_iterator
 from megatron_fsam.trainer.data.gpt_data import GPTData
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 deepspeed.init_distributed(dist_backend="nccl")
             else:
                 share_cpu_cores()
+                skip_shm_allreduce()  # a 4-minute build and /dev/shm files training never uses
                 deepspeed.init_distributed(dist_backend="gloo")
-                unlink_shm_buffers()  # left in /dev/shm by DeepSpeed otherwise
     except PortInUseError as error:
         return _refuse(error)
     try:  # the model section against the data, transformers, FuncSAM's refusals, a checkpoint

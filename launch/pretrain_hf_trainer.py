@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from launch.pretrain import add_launcher_arguments, is_logging_rank, parse_launched  # noqa: E402
 from megatron_fsam.compat.cpu import share_cpu_cores  # noqa: E402
-from megatron_fsam.compat.deepspeed_shm import unlink_shm_buffers  # noqa: E402
+from megatron_fsam.compat.deepspeed_cpu import skip_shm_allreduce  # noqa: E402
 from megatron_fsam.trainer.data import build_datasets  # noqa: E402
 from megatron_fsam.trainer.ports import reporting_taken_port  # noqa: E402
 from megatron_fsam.trainer.run_config import RunConfig, is_hugging_face, load_run_config  # noqa: E402
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return _refuse(error)
     if not torch.cuda.is_available():
         share_cpu_cores()
+        if args.deepspeed:  # before the Trainer's arguments, whose accelerate starts DeepSpeed
+            skip_shm_allreduce()  # a 4-minute build and /dev/shm files training never uses
     from transformers import TrainingArguments
 
     from megatron_fsam.hf import FuncSAMTrainer
@@ -99,12 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                 # A launched run on the CPU: DeepSpeed's comm before the model (on GPUs
                 # accelerate started it with the process group). Under ZeRO-3 from_config
                 # builds the model under zero.Init, which reads the world size from DeepSpeed's
-                # comm (1 while it is not up, against the Trainer's batch sizes for all ranks);
-                # and the deepspeed launcher's ranks create /dev/shm buffers in it, unlinked here.
+                # comm (1 while it is not up, against the Trainer's batch sizes for all ranks).
                 import deepspeed
 
                 deepspeed.init_distributed(dist_backend="gloo")
-                unlink_shm_buffers()
         t = cfg.train
         data = build_datasets(cfg.data, train_samples=cfg.total_steps * t.global_batch_size)
         hf_config = hf.model_config(

@@ -82,6 +82,18 @@ def _rank_main(
         results.put((rank, False, traceback.format_exc()))
 
 
+def start_deepspeed_comm() -> None:
+    """DeepSpeed's comm in a rank, started as the entry points start it on the CPU: without the
+    shared-memory allreduce op (megatron_fsam/compat/deepspeed_cpu.py), which would cost a
+    first run minutes of compiling."""
+    import deepspeed
+
+    from megatron_fsam.compat.deepspeed_cpu import skip_shm_allreduce
+
+    skip_shm_allreduce()
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
 def run_ranks(
     fn: Callable,
     world_size: int,

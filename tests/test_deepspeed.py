@@ -21,7 +21,7 @@ from megatron_fsam.trainer.models.torch_gpt import TorchGPT, micro_batch_loss
 from tests import reference
 from tests.received import Received, clipping_errors, relative_error, stepwise
 from tests.sam_harness import GLOBAL_MICROBATCHES, TINY, make_batches
-from tests.spawn import run_ranks
+from tests.spawn import run_ranks, start_deepspeed_comm
 
 # Not importorskip: importing deepspeed here would set PYTORCH_NVML_BASED_CUDA_CHECK in this
 # process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
@@ -130,9 +130,7 @@ def _params(engine) -> dict[str, torch.Tensor]:
 
 
 def _two_ranks(rank: int, world: int, names: tuple[str, ...], directory: str) -> dict:
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_deepspeed_comm()
     torch.manual_seed(0)
     batches = make_batches(GLOBAL_MICROBATCHES)
     reference_model = TorchGPT(TINY)

@@ -23,7 +23,7 @@ from megatron_fsam.trainer.models.hf import causal_lm_loss
 from tests import reference
 from tests.received import Received, relative_error
 from tests.sam_harness import TINY, make_batches
-from tests.spawn import run_ranks
+from tests.spawn import run_ranks, start_deepspeed_comm
 
 # Not importorskip: importing deepspeed here would set PYTORCH_NVML_BASED_CUDA_CHECK in this
 # process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
@@ -188,9 +188,7 @@ def _case(family, layout, mode, model, theta, batches) -> dict:
 
 
 def _two_ranks(rank: int, world: int) -> dict:
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_deepspeed_comm()
     batches = make_batches(2 * ACCUMULATION)
     report: dict = {}
     for family in FAMILIES:

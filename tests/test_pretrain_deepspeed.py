@@ -5,8 +5,8 @@ Nanodo model at ZeRO-2, saving every 3 steps, and its resume from step 3; a Llam
 ZeRO-3, saving every step, and its resume from step 3; a GPT-2 (tied) at ZeRO-2. A resumed run
 must log the same losses and end with the same checkpoint (fp32 masters, Adam state, model
 params), bit for bit, as the run that never stopped. The Hugging Face models' weights depend on
-the seed alone, with or without ZeRO-3's zero.Init (checked on 2 gloo ranks). DeepSpeed's
-shared-memory allreduce buffers leave nothing in /dev/shm, after a run and after a SIGKILL.
+the seed alone, with or without ZeRO-3's zero.Init (checked on 2 gloo ranks). DeepSpeed's comm
+starts without its CPU shared-memory allreduce: no op build, nothing in /dev/shm.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +28,7 @@ from torch import nn
 from megatron_fsam.gate import LogitGate
 from megatron_fsam.trainer.models.gpt import GPTConfig
 from megatron_fsam.trainer.run_config import embedding_params, non_embedding_params
-from tests.spawn import rendezvous, run_ranks
+from tests.spawn import rendezvous, run_ranks, start_deepspeed_comm
 
 # Not importorskip: importing deepspeed here would set PYTORCH_NVML_BASED_CUDA_CHECK in this
 # process's environment, which the Megatron-LM tests' subprocesses then inherit (with a CUDA
@@ -404,112 +402,43 @@ def test_launch_pretrain_refuses_hugging_face_models(capsys):
     assert "model.hf_config is a Hugging Face model" in capsys.readouterr().err
 
 
-# ----- DeepSpeed's shared-memory allreduce buffers (megatron_fsam/compat/deepspeed_shm.py) ---
-
-
-def _shm_buffers(port: str) -> list[str]:
-    """The names DeepSpeed gives the /dev/shm buffers of the ranks launched on `port`."""
-    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_*_127.0.0.1_{port}_*"))
-
-
-def _port(command: list[str]) -> str:
-    return command[command.index("--master_port") + 1]
+# ----- DeepSpeed's comm without its shared-memory allreduce (compat/deepspeed_cpu.py) -------
 
 
 @needs_deepspeed
-def test_a_finished_launcher_run_leaves_no_shm_buffers(zero2):
-    _ok(zero2[1])
-    assert _shm_buffers(_port(zero2[1].args)) == []
+def test_a_launcher_run_builds_no_shm_op_and_leaves_nothing_in_dev_shm(zero2):
+    out = _ok(zero2[1]) + zero2[1].stderr
+    port = zero2[1].args[zero2[1].args.index("--master_port") + 1]
+    assert list(Path("/dev/shm").glob(f"deepspeed_*_127.0.0.1_{port}_*")) == []
+    assert "deepspeed_shm_comm" not in out  # DeepSpeed names the op when it builds or loads it
 
 
-def _launched_ranks_shm(launcher: subprocess.Popen) -> dict[int, set[str]]:
-    """Each launched rank's mapped /dev/shm/deepspeed_* files, by pid (ranks that map none and
-    processes that exit meanwhile left out)."""
-    import psutil
-
-    from megatron_fsam.compat.deepspeed_shm import mapped_shm_files
-
-    found = {}
-    for process in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            mapped = mapped_shm_files(process.pid)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if mapped:
-            found[process.pid] = {str(path) for path in mapped}
-    return found
-
-
-@needs_deepspeed
-def test_a_killed_launcher_run_leaves_no_shm_buffers(tmp_path, cache):
-    """SIGKILL to the launcher and its ranks, mid-run, leaves nothing in /dev/shm: by then both
-    ranks map both ranks' buffers, already unlinked (no exit handler runs after a SIGKILL)."""
-    with rendezvous() as meeting:
-        _launch_and_kill(tmp_path, cache, meeting)
-
-
-def _launch_and_kill(tmp_path: Path, cache: Path, meeting: dict[str, str]) -> None:
-    command = _command(tmp_path, meeting=meeting, cache=cache)
-    port = _port(command)
-    prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}"
-    unlinked = {f"{prefix}_{rank} (deleted)" for rank in (0, 1)}
-    log = tmp_path / "log.txt"
-    with log.open("w") as out:
-        launcher = subprocess.Popen(
-            command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-            env=_launch_env(meeting),
-            start_new_session=True,  # its own process group: the launcher and its ranks
-        )  # fmt: skip
-    try:
-        deadline, ranks = time.monotonic() + 300, {}
-        while not (len(ranks) == 2 and all(mapped == unlinked for mapped in ranks.values())):
-            running = launcher.poll() is None and time.monotonic() < deadline
-            assert running, f"{ranks}\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
-            ranks = _launched_ranks_shm(launcher)
-    finally:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-    assert _shm_buffers(port) == []
-
-
-def _shm_allreduce(rank: int, world: int) -> dict:
-    import deepspeed
+def _comm_without_shm(rank: int, world: int) -> dict:
     from deepspeed import comm
 
-    from megatron_fsam.compat.deepspeed_shm import mapped_shm_files, unlink_shm_buffers
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    mapped = {str(path) for path in mapped_shm_files()}
-    unlinked = [str(path) for path in unlink_shm_buffers()]
+    start_deepspeed_comm()
     sums = []
-    for size in (1000, 300_000):  # DeepSpeed's two kernels: under and over 1 MB
+    for size in (1000, 300_000):  # under and over the 1 MB that split DeepSpeed's shm kernels
         values = torch.arange(size, dtype=torch.float32) * (rank + 1)
         comm.inference_all_reduce(values)
         sums.append(torch.equal(values, torch.arange(size, dtype=torch.float32) * 3))
     return {
         "port": os.environ["MASTER_PORT"],
-        "mapped": mapped,
-        "unlinked": unlinked,
-        "mapped_after": {str(path) for path in mapped_shm_files()},
-        "again": unlink_shm_buffers(),
-        "kernel_level": comm.comm.cdb.shm_vector_kernel_level,
+        "shm_op": comm.comm.cdb.shm_comm_op,
+        "op_loaded": "deepspeed_shm_comm" in sys.modules,
         "sums": sums,
     }
 
 
 @needs_deepspeed
-def test_deepspeeds_shm_allreduce_works_through_unlinked_buffers():
-    """Under the deepspeed launcher (its LOCAL_SIZE equal to the world size starts DeepSpeed's
-    shm allreduce) each rank unlinks the buffers it maps, both ranks' once both map them, and
-    DeepSpeed's shm allreduce still sums through the mappings."""
-    for report in run_ranks(_shm_allreduce, 2, timeout=600, env={"LOCAL_SIZE": "2"}):
-        prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{report['port']}"
-        buffers = [f"{prefix}_{rank}" for rank in (0, 1)]
-        assert report["mapped"] == set(buffers) and report["unlinked"] == buffers
-        assert report["mapped_after"] == {f"{path} (deleted)" for path in buffers}
-        assert report["again"] == [] and not any(map(os.path.exists, buffers))
-        assert report["kernel_level"] >= 1 and report["sums"] == [True, True]
+def test_deepspeeds_comm_starts_without_the_shm_allreduce():
+    """Under the deepspeed launcher's LOCAL_SIZE (which makes DeepSpeed's shm allreduce create
+    its /dev/shm buffers) the comm starts without the op: none loaded, no buffer, and the one
+    call that would use it, inference_all_reduce, still sums through torch.distributed."""
+    for report in run_ranks(_comm_without_shm, 2, timeout=600, env={"LOCAL_SIZE": "2"}):
+        assert report["shm_op"] is None and not report["op_loaded"]
+        assert list(Path("/dev/shm").glob(f"deepspeed_*_127.0.0.1_{report['port']}_*")) == []
+        assert report["sums"] == [True, True]
 
 
 # ----- models/hf.py ------------------------------------------------------------------------
@@ -718,7 +647,7 @@ def _zero_init_weights(rank: int, world: int) -> dict[str, bool]:
 
     from megatron_fsam.trainer.models import hf
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_deepspeed_comm()
     report = {}
     for family, tie in (("llama", False), ("gpt2", True)):
         config = _hf_config(_model(family, tie_embeddings=tie))
