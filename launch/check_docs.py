@@ -4,6 +4,7 @@
     python launch/check_docs.py --list             # each command, what would run, what not and why
     python launch/check_docs.py --fast             # only the quick ones (for CI)
     python launch/check_docs.py --match bench_memory
+    python launch/check_docs.py --as-written --match hf_trainer   # the docs' numbers
 
 What a command is. In README.md and docs/*.md:
   - every line of a ```bash block that starts (after indentation) with `python `, `torchrun `,
@@ -42,8 +43,11 @@ from its folder), with this checkout first on PYTHONPATH, after tiny settings ar
     bench_kernels.py: 1e5 elements in shards of 1e3 and 1e4; bench_memory.py --check: no MTP;
   - plot.py: --out in the folder;
   - Megatron-LM through megatron_fsam.integrations.megatron_lm: --train-iters 4, logs each;
-  - torchrun and the deepspeed launcher get a free --master_port unless the line picks one.
+  - ports as written: launch/deepspeed.sh and launch/torchrun.sh pick a free one, and the
+    docs' torchrun lines say --standalone (a line on a fixed port fails when it is taken).
 The data cache (data.cache_dir, data_cache/ by default) is shared, as between the docs' runs.
+With --as-written the commands run at their documented size (only the training entry points'
+checkpoints and events go into the command's folder): the runs that the docs' numbers quote.
 It prints, per command, where it is, the line it ran, its seconds, exit status and last
 meaningful output line (an eval loss where there is one), and exits 1 if any failed.
 
@@ -60,7 +64,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -347,12 +350,6 @@ def is_fast(command: Command) -> bool:
 # ----- tiny settings ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 MANY_VALUES = ("--seeds", "--sizes", "--rhos", "--modes", "--params")
 
 
@@ -394,18 +391,10 @@ def append_overrides(tokens: list[str], overrides: list[str]) -> list[str]:
     return tokens + ([] if "--" in tokens else ["--"]) + overrides
 
 
-def tiny(command: Command, out: Path) -> list[str]:
-    """The command's tokens with the tiny settings of the module docstring."""
+def tiny(command: Command, out: Path, *, as_written: bool = False) -> list[str]:
+    """The command's tokens with the tiny settings of the module docstring; `as_written`: only
+    the training entry points' outputs moved into `out` (what the docs' numbers come from)."""
     tokens = tokens_of(command.line)
-    if tokens[0] == "torchrun" and not any(
-        t.startswith(("--master_port", "--master-port", "--standalone", "--rdzv")) for t in tokens
-    ):
-        tokens = tokens[:1] + [f"--master_port={free_port()}"] + tokens[1:]
-    if (
-        tokens[0] == "deepspeed" or "launch/deepspeed.sh" in tokens
-    ) and "--master_port" not in tokens:
-        launcher = 1 if tokens[0] == "deepspeed" else tokens.index("launch/deepspeed.sh") + 1
-        tokens = tokens[:launcher] + ["--master_port", str(free_port())] + tokens[launcher:]
     script = script_of(tokens) or ""
     at = tokens.index(script) + 1 if script in tokens else len(tokens)
     if script in ENTRY_POINTS or script in LAUNCHERS:
@@ -413,7 +402,9 @@ def tiny(command: Command, out: Path) -> list[str]:
             f"checkpoint.save_dir={out / 'checkpoints'}",
             f"logging.tensorboard_dir={out / 'runs'}",
         ]
-        return tokens + TINY_TRAINING + outputs
+        return tokens + ([] if as_written else TINY_TRAINING) + outputs
+    if as_written:
+        return tokens
     if script.endswith("compare_modes.py"):
         modes = flag_values(tokens, "--modes")[:2] or ["adamw", "fsam"]
         tokens = set_flag(tokens, "--modes", *modes, after=at)
@@ -464,7 +455,9 @@ def last_meaningful(output: str) -> str:
     return lines[-1] if lines else ""
 
 
-def run(command: Command, folder: Path, timeout: float) -> tuple[str, int, float, str]:
+def run(
+    command: Command, folder: Path, timeout: float, as_written: bool = False
+) -> tuple[str, int, float, str]:
     """Run one command in `folder`; (the line run, exit status, seconds, output)."""
     folder.mkdir(parents=True)
     path = os.environ.get("PYTHONPATH")
@@ -475,7 +468,7 @@ def run(command: Command, folder: Path, timeout: float) -> tuple[str, int, float
         argv, cwd = [sys.executable, str(program)], folder
         shown = f"python {program}"
     else:
-        shown = shlex.join(tiny(command, folder))
+        shown = shlex.join(tiny(command, folder, as_written=as_written))
         argv, cwd = ["bash", "-c", shown], ROOT
     start = time.perf_counter()
     try:
@@ -498,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", help="only commands whose line contains this")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per command")
     parser.add_argument("--keep", action="store_true", help="keep the commands' folders")
+    parser.add_argument(
+        "--as-written",
+        action="store_true",
+        help="full size: only the entry points' outputs moved (the docs' numbers, minutes each)",
+    )
     args = parser.parse_args(argv)
 
     tracked = tracked_files()
@@ -516,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             if command.skip:
                 print(f"           {command.skip}")
             elif not command.program:
-                print(f"       as: {shlex.join(tiny(command, Path('OUT')))}")
+                shown = tiny(command, Path("OUT"), as_written=args.as_written)
+                print(f"       as: {shlex.join(shown)}")
         ran = [c for c in chosen if c.skip is None]
         print(
             f"\n{len(chosen)} commands: {len(ran)} to run ({sum(c.fast for c in ran)} fast), "
@@ -536,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     ran = [c for c in chosen if c.skip is None]
     for index, command in enumerate(ran, 1):
         print(f"[{index}/{len(ran)}] {', '.join(command.places)}", flush=True)
-        shown, status, seconds, output = run(command, work / f"{index:02d}", args.timeout)
+        folder = work / f"{index:02d}"
+        shown, status, seconds, output = run(command, folder, args.timeout, args.as_written)
         print(f"  ran:    {shown}")
         print(f"  {seconds:.1f} s, exit {status}: {last_meaningful(output)}", flush=True)
         if status != 0:

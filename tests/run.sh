@@ -8,7 +8,9 @@
 #      megatron-core 0.19.x and Megatron-LM core_v0.19.0: the tests that can differ between
 #      the two, i.e. all but those marked `one_env` (stacks that do not touch megatron-core:
 #      DeepSpeed, plain PyTorch, the Hugging Face Trainer; README, "Supported versions").
-# A skip that is not GPU-only fails the run (tests/conftest.py), and so does either suite.
+# Between the suites, the docs' quick commands run (launch/check_docs.py --fast).
+# A skip that is not GPU-only fails the run (tests/conftest.py), and so does either suite or a
+# failed docs command.
 # The end prints each suite's time, counts and ten slowest tests.
 # Suite 2's venv is created or updated in the background while suite 1 runs.
 # Where no Python 3.12 exists, one loud line says so and only the first suite runs.
@@ -68,6 +70,13 @@ if [[ -x "$VENV312/bin/python" ]] || PY312="$(find_python312)"; then
 fi
 
 run_suite "suite 1" python "$@"
+
+# The quick commands of README.md and docs/*.md, as a reader types them (launch/check_docs.py).
+start=$SECONDS
+echo "=== the docs' quick commands: python launch/check_docs.py --fast"
+outcome=passed
+python launch/check_docs.py --fast || { outcome=FAILED && status=1; }
+summary+=("the docs' quick commands (check_docs.py --fast) $outcome" "$((SECONDS - start))" "")
 
 if [[ -z "$setup_pid" ]]; then
     echo "!!!!!!!! NO PYTHON 3.12 ON THIS MACHINE: the megatron-core 0.19 suite DID NOT RUN; only the $(python --version 2>&1) suite ran !!!!!!!!"

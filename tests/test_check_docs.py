@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -167,8 +166,13 @@ def test_tiny_settings_go_where_they_are_read():
     assert "--seeds 1 " in text and "--budget 8" in text and "--modes adamw fsam --" in text
     assert compare.index("--") < compare.index("train.train_steps=4")
 
-    torchrun = tiny(Command("torchrun --nproc_per_node 2 launch/pretrain.py --config c.yaml"), out)
-    assert re.fullmatch(r"--master_port=\d+", torchrun[1])
+    line = "torchrun --standalone --nproc_per_node 2 launch/pretrain.py --config c.yaml"
+    assert tiny(Command(line), out)[:7] == line.split()  # ports as written
+
+    full = tiny(Command("python launch/pretrain.py --config c.yaml"), out, as_written=True)
+    assert full == "python launch/pretrain.py --config c.yaml".split() + entry[-2:]
+    bench = "python launch/bench_step.py --steps 5"
+    assert tiny(Command(bench), out, as_written=True) == bench.split()
 
     plot = tiny(Command("python launch/plot.py taus a.jsonl --out taus.png"), out)
     assert plot[plot.index("--out") + 1] == f"{out}/taus.png"

@@ -215,8 +215,11 @@ def enable_cpu_emulation() -> None:
 def share_cpu_cores() -> None:
     """One thread pool per local rank, splitting the cores (OMP_NUM_THREADS wins if set).
 
-    Ranks of one machine share its cores; a full pool each would oversubscribe them.
+    Ranks of one machine share its cores; a full pool each would oversubscribe them. The count
+    is also put in OMP_NUM_THREADS, where accelerate (the HF Trainer's) reads it: unset, it
+    would set its own and warn.
     """
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // local_ranks)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(int(threads))
