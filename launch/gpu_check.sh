@@ -4,13 +4,15 @@
 # fallback on CUDA (fp32 and bf16 params, preconditioning on and off, aligned and unaligned
 # shards), the kernel tests on CUDA, the SAM step on CUDA (tests/test_gpu.py: bf16 with the
 # distributed optimizer and overlapped grad reduce / param gather, its fp32 twin against the
-# reference; the gate's cotangent offload), the SAM / AdamW step-time ratio, then the kernel
-# bandwidth table and the step fraction. Needs torch with CUDA and triton, and no network
-# except to install Transformer Engine where it is missing (pip, then a build of several
-# minutes that the checks' limits do not count); everything goes to stdout. The checks are
-# sized for under 8 minutes on one H100. Every check runs even if an earlier one fails (except
-# after a failed environment check); at the end one summary line per check (PASS/FAIL, name,
-# seconds, the check's last output line), and the exit status is 1 when any check failed.
+# reference; the gate's cotangent offload), Transformer Engine's layers and fp8 delayed scaling
+# (tests/test_gpu_te.py), the SAM / AdamW step-time ratio, then the kernel bandwidth table and
+# the step fraction. Context parallelism is not checked here: TE's attention at CP=2 needs 2
+# GPUs (one line says so). Needs torch with CUDA and triton, and no network except to install
+# Transformer Engine where it is missing (pip, then a build of several minutes that the checks'
+# limits do not count); everything goes to stdout. The checks are sized for under 9 minutes on
+# one H100. Every check runs even if an earlier one fails (except after a failed environment
+# check); at the end one summary line per check (PASS/FAIL, name, seconds, the check's last
+# output line), and the exit status is 1 when any check failed.
 #
 # Adding a check: one `check NAME SECONDS COMMAND...` line in the list at the bottom (a longer
 # check goes into a script or module of its own, like the ones below).
@@ -101,10 +103,10 @@ echo "=== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import triton" 2>/dev/null || pip install --quiet triton \
   || echo "triton is missing and could not be installed: only the torch kernels can run"
-# Transformer Engine for tests/test_gpu.py's TE layer-spec test, which fails rather than skips
-# without it under this script (MEGATRON_FSAM_REQUIRE_TE). Its PyTorch extension is a source
-# package that pip compiles against the installed torch with nvcc (--no-build-isolation); with
-# no package index in reach pip gives up at once (no retries), not after minutes.
+# Transformer Engine for tests/test_gpu_te.py, which fails rather than skips without it under
+# this script (MEGATRON_FSAM_REQUIRE_TE). Its PyTorch extension is a source package that pip
+# compiles against the installed torch with nvcc (--no-build-isolation); with no package index
+# in reach pip gives up at once (no retries), not after minutes.
 export MEGATRON_FSAM_REQUIRE_TE=1
 if ! python -c "import transformer_engine.pytorch" 2>/dev/null; then
   if te=$(python -c "$TE_REQUIREMENT"); then
@@ -133,7 +135,12 @@ if python -c "import pytest" 2>/dev/null; then
   # phase timers; the logit gate's cotangent offload on side streams.
   check "SAM step on CUDA" 300 python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     tests/test_config.py
+  # TE's layer spec: rho 0 bit-equal to plain training, fsam against the reference; fp8 delayed
+  # scaling: a SAM step ends with a plain step's amax history, and not without the replay.
+  check "Transformer Engine and fp8" 240 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu_te.py
 fi
+echo "=== context parallelism: skipped (TE's attention at CP=2 needs 2 GPUs; these checks use 1)"
 check "step ratio (bf16)" 300 python -m launch.bench_step --bf16 --layers 8 --hidden 1024 \
   --heads 8 --vocab 32768 --seq 1024 --micro-batch 4 --microbatches 4 --steps 5
 check "benchmark" 240 python -m launch.bench_kernels --sweep-blocks 1024 2048 4096 8192 16384

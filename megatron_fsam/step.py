@@ -127,7 +127,8 @@ class SAMStep:
             forward_only = pass1 == "forward"
             with self.gate.recording(forward_only) if self.gate else nullcontext():
                 losses_reduced = passing(pass1_losses, pass1)
-            replay.recorded()
+            if not forward_only:  # a forward moves no bias or history: pass 2 records them
+                replay.recorded()
         clock.lap("pass1")
 
         # Ascent direction d (g, or written where g would be) from the reduced sums; a
@@ -368,14 +369,16 @@ class SAMStep:
 
 
 class _StateReplay:
-    """The state around pass 1 (RNG, and what the backend names: MoE routers' expert bias):
-    every later pass starts from what pass 1 started from, so it draws the same dropout masks
-    and routes with the same bias, and the step ends with what pass 1 left behind."""
+    """The state around pass 1 (RNG, and what the backend names: MoE routers' expert bias,
+    Transformer Engine's fp8 scaling history): every later pass starts from what pass 1 started
+    from, so it draws the same dropout masks, routes with the same bias and starts from the same
+    fp8 scales, and the step ends with what its first forward-backward left behind (pass 1's, or
+    pass 2's after a forward-only pass 1: the step's one update of the bias and the history)."""
 
     def __init__(self, captures: list[Callable[[], Restorable]]) -> None:
         self.captures = captures
         self.before = [capture() for capture in captures]
-        self.after: list[Restorable] = []
+        self.after: list[Restorable] | None = None
 
     def recorded(self) -> None:
         self.after = [capture() for capture in self.captures]
@@ -387,6 +390,8 @@ class _StateReplay:
         try:
             yield
         finally:
+            if self.after is None:
+                self.recorded()
             for state in self.after:
                 state.restore()
 

@@ -3,31 +3,24 @@
 Skipped where torch sees no CUDA device; `launch/gpu_check.sh` runs it on a GPU machine.
 One process on one GPU over NCCL: the distributed optimizer with overlap_grad_reduce and
 overlap_param_gather (DP = 1), bf16 and its fp32 twin, the graph-safe RNG tracker, and the
-phase timers read from CUDA events.
-
-The Transformer Engine test skips where TE does not import, except under
-MEGATRON_FSAM_REQUIRE_TE=1 (gpu_check.sh sets it, after installing TE): there a missing TE
-fails it.
+phase timers read from CUDA events. Transformer Engine's layers and fp8: tests/test_gpu_te.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 from megatron.core.tensor_parallel import random as mp_random
 
 from megatron_fsam import FuncSAM, SAMConfig
-from megatron_fsam.backends.megatron_weights import full_state, load_full_state
+from megatron_fsam.backends.megatron_weights import full_state
 from megatron_fsam.replay import RNGState
 from megatron_fsam.trainer.models.gpt import build_model_chunks, transformer_config
 from megatron_fsam.trainer.parallel import (
     ParallelConfig,
-    build_optimizer,
     destroy_distributed,
-    wrap_model,
 )
 from tests import reference
 from tests.sam_harness import (
@@ -51,9 +44,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GPU_LAYOUT = ParallelConfig(
     distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True
 )
-
-
-REQUIRE_TE = os.environ.get("MEGATRON_FSAM_REQUIRE_TE") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -130,47 +120,3 @@ def test_graph_safe_rng_tracker_replays_dropout_masks(gpu_process):
     before.restore()
     second = masks()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-
-
-def _transformer_engine_gpt(bf16: bool):
-    """The tiny GPT with Megatron's Transformer Engine layer spec (skips without TE, fails
-    without it under MEGATRON_FSAM_REQUIRE_TE=1)."""
-    if REQUIRE_TE:
-        import transformer_engine.pytorch  # noqa: F401
-    else:
-        pytest.importorskip("transformer_engine.pytorch")
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
-    config = transformer_config(TINY, GPU_LAYOUT, bf16=bf16)
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_layer_with_transformer_engine_spec(),
-        vocab_size=TINY.vocab_size,
-        max_sequence_length=TINY.seq_length,
-        share_embeddings_and_output_weights=True,
-        position_embedding_type="learned_absolute",
-    )
-    return gpt.cuda(), config
-
-
-def test_transformer_engine_spec_bf16_step_and_its_fp32_twin(gpu_process):
-    """bf16 with TE layers, distributed optimizer and both overlaps ends at cast(main); the
-    same step in fp32 equals the reference."""
-    _, _, batches = gpu_process
-    reference_gpt, _ = _transformer_engine_gpt(bf16=False)
-    full = full_state([reference_gpt])
-    for bf16 in (False, True):
-        gpt, config = _transformer_engine_gpt(bf16)
-        load_full_state([gpt], full)
-        model = wrap_model([gpt], config, GPU_LAYOUT)
-        opt = build_optimizer(model, bf16=bf16, distributed_optimizer=True, **ADAM)
-        ok, _, _, metrics = sam_step(FuncSAM(SAMConfig(mode="fsam", rho=0.05), model, opt), batches)
-        assert ok and math.isfinite(metrics["loss_perturbed"])
-        if bf16:
-            assert model_is_cast_of_main(model, opt)
-        else:
-            want = reference.sam_gradient(reference_gpt, full, batches, mode="fsam", rho=0.05)
-            assert relative_error(received_gradients(model, opt), want) < 1e-5

@@ -22,7 +22,7 @@ sharding settings SAM cannot run under.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -77,6 +77,7 @@ class MegatronBackend(ShardBackend):
             for module in chunk.modules()
             if getattr(module, "expert_bias", None) is not None
         ]
+        self.te_modules = transformer_engine_modules(model_chunks)
         super().__init__(device=next(model_chunks[0].parameters()).device, stats_groups=distinct)
 
     # ----- checks that must hold before any work -------------------------------------
@@ -194,11 +195,15 @@ class MegatronBackend(ShardBackend):
 
     def replayed_state(self) -> list[Callable[[], Restorable]]:
         """The routers' expert bias (every pass of a step routes with the bias it started
-        with, and the step keeps pass 1's one update: `ExpertBiasState`) and the router and
-        MTP losses megatron-core accumulates for logging (the step logs pass 1's)."""
+        with, and the step keeps pass 1's one update: `ExpertBiasState`), Transformer Engine's
+        fp8 delayed-scaling state (every pass starts from the scales the step started with,
+        and the step keeps pass 1's amax history: `DelayedScalingState`) and the router and MTP
+        losses megatron-core accumulates for logging (the step logs pass 1's)."""
         captures: list[Callable[[], Restorable]] = [LoggedLosses.capture]
         if self.routers:
             captures.append(functools.partial(ExpertBiasState.capture, self.routers))
+        if self.te_modules:
+            captures.append(functools.partial(DelayedScalingState.capture, self.te_modules))
         return captures
 
     def _entries(self) -> Iterator[ShardEntry]:
@@ -215,22 +220,31 @@ class MegatronBackend(ShardBackend):
 
 
 @dataclass
-class LoggedLosses:
-    """The values megatron-core accumulates over a step's forwards for logging: each router
-    loss per layer, and (multi-token prediction) each MTP head's loss. A replayed pass would
-    add its own; restored after it, the logs show pass 1's, like the step's returned losses.
-    """
+class SavedValues:
+    """Tensors and copies of their values; `restore` writes the copies back in place, so every
+    other holder of those tensors (a global buffer, a quantizer) sees the restored values."""
 
     saved: list[tuple[torch.Tensor, torch.Tensor]]
 
-    @classmethod
-    def capture(cls) -> LoggedLosses:
-        return cls([(t, t.detach().clone()) for t in _logging_tensors()])
+    @staticmethod
+    def copies(tensors: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(t, t.detach().clone()) for t in tensors]
 
     @torch.no_grad()
     def restore(self) -> None:
         for tensor, value in self.saved:
             tensor.copy_(value)
+
+
+class LoggedLosses(SavedValues):
+    """The values megatron-core accumulates over a step's forwards for logging: each router
+    loss per layer, and (multi-token prediction) each MTP head's loss. A replayed pass would
+    add its own; restored after it, the logs show pass 1's, like the step's returned losses.
+    """
+
+    @classmethod
+    def capture(cls) -> LoggedLosses:
+        return cls(cls.copies(_logging_tensors()))
 
 
 def _logging_tensors() -> list[torch.Tensor]:
@@ -297,6 +311,53 @@ class ExpertBiasState:
         for router, bias, count in zip(self.routers, self.biases, self.counts, strict=True):
             router.expert_bias.copy_(bias)
             router.local_tokens_per_expert.copy_(count)
+
+
+class DelayedScalingState(SavedValues):
+    """Transformer Engine's fp8 delayed-scaling state of every TE module on this rank: the
+    amax history and scale of its forward casts and of its gradient casts.
+
+    Each cast records its tensor's amax in row 0, and TE rolls the history and recomputes the
+    scales from it when the fp8 autocast region exits with grad enabled (forward) and at the
+    end of each micro-batch's backward (`FP8GlobalStateManager.reduce_and_update_fp8_tensors`):
+    once per micro-batch and pass, so a SAM step's pass 2 would move it again, from theta +
+    eps. Captured before pass 1 and restored before every later pass, each pass starts from
+    the scales the step started with and moves them micro-batch by micro-batch as pass 1 did;
+    captured after pass 1 and restored after them, the step ends with a plain step's history.
+    Restored in place: TE's reduction buffers hold these very tensors. A module's state
+    appears at its first fp8 forward (a run's first SAM step, if it is the run's first step,
+    starts pass 2 from pass 1's scales), and recipes that scale each tensor from itself
+    (current, block and MXFP8 scaling, NVFP4) keep none.
+    """
+
+    @classmethod
+    def capture(cls, te_modules: list[torch.nn.Module]) -> DelayedScalingState:
+        return cls(cls.copies(_delayed_scaling_tensors(te_modules)))
+
+
+def transformer_engine_modules(model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Transformer Engine's modules in the chunks (those that keep a dict `fp8_meta`), found
+    without importing TE."""
+    return [
+        module
+        for chunk in model_chunks
+        for module in chunk.modules()
+        if isinstance(getattr(module, "fp8_meta", None), dict)
+    ]
+
+
+def _delayed_scaling_tensors(te_modules: list[torch.nn.Module]) -> Iterator[torch.Tensor]:
+    """The amax histories and scales in the modules' `fp8_meta["scaling_fwd" / "scaling_bwd"]`
+    (TE's `DelayedScalingRecipeState`; TE 1.x also keeps `scale_inv` there)."""
+    for module in te_modules:
+        for key in ("scaling_fwd", "scaling_bwd"):
+            state = module.fp8_meta.get(key)
+            if not torch.is_tensor(getattr(state, "amax_history", None)):
+                continue  # not yet cast, or a recipe without history
+            for name in ("amax_history", "scale", "scale_inv"):
+                tensor = getattr(state, name, None)
+                if torch.is_tensor(tensor):
+                    yield tensor
 
 
 def _distributed_entries(opt: DistributedOptimizer) -> Iterator[ShardEntry]:
@@ -417,6 +478,13 @@ def _check_model(model_chunks: list[torch.nn.Module], config) -> None:
             or getattr(config, "fp4_param", False)
             or ddp.reuse_grad_buf_for_mxfp8_param_ag,
             "fp8 / fp4 / MXFP8 parameters (the perturbed weights are written as bf16/fp32 values)",
+        ),
+        (
+            (config.fp8 and config.fp8_recipe == "custom")
+            or (config.fp4 and config.fp4_recipe == "custom"),
+            "custom fp8 / fp4 recipes (a quantizer factory's state is out of the step's sight, "
+            "so its perturbed pass would move it too); use delayed scaling (its amax history "
+            "is replayed) or a recipe that scales each tensor from itself",
         ),
         (
             # megatron-core >= 0.19: weights sharded beyond TP, re-gathered at every use.

@@ -154,6 +154,13 @@ def _unsupported(args: argparse.Namespace) -> str | None:
             "--fp8-param-gather / --fp4-param-gather: perturbed weights are written as bf16/fp32",
         ),
         (
+            (on("fp8") and getattr(args, "fp8_recipe", None) == "custom")
+            or (on("fp4") and getattr(args, "fp4_recipe", None) == "custom"),
+            "--fp8-recipe custom / --fp4-recipe custom: a quantizer factory's state is out of "
+            "the SAM step's sight, so pass 2 would move it too; use --fp8-recipe delayed (its "
+            "amax history is replayed), tensorwise, blockwise, mxfp8 or --fp4-recipe nvfp4",
+        ),
+        (
             on("optimizer_cuda_graph"),
             "--optimizer-cuda-graph: a captured optimizer step cannot report or undo a SAM step",
         ),
