@@ -161,13 +161,15 @@ def _own_chunks(probe: _Probe, mine: list[dict], expected_cotangents: list[torch
 
 
 def _megatron_split(tokens: torch.Tensor) -> torch.Tensor:
-    """megatron-core's own split of a batch for this CP rank (its signature changed in 0.19)."""
+    """megatron-core's own split of a batch for this CP rank (0.19 added `is_hybrid_cp`)."""
     extra = (
         {"is_hybrid_cp": False}
         if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
         else {}
     )
-    return get_batch_on_this_cp_rank({"tokens": tokens.clone()}, **extra)["tokens"]
+    batch = {"tokens": tokens.clone()}
+    cp_group = parallel_state.get_context_parallel_group()
+    return get_batch_on_this_cp_rank(batch, cp_group=cp_group, **extra)["tokens"]
 
 
 def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
