@@ -14,6 +14,7 @@ chunks, and reduce the norms and the loss over the data x context parallel ranks
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -38,6 +39,18 @@ from tests.sam_harness import (
     use_layout,
 )
 from tests.spawn import run_ranks
+from tests.test_megatron_lm import (
+    COMPARED,
+    DIRECT_TOLERANCE,
+    FSAM,
+    NO_DIFF,
+    TAG,
+    TREE,
+    _assert_route_is_the_direct_step,
+    _assert_same_params,
+    _losses,
+    _run,
+)
 
 TOLERANCE = 1e-5
 SPAWN_TIMEOUT = 1200
@@ -287,3 +300,40 @@ def test_the_layer_spec_picks_cp_attention_and_megatrons_split(reports, layout):
 def test_missing_grad_finalisation_is_refused_under_cp_alone(world2):
     for report in world2:
         assert "unset with context parallel size > 1" in report["error/no_finalize"]
+
+
+# ----- Megatron-LM's pretrain_gpt.py at CP = 2 (2 ranks, through tests/cp_layer_spec.py) -----
+
+megatron_lm = pytest.mark.skipif(
+    TAG is None or not (TREE / "pretrain_gpt.py").is_file(),
+    reason=f"no Megatron-LM tree for this megatron-core at {TREE} (set MEGATRON_LM_DIR)",
+)
+CP2 = ["--context-parallel-size", "2", "--spec", "cp_layer_spec", "LAYER_SPEC"]
+
+
+@megatron_lm
+def test_megatron_lm_cp2_rho0_is_plain_megatron_lm(tmp_path):
+    """--sam-rho 0 through the no-diff route: the losses and weights of the script run as it
+    is, bit for bit, at every iteration's end."""
+    _, plain = _run(tmp_path, TREE, *CP2, record="plain")
+    _, rho0 = _run(
+        tmp_path, TREE, *CP2, "--sam-mode", "fsam", "--sam-rho", "0", driver=NO_DIFF, record="rho0"
+    )
+    losses = _losses(plain)
+    print(f"Megatron-LM CP=2 losses, plain: {losses}; --sam-rho 0: {_losses(rho0)}")
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses), losses
+    assert _losses(rho0) == losses
+    for rank_plain, rank_rho0 in zip(plain, rho0, strict=True):
+        _assert_same_params(rank_plain["after"], rank_rho0["after"])
+
+
+@megatron_lm
+def test_megatron_lm_cp2_fsam_trains_as_funcsam_train_step(tmp_path):
+    """Func-SAM (precond) at CP = 2 trains, and its iteration DIRECT_AT through Megatron-LM's
+    train_step equals FuncSAM.train_step called directly on the same state."""
+    output, records = _run(tmp_path, TREE, *CP2, *FSAM, driver=COMPARED, record="fsam")
+    losses = _losses(records)
+    print(f"Megatron-LM CP=2 losses, fsam precond rho 0.05: {losses}")
+    _assert_route_is_the_direct_step(records, tolerance=DIRECT_TOLERANCE)
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert output.count(" sam eps_norm: 0.0500 |") == 5, output[-3000:]
