@@ -329,11 +329,22 @@ def test_megatron_lm_cp2_rho0_is_plain_megatron_lm(tmp_path):
 
 @megatron_lm
 def test_megatron_lm_cp2_fsam_trains_as_funcsam_train_step(tmp_path):
-    """Func-SAM (precond) at CP = 2 trains, and its iteration DIRECT_AT through Megatron-LM's
-    train_step equals FuncSAM.train_step called directly on the same state."""
-    output, records = _run(tmp_path, TREE, *CP2, *FSAM, driver=COMPARED, record="fsam")
+    """Func-SAM (precond) at CP = 2 trains, its iteration DIRECT_AT through Megatron-LM's
+    train_step equals FuncSAM.train_step called directly on the same state, and the logged
+    pass-1 loss (averaged over the CP ranks' chunks) is Megatron-LM's."""
+    tensorboard = tmp_path / "tb"
+    output, records = _run(
+        tmp_path, TREE, *CP2, *FSAM, "--tensorboard-dir", str(tensorboard), driver=COMPARED,
+        record="fsam",
+    )  # fmt: skip
     losses = _losses(records)
     print(f"Megatron-LM CP=2 losses, fsam precond rho 0.05: {losses}")
     _assert_route_is_the_direct_step(records, tolerance=DIRECT_TOLERANCE)
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert output.count(" sam eps_norm: 0.0500 |") == 5, output[-3000:]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard)).Reload()
+    pass1_loss = [e.value for e in events.Scalars("sam/loss_clean")]
+    assert pass1_loss == pytest.approx(losses, rel=1e-6)
