@@ -300,15 +300,15 @@ def count_parameters(model: GPTConfig) -> dict[str, int]:
 
 def _gpt_chunk(model: GPTConfig, config: TransformerConfig, vp_stage: int | None) -> GPTModel:
     """The Nanodo decoder's share of one (virtual) pipeline stage on this rank."""
+    layer = _layer_spec(model, config)
     block = TransformerBlockSubmodules(
-        layer_specs=[_layer_spec(model, config)]
-        * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=LayerNorm,
     )
     mtp = None
     if model.mtp_num_layers:
         mtp = get_gpt_mtp_block_spec_for_backend(
-            config, _layer_spec(model, config), backend=_NanodoModules(), vp_stage=vp_stage
+            config, layer, backend=_NanodoModules(), vp_stage=vp_stage
         )
     return GPTModel(
         config=config,
