@@ -202,8 +202,8 @@ def train(run: Run) -> None:
     experts = f" (experts: EP {p.expert_parallel})" if cfg.model.num_experts else ""
     run.monitor.message(
         f"training {run.train_steps} steps: TP {p.tensor_parallel} x PP {p.pipeline_parallel} "
-        f"x DP {run.dp_size}{experts}, {run.num_microbatches} micro-batches of "
-        f"{train_cfg.micro_batch_size} per step; SAM {sam.describe()}, "
+        f"x CP {p.context_parallel} x DP {run.dp_size}{experts}, {run.num_microbatches} "
+        f"micro-batches of {train_cfg.micro_batch_size} per step; SAM {sam.describe()}, "
         f"kernels {run.sam.kernels.name}"
     )
     batches = _train_iterators(run)

@@ -390,10 +390,10 @@ def engine_config(config: dict, cfg: RunConfig) -> dict:
     """The DeepSpeed JSON with the run file's batch sizes (and scheduler length) filled in,
     for the data-parallel ranks of this launch (WORLD_SIZE)."""
     p, t, world = cfg.parallel, cfg.train, int(os.environ.get("WORLD_SIZE", "1"))
-    if p.tensor_parallel != 1 or p.pipeline_parallel != 1:
+    if p.tensor_parallel != 1 or p.pipeline_parallel != 1 or p.context_parallel != 1:
         raise ValueError(
             "launch/pretrain_deepspeed.py trains with data parallelism only (ZeRO); set "
-            "parallel.tensor_parallel=1 and parallel.pipeline_parallel=1"
+            "parallel.tensor_parallel, pipeline_parallel and context_parallel to 1"
         )
     if t.global_batch_size % (t.micro_batch_size * world):
         raise ValueError(

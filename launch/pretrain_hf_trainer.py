@@ -148,10 +148,10 @@ def run_config(path: str, overrides: list[str]) -> RunConfig:
     if not is_hugging_face(cfg.model):
         cfg = load_run_config(path, ["model.family=llama", *overrides])
     p = cfg.parallel
-    if p.tensor_parallel != 1 or p.pipeline_parallel != 1:
+    if p.tensor_parallel != 1 or p.pipeline_parallel != 1 or p.context_parallel != 1:
         raise ValueError(
             "launch/pretrain_hf_trainer.py trains with data parallelism only; set "
-            "parallel.tensor_parallel=1 and parallel.pipeline_parallel=1"
+            "parallel.tensor_parallel, pipeline_parallel and context_parallel to 1"
         )
     return cfg
 

@@ -11,7 +11,12 @@ import torch
 
 
 class RecordingIterator:
-    """Passes batches through from `source` and keeps them for `replay()`."""
+    """Passes batches through from `source` and keeps them for `replay()`.
+
+    A dict batch is kept, and replayed, as a dict of its own: Megatron-LM's `get_batch`
+    (core_v0.19.0) writes the device copies and this context-parallel rank's chunks into the
+    dict it reads, so the replay would otherwise split the sequence a second time.
+    """
 
     def __init__(self, source: Iterator[Any]) -> None:
         self.source = source
@@ -22,11 +27,16 @@ class RecordingIterator:
 
     def __next__(self) -> Any:
         batch = next(self.source)
-        self.batches.append(batch)
+        self.batches.append(_own_container(batch))
         return batch
 
     def replay(self) -> Iterator[Any]:
-        return iter(self.batches)
+        return (_own_container(batch) for batch in self.batches)
+
+
+def _own_container(batch: Any) -> Any:
+    """A shallow copy of a dict batch (the tensors are shared), other batches as they are."""
+    return dict(batch) if isinstance(batch, dict) else batch
 
 
 class MicrobatchReplay:

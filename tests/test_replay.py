@@ -6,7 +6,7 @@ import pytest
 import torch
 from megatron.core.tensor_parallel import random as mp_random
 
-from megatron_fsam.replay import RNGState
+from megatron_fsam.replay import RecordingIterator, RNGState
 
 
 class _GraphSafeCudaRNG:
@@ -84,3 +84,15 @@ def test_graph_safe_tracker_replays_the_same_dropout_masks(graph_safe_tracker):
 
 def _same(masks: tuple, others: tuple) -> bool:
     return all(torch.equal(a, b) for a, b in zip(masks, others, strict=True))
+
+
+def test_replay_hands_out_each_batch_as_read_though_its_reader_edits_it():
+    """Megatron-LM core_v0.19.0's get_batch writes this context-parallel rank's chunks into the
+    dict it read: every replay (pass 2, the exact angle's pass 3) still gets the whole one."""
+    recorder = RecordingIterator(iter([{"tokens": torch.arange(8)}]))
+    batch = next(recorder)
+    batch["tokens"] = batch["tokens"][:4]
+    for _ in range(2):
+        (replayed,) = recorder.replay()
+        assert torch.equal(replayed["tokens"], torch.arange(8))
+        replayed["tokens"] = replayed["tokens"][:4]

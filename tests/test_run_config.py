@@ -259,6 +259,7 @@ def test_validate_layout_returns_data_parallel_size():
         "model.num_layers=4", "parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"
     )
     assert validate_layout(interleaved, 2) == 1
+    assert validate_layout(_tiny("parallel.context_parallel=2"), 4) == 2  # CP ranks: same data
 
 
 @pytest.mark.parametrize(
@@ -293,6 +294,12 @@ def test_validate_layout_returns_data_parallel_size():
             "data.seq_length 31 across tensor_parallel 2",
         ),
         (["parallel.tensor_parallel=2", "model.vocab_size=4097"], 2, "vocab_size 4097 is not"),
+        (["parallel.context_parallel=2"], 3, "x context_parallel = 1 x 1 x 2"),
+        (
+            ["parallel.context_parallel=2", "model.seq_length=30"],
+            2,
+            "data.seq_length 30 into 2 x context_parallel 2 chunks",
+        ),
     ],
 )
 def test_layout_errors(overrides: list[str], world_size: int, expected: str):

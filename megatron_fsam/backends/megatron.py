@@ -89,6 +89,8 @@ class MegatronBackend(ShardBackend):
         reasons = []
         if parallel_state.get_data_parallel_world_size() > 1:
             reasons.append("data parallel size > 1")
+        if parallel_state.get_context_parallel_world_size() > 1:  # DDP averages over DP x CP
+            reasons.append("context parallel size > 1")
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             reasons.append("pipeline parallel size > 1")
         if self.model_config.sequence_parallel:

@@ -43,6 +43,10 @@ from megatron_fsam.trainer.ports import reporting_taken_port
 class ParallelConfig:
     """How the model is split; data parallelism takes the remaining ranks.
 
+    Context parallelism splits every sequence over `context_parallel` ranks (Megatron's 2 x CP
+    chunks, see `megatron_fsam.compat.cp_attention`); megatron-core averages the gradients, and
+    the distributed optimizer shards, over the data x context parallel ranks.
+
     Experts of a mixture-of-experts model are split over `expert_parallel` ranks (taken out
     of the data-parallel ranks) and each expert over `expert_tensor_parallel` ranks (None:
     tensor_parallel).
@@ -52,6 +56,7 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
+    context_parallel: int = 1
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -59,8 +64,8 @@ class ParallelConfig:
     expert_tensor_parallel: int | None = None
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
-            raise ValueError("tensor_parallel and pipeline_parallel must be >= 1")
+        if min(self.tensor_parallel, self.pipeline_parallel, self.context_parallel) < 1:
+            raise ValueError("tensor_parallel, pipeline_parallel and context_parallel must be >= 1")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ValueError("virtual_pipeline needs pipeline_parallel >= 2")
         if self.sequence_parallel and self.tensor_parallel < 2:
@@ -89,6 +94,7 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel,
     )

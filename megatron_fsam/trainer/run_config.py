@@ -450,14 +450,15 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
             "megatron-core (launch/pretrain.py) builds the Nanodo model only (model.family: nanodo)"
         )
     tp, pp, vp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline or 1
-    if tp < 1 or pp < 1 or vp < 1:
-        raise ConfigError(f"parallel sizes must be >= 1, got TP={tp} PP={pp} virtual={vp}")
-    if world_size < 1 or world_size % (tp * pp):
+    cp = p.context_parallel
+    if min(tp, pp, vp, cp) < 1:
+        raise ConfigError(f"parallel sizes must be >= 1, got TP={tp} PP={pp} virtual={vp} CP={cp}")
+    if world_size < 1 or world_size % (tp * pp * cp):
         raise ConfigError(
             f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel "
-            f"= {tp} x {pp}"
+            f"x context_parallel = {tp} x {pp} x {cp}"
         )
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     if m.num_attention_heads % tp:
         raise ConfigError(
             f"model.num_attention_heads {m.num_attention_heads} is not divisible by "
@@ -483,10 +484,15 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         )
     if p.sequence_parallel and tp < 2:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel >= 2")
-    if p.sequence_parallel and cfg.data.seq_length % tp:
+    if cp > 1 and cfg.data.seq_length % (2 * cp):
+        raise ConfigError(
+            f"context parallelism splits data.seq_length {cfg.data.seq_length} into 2 x "
+            f"context_parallel {cp} chunks: it must be divisible"
+        )
+    if p.sequence_parallel and cfg.data.seq_length % (tp * cp):
         raise ConfigError(
             f"sequence parallelism splits data.seq_length {cfg.data.seq_length} across "
-            f"tensor_parallel {tp}: it must be divisible"
+            f"tensor_parallel {tp} x context_parallel {cp}: it must be divisible"
         )
     if m.vocab_size != AUTO_VOCAB and m.vocab_size % tp:
         raise ConfigError(

@@ -3,7 +3,9 @@
 Pre-LayerNorm blocks with bias-free LayerNorms, no biases in any linear layer, a GELU
 MLP, learned absolute position embeddings, the input embedding tied to the output
 projection, and a final LayerNorm. Layers are megatron-core's local (non-TE) modules,
-so the same model runs on GPUs and, under ``enable_cpu_emulation``, on CPUs.
+so the same model runs on GPUs and, under ``enable_cpu_emulation``, on CPUs. Under context
+parallelism the core attention is Transformer Engine's on GPUs (megatron-core's local one
+refuses CP) and `ContextParallelAttention` on the CPU.
 
 Optionally (``num_experts``) every MLP is megatron-core's mixture-of-experts layer (a
 router and SequentialMLP experts, split over expert-parallel ranks), and
@@ -11,6 +13,7 @@ router and SequentialMLP experts, split over expert-parallel ranks), and
 sharing its output layer.
 """
 
+import importlib.util
 import math
 import zlib
 from collections.abc import Iterator
@@ -45,6 +48,7 @@ from megatron.core.utils import init_method_normal, unwrap_model
 from torch import Tensor
 
 from megatron_fsam.backends.megatron_weights import full_shape, global_param_names, tp_slice
+from megatron_fsam.compat.cp_attention import ContextParallelAttention, sequence_positions
 from megatron_fsam.trainer.parallel import ParallelConfig
 
 
@@ -126,7 +130,19 @@ def _mlp_spec(model: "GPTConfig") -> ModuleSpec:
     )
 
 
-def _layer_spec(model: "GPTConfig") -> ModuleSpec:
+def _core_attention(config: TransformerConfig) -> type:
+    """megatron-core's local attention; under context parallelism Transformer Engine's on GPUs,
+    the all-gathering `ContextParallelAttention` on the CPU."""
+    if config.context_parallel_size == 1:
+        return DotProductAttention
+    if torch.cuda.is_available():
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    return ContextParallelAttention
+
+
+def _layer_spec(model: "GPTConfig", config: TransformerConfig) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -136,7 +152,7 @@ def _layer_spec(model: "GPTConfig") -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=_core_attention(config),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -157,8 +173,22 @@ def _check_layout(model: GPTConfig, parallel: ParallelConfig) -> None:
             f"vocab_size {model.vocab_size} must be divisible by tensor_parallel {tp} "
             "(pad the tokenizer's vocabulary)"
         )
-    if parallel.sequence_parallel and model.seq_length % tp:
-        raise ValueError(f"seq_length {model.seq_length} must be divisible by tensor_parallel {tp}")
+    cp = parallel.context_parallel
+    if cp > 1 and model.seq_length % (2 * cp):
+        raise ValueError(
+            f"seq_length {model.seq_length} must be divisible by 2 x context_parallel {cp} "
+            "(Megatron's context-parallel chunks)"
+        )
+    if cp > 1 and torch.cuda.is_available() and not importlib.util.find_spec("transformer_engine"):
+        raise ValueError(
+            "context_parallel > 1 on GPUs needs Transformer Engine's attention "
+            "(megatron-core's local attention refuses context parallelism)"
+        )
+    if parallel.sequence_parallel and model.seq_length % (tp * cp):
+        raise ValueError(
+            f"seq_length {model.seq_length} must be divisible by tensor_parallel {tp} x "
+            f"context_parallel {cp}"
+        )
     ep = parallel.expert_parallel
     if ep > 1 and model.num_experts is None:
         raise ValueError(f"expert_parallel {ep} needs a mixture-of-experts model (num_experts)")
@@ -201,6 +231,7 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel,
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -269,14 +300,15 @@ def count_parameters(model: GPTConfig) -> dict[str, int]:
 
 def _gpt_chunk(model: GPTConfig, config: TransformerConfig, vp_stage: int | None) -> GPTModel:
     """The Nanodo decoder's share of one (virtual) pipeline stage on this rank."""
+    layer = _layer_spec(model, config)
     block = TransformerBlockSubmodules(
-        layer_specs=[_layer_spec(model)] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=LayerNorm,
     )
     mtp = None
     if model.mtp_num_layers:
         mtp = get_gpt_mtp_block_spec_for_backend(
-            config, _layer_spec(model), backend=_NanodoModules(), vp_stage=vp_stage
+            config, layer, backend=_NanodoModules(), vp_stage=vp_stage
         )
     return GPTModel(
         config=config,
@@ -340,10 +372,22 @@ def loss_func(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor, dict[st
     The 2-value return makes Megatron's schedule divide by the number of micro-batches,
     so the step's loss is the mean of the micro-batch means. It divides in place, hence
     the reported value is a copy.
+
+    Under context parallelism each rank holds its chunks of the micro-batch: the sum and the
+    token count are all-reduced over the CP group (as Megatron's GPT loss did before per-token
+    losses), the other ranks' sum entering as a constant. The value is then the whole
+    micro-batch's mean on every CP rank and each rank back-propagates its own tokens' share;
+    the schedule's factor CP and DDP's average over data x context parallel ranks make the
+    gradient the whole sequence's.
     """
     losses = output_tensor.float()
     mask = loss_mask.to(losses.dtype)
-    loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    total, count = (losses * mask).sum(), mask.sum()
+    if parallel_state.get_context_parallel_world_size() > 1:
+        totals = torch.stack([total.detach(), count])
+        torch.distributed.all_reduce(totals, group=parallel_state.get_context_parallel_group())
+        total, count = total + (totals[0] - total.detach()), totals[1]
+    loss = total / count.clamp(min=1.0)
     return loss, {"lm loss": loss.detach().clone()}
 
 
@@ -353,8 +397,10 @@ def forward_step(
     """Megatron's forward-step function: one micro-batch through this rank's chunk.
 
     Batches are dicts of int64 [b, s] "tokens", "labels", "position_ids" and a float
-    "loss_mask". Middle pipeline stages need no data (their iterator may be None); when
-    an iterator is given every stage reads from it, which keeps the stages in step.
+    "loss_mask" of whole sequences; under context parallelism this rank takes its chunks of
+    each (`sequence_positions`, as `get_batch_on_this_cp_rank`). Middle pipeline stages need
+    no data (their iterator may be None); when an iterator is given every stage reads from it,
+    which keeps the stages in step.
     """
     gpt = unwrap_model(model)
     if data_iterator is None:
@@ -364,6 +410,12 @@ def forward_step(
         return output, partial(loss_func, None)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size > 1:
+        positions = sequence_positions(
+            batch["tokens"].size(1), cp_size, parallel_state.get_context_parallel_rank(), device
+        )
+        batch = {k: v.index_select(1, positions) for k, v in batch.items()}
     output = model(
         batch["tokens"],
         batch["position_ids"],
