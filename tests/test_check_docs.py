@@ -59,6 +59,15 @@ def test_every_command_is_run_or_skipped_with_a_known_reason(commands):
             assert kind in KINDS and detail, command
 
 
+def test_every_runnable_torchrun_line_picks_a_free_port(commands):
+    """A plain `torchrun` listens on 29500 and fails when another job holds it: the docs' lines
+    say --standalone (or name their port); launch/torchrun.sh and deepspeed.sh pick one."""
+    for command in commands:
+        if command.skip is None and command.line.startswith("torchrun "):
+            words = command.line.split()
+            assert "--standalone" in words or any("master_port" in w for w in words), command
+
+
 def test_every_fenced_command_line_is_found(commands):
     places = {place for command in commands for place in command.places}
     lines = 0
