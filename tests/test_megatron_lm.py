@@ -127,10 +127,11 @@ def _run(
     driver: tuple[str, ...] = (),
     record: str = "rec",
     timeout: float = 300,
+    nproc: int = 2,
 ) -> tuple[str, list[dict]]:
-    """One Megatron-LM run on 2 ranks; returns its output and each rank's record."""
+    """One Megatron-LM run on `nproc` ranks; returns its output and each rank's record."""
     command = _command(
-        tree, *args, iters=iters, driver=driver, launcher=_torchrun(), record=work / record
+        tree, *args, iters=iters, driver=driver, launcher=_torchrun(nproc), record=work / record
     )
     result = subprocess.run(
         command, cwd=work, env=ENV, capture_output=True, text=True, timeout=timeout
@@ -418,6 +419,36 @@ def test_nonfinite_pass2_is_a_counted_skip_with_nan_checks_on(tmp_path, on_nonfi
         assert "applying the pass-1 gradient as a plain step (fallback 1)" in output
         assert all(rank["update_sq"][2] > 0 for rank in records)
     assert all(math.isfinite(x) for x in _losses(records))  # pass 1 (the logged loss) was fine
+
+
+def test_plain_layouts_print_the_same_losses(tmp_path):
+    """Plain Megatron-LM (no --sam-* flags) on one rank, at TP=2 and at TP=2 with sequence
+    parallelism (tests/megatron_lm_sp_spec.py's norm): the same losses for 5 iterations, as
+    printed and to 1e-6. Megatron-LM's JIT warm-up draws tensors shaped by the layout on
+    "cuda"; the CPU emulation draws them from its CUDA generator, so --use-cpu-initialization
+    draws the same weights from the CPU generator in every layout.
+
+    Without dropout, where GPUs agree too: the tracker seeds attention dropout with
+    seed + 2718 + the TP rank, hidden dropout runs in that fork under sequence parallelism and
+    from the default CUDA generator otherwise, which the warm-up's draws moved by amounts that
+    depend on the layout. Two TP ranks add partial sums in another order than one rank does
+    (the row-parallel all-reduce, the sequence-parallel reduce-scatter), so the losses are
+    compared to 1e-6, not bit for bit.
+    """
+    no_dropout = ("--hidden-dropout", "0", "--attention-dropout", "0")
+    tp2 = ("--tensor-model-parallel-size", "2")
+    sp = ("--sequence-parallel", "--spec", "megatron_lm_sp_spec", "BLOCK")
+    layouts = {"tp1": (1, ()), "tp2": (2, tp2), "tp2-sp": (2, (*tp2, *sp))}
+    printed, losses = {}, {}
+    for name, (nproc, args) in layouts.items():
+        output, records = _run(tmp_path, TREE, *no_dropout, *args, record=name, nproc=nproc)
+        printed[name] = [_logged(output, i, "lm loss") for i in range(1, 6)]
+        losses[name] = _losses(records)
+    print("lm loss per iteration:", printed)
+    assert len(losses["tp1"]) == 5
+    for name in ("tp2", "tp2-sp"):
+        assert printed[name] == printed["tp1"], name
+        assert losses[name] == pytest.approx(losses["tp1"], rel=1e-6, abs=0), name
 
 
 def test_resume_continues_the_run_and_the_rho_warmup(tmp_path, patched_tree):
