@@ -206,39 +206,40 @@ def _cuda_rng_facts() -> dict[str, bool]:
     """Under the emulation the "cuda" draws come from a generator of their own, seeded, read
     and restored as CUDA's, and CPU draws stay on the CPU generator."""
 
-    def seeded_draws(cpu_seed: int, cuda_seed: int) -> list[torch.Tensor]:
+    def seed(cpu_seed: int, cuda_seed: int) -> None:
         torch.manual_seed(cpu_seed)
         torch.cuda.manual_seed(cuda_seed)
         tensor_parallel.model_parallel_cuda_manual_seed(cuda_seed, tp_rank=0, ep_rank=0, etp_rank=0)
-        return _cuda_draws()
 
     def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
         return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
+    facts = {}
+    seed(1, 5)
     cpu_state = torch.get_rng_state()
-    first = seeded_draws(1, 5)
-    cpu_untouched = torch.equal(cpu_state, torch.get_rng_state())
+    first = _cuda_draws()
+    facts["cpu_untouched"] = torch.equal(cpu_state, torch.get_rng_state())
+    for name, seeds, equal in [
+        ("reproducible", (1, 5), True),
+        ("independent_of_cpu_seed", (2, 5), True),
+        ("depends_on_cuda_seed", (1, 6), False),
+    ]:
+        seed(*seeds)
+        facts[name] = same(_cuda_draws(), first) == equal
     cuda_state = torch.cuda.get_rng_state()
     later = torch.rand(8, device="cuda")
     torch.cuda.set_rng_state(cuda_state)
-    cuda_state_restores = torch.equal(torch.rand(8, device="cuda"), later)
+    facts["cuda_state_restores"] = torch.equal(torch.rand(8, device="cuda"), later)
     torch.manual_seed(5)  # seeds CUDA's generators too, as on a GPU
-    seeded_by_manual_seed = torch.equal(torch.rand(8, device="cuda"), first[0])
-    cuda_state = torch.cuda.get_rng_state()
-    cpu_state = torch.get_rng_state()
+    facts["seeded_by_manual_seed"] = torch.equal(torch.rand(8, device="cuda"), first[0])
+    cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
     torch.nn.init.normal_(torch.nn.Parameter(torch.empty(4, 4)))  # a CPU tensor's draw
-    return dict(
-        cpu_untouched=cpu_untouched,
-        reproducible=same(seeded_draws(1, 5), first),
-        independent_of_cpu_seed=same(seeded_draws(2, 5), first),
-        depends_on_cuda_seed=not same(seeded_draws(1, 6), first),
-        cuda_state_restores=cuda_state_restores,
-        seeded_by_manual_seed=seeded_by_manual_seed,
-        cpu_draw_stays_on_cpu=torch.equal(cuda_state, torch.cuda.get_rng_state())
-        and not torch.equal(cpu_state, torch.get_rng_state()),
-        one_default_generator=len(torch.cuda.default_generators) == 1
-        and torch.equal(torch.cuda.default_generators[0].get_state(), cuda_state),
-    )
+    facts["cpu_draw_stays_on_cpu"] = torch.equal(
+        cuda_state, torch.cuda.get_rng_state()
+    ) and not torch.equal(cpu_state, torch.get_rng_state())
+    (generator,) = torch.cuda.default_generators
+    facts["one_default_generator"] = torch.equal(generator.get_state(), cuda_state)
+    return facts
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
