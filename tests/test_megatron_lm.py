@@ -454,17 +454,15 @@ def test_plain_layouts_print_the_same_losses(tmp_path):
 def test_resume_continues_the_run_and_the_rho_warmup(tmp_path, patched_tree):
     """6 iterations straight, saving at 3 (and 6); a second run loads the checkpoint of
     iteration 3 (--ckpt-step) and continues to 6: the same losses and final weights as the
-    straight run (non-distributed optimizer, TP=2).
-
-    Without dropout: under the CPU emulation the CUDA generator is the CPU one, and
-    Megatron-LM builds its data iterators (which draw from the CPU generator) after loading
-    the checkpoint, so plain Megatron-LM itself resumes with other dropout masks on the CPU
-    (TP=2 without SAM: loss 5.2453 resumed vs 5.2387 straight). On GPUs the two differ.
+    straight run (non-distributed optimizer, TP=2), dropout masks included: the checkpoint
+    holds the CUDA generator's and the RNG tracker's states, which the CPU emulation keeps
+    apart from the CPU generator that Megatron-LM's data iterators draw from after loading, as
+    on GPUs.
     """
     args = [
         *FSAM, "--sam-rho-schedule", "linear_warmup", "--sam-rho-warmup-steps", "5",
-        "--tensor-model-parallel-size", "2", "--hidden-dropout", "0", "--attention-dropout", "0",
-        "--save", str(tmp_path / "ckpt"), "--save-interval", "3",
+        "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "ckpt"),
+        "--save-interval", "3",
     ]  # fmt: skip
     straight_output, straight = _run(tmp_path, patched_tree, *args, iters=6, record="straight")
     assert "sam rho: 0.0000" in straight_output  # warm-up from 0
