@@ -270,6 +270,9 @@ def _emulate_cuda_rng() -> None:
         module.seed = module.seed_all = _cuda_seed
         module.initial_seed = _cuda_generator.initial_seed
     torch.cuda.default_generators = (_cuda_generator,)
+    # A CUDA build of torch marks a process forked after it counted the devices as a "bad
+    # fork", where torch.manual_seed skips CUDA's generators; forks do not harm the emulated one.
+    torch.cuda._is_in_bad_fork = lambda: False
     from megatron.core.tensor_parallel import random as mp_random
 
     mp_random._get_cuda_rng_state = _tracker_get_state
