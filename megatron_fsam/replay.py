@@ -72,7 +72,8 @@ class RNGState:
 
     @classmethod
     def capture(cls) -> RNGState:
-        cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+        # CUDA's generators exist once CUDA is initialised (or emulated on a CPU).
+        cuda = torch.cuda.get_rng_state() if torch.cuda.default_generators else None
         tracker = _megatron_tracker()
         states = None if tracker is None else _copied(tracker.get_states())
         return cls(torch.get_rng_state(), cuda, states)

@@ -13,6 +13,7 @@ starting ranks costs seconds.
 import pytest
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.utils import unwrap_model
 
 from megatron_fsam import enable_cpu_emulation
@@ -172,6 +173,7 @@ def _emulation_facts() -> dict:
         },
         types={x.type(), x.bfloat16().type()},
     )
+    facts["rng"] = _cuda_rng_facts()
     available = torch.cuda.is_available
     torch.cuda.is_available = lambda: True
     try:
@@ -180,6 +182,63 @@ def _emulation_facts() -> dict:
         facts["refuses_gpu"] = True
     finally:
         torch.cuda.is_available = available
+    return facts
+
+
+def _cuda_draws() -> list[torch.Tensor]:
+    """One draw of each kind a GPU takes from its CUDA generator: factories on "cuda" and on
+    `torch.cuda.current_device()`, dropout, in-place and parameter init on a CUDA tensor, and
+    dropout inside Megatron's tensor-parallel RNG tracker."""
+    weight = torch.nn.Parameter(torch.empty(4, 4)).cuda()
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        in_tracker = torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5)
+    return [
+        torch.rand(8, device="cuda"),
+        torch.randn(8, device=torch.cuda.current_device()),
+        torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5),
+        torch.zeros(8, device="cuda").normal_(),
+        torch.nn.init.normal_(weight).detach().clone(),
+        in_tracker,
+    ]
+
+
+def _cuda_rng_facts() -> dict[str, bool]:
+    """Under the emulation the "cuda" draws come from a generator of their own, seeded, read
+    and restored as CUDA's, and CPU draws stay on the CPU generator."""
+
+    def seed(cpu_seed: int, cuda_seed: int) -> None:
+        torch.manual_seed(cpu_seed)
+        torch.cuda.manual_seed(cuda_seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(cuda_seed, tp_rank=0, ep_rank=0, etp_rank=0)
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    facts = {}
+    seed(1, 5)
+    cpu_state = torch.get_rng_state()
+    first = _cuda_draws()
+    facts["cpu_untouched"] = torch.equal(cpu_state, torch.get_rng_state())
+    for name, seeds, equal in [
+        ("reproducible", (1, 5), True),
+        ("independent_of_cpu_seed", (2, 5), True),
+        ("depends_on_cuda_seed", (1, 6), False),
+    ]:
+        seed(*seeds)
+        facts[name] = same(_cuda_draws(), first) == equal
+    cuda_state = torch.cuda.get_rng_state()
+    later = torch.rand(8, device="cuda")
+    torch.cuda.set_rng_state(cuda_state)
+    facts["cuda_state_restores"] = torch.equal(torch.rand(8, device="cuda"), later)
+    torch.manual_seed(5)  # seeds CUDA's generators too, as on a GPU
+    facts["seeded_by_manual_seed"] = torch.equal(torch.rand(8, device="cuda"), first[0])
+    cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
+    torch.nn.init.normal_(torch.nn.Parameter(torch.empty(4, 4)))  # a CPU tensor's draw
+    facts["cpu_draw_stays_on_cpu"] = torch.equal(
+        cuda_state, torch.cuda.get_rng_state()
+    ) and not torch.equal(cpu_state, torch.get_rng_state())
+    (generator,) = torch.cuda.default_generators
+    facts["one_default_generator"] = torch.equal(generator.get_state(), cuda_state)
     return facts
 
 
@@ -268,6 +327,11 @@ def test_cpu_emulation(reference: dict):
     assert facts["devices"] == {"cpu"}
     assert facts["types"] == {"torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor"}
     assert facts.get("refuses_gpu")
+
+
+def test_cpu_emulation_draws_cuda_random_numbers_from_their_own_generator(reference: dict):
+    facts = reference["emulation"]["rng"]
+    assert facts == dict.fromkeys(facts, True) and len(facts) == 8, facts
 
 
 def test_no_weight_decay_on_norms(reference: dict):

@@ -127,10 +127,11 @@ def _run(
     driver: tuple[str, ...] = (),
     record: str = "rec",
     timeout: float = 300,
+    nproc: int = 2,
 ) -> tuple[str, list[dict]]:
-    """One Megatron-LM run on 2 ranks; returns its output and each rank's record."""
+    """One Megatron-LM run on `nproc` ranks; returns its output and each rank's record."""
     command = _command(
-        tree, *args, iters=iters, driver=driver, launcher=_torchrun(), record=work / record
+        tree, *args, iters=iters, driver=driver, launcher=_torchrun(nproc), record=work / record
     )
     result = subprocess.run(
         command, cwd=work, env=ENV, capture_output=True, text=True, timeout=timeout
@@ -420,20 +421,53 @@ def test_nonfinite_pass2_is_a_counted_skip_with_nan_checks_on(tmp_path, on_nonfi
     assert all(math.isfinite(x) for x in _losses(records))  # pass 1 (the logged loss) was fine
 
 
+def test_plain_layouts_print_the_same_losses(tmp_path):
+    """Plain Megatron-LM (no --sam-* flags) on one rank, at TP=2 and at TP=2 with sequence
+    parallelism (tests/megatron_lm_sp_spec.py's norm): the same losses for 5 iterations to 1e-6,
+    as printed (7 digits: values 1e-7 apart may round apart) and as recorded. Megatron-LM's JIT
+    warm-up draws tensors shaped by the layout on "cuda"; the CPU emulation draws them from its
+    CUDA generator, so --use-cpu-initialization draws the same weights from the CPU generator
+    in every layout.
+
+    Without dropout, where GPUs agree too: the tracker seeds attention dropout with
+    seed + 2718 + the TP rank, hidden dropout runs in that fork under sequence parallelism and
+    from the default CUDA generator otherwise, which the warm-up's draws moved by amounts that
+    depend on the layout. Two TP ranks add partial sums in another order than one rank does
+    (the row-parallel all-reduce, the sequence-parallel reduce-scatter), so the losses are
+    compared to 1e-6, not bit for bit. The vocabulary is padded to the same 128 entries in every
+    layout: Megatron-LM pads it to a multiple of --make-vocab-size-divisible-by times TP, and
+    NullTokenizer counts its end-of-document token (core_v0.16.1) or not (core_v0.19.0).
+    """
+    no_dropout = ("--hidden-dropout", "0", "--attention-dropout", "0")
+    vocab = ("--vocab-size", "127", "--make-vocab-size-divisible-by", "64")
+    tp2 = ("--tensor-model-parallel-size", "2")
+    sp = ("--sequence-parallel", "--spec", "megatron_lm_sp_spec", "BLOCK")
+    layouts = {"tp1": (1, ()), "tp2": (2, tp2), "tp2-sp": (2, (*tp2, *sp))}
+    printed, losses = {}, {}
+    for name, (nproc, args) in layouts.items():
+        output, records = _run(tmp_path, TREE, *no_dropout, *vocab, *args, record=name, nproc=nproc)
+        printed[name] = [_logged(output, i, "lm loss") for i in range(1, 6)]
+        losses[name] = _losses(records)
+    print("lm loss per iteration, as printed:", printed, "and as recorded:", losses)
+    assert len(losses["tp1"]) == 5
+    for name in ("tp2", "tp2-sp"):
+        as_printed = [float(x) for x in printed[name]]
+        assert as_printed == pytest.approx([float(x) for x in printed["tp1"]], rel=1e-6), name
+        assert losses[name] == pytest.approx(losses["tp1"], rel=1e-6, abs=0), name
+
+
 def test_resume_continues_the_run_and_the_rho_warmup(tmp_path, patched_tree):
     """6 iterations straight, saving at 3 (and 6); a second run loads the checkpoint of
     iteration 3 (--ckpt-step) and continues to 6: the same losses and final weights as the
-    straight run (non-distributed optimizer, TP=2).
-
-    Without dropout: under the CPU emulation the CUDA generator is the CPU one, and
-    Megatron-LM builds its data iterators (which draw from the CPU generator) after loading
-    the checkpoint, so plain Megatron-LM itself resumes with other dropout masks on the CPU
-    (TP=2 without SAM: loss 5.2453 resumed vs 5.2387 straight). On GPUs the two differ.
+    straight run (non-distributed optimizer, TP=2), dropout masks included: the checkpoint
+    holds the CUDA generator's and the RNG tracker's states, which the CPU emulation keeps
+    apart from the CPU generator that Megatron-LM's data iterators draw from after loading, as
+    on GPUs.
     """
     args = [
         *FSAM, "--sam-rho-schedule", "linear_warmup", "--sam-rho-warmup-steps", "5",
-        "--tensor-model-parallel-size", "2", "--hidden-dropout", "0", "--attention-dropout", "0",
-        "--save", str(tmp_path / "ckpt"), "--save-interval", "3",
+        "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "ckpt"),
+        "--save-interval", "3",
     ]  # fmt: skip
     straight_output, straight = _run(tmp_path, patched_tree, *args, iters=6, record="straight")
     assert "sam rho: 0.0000" in straight_output  # warm-up from 0

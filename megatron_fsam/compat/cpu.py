@@ -16,17 +16,36 @@ never switched on implicitly and refuses to run where a GPU is present, so no em
 reaches real runs.
 The same redirections cover megatron-core 0.19 (measured: the whole suite, and Megatron-LM
 core_v0.19.0's loop with `megatron_lm_cpu`); nothing here depends on the version.
+
+The emulated GPU draws its random numbers from a generator of its own (a CPU
+``torch.Generator``), seeded, read and restored through ``torch.cuda``'s RNG functions and
+megatron-core's RNG tracker as a GPU's is, so that no CUDA draw moves the CPU generator: on a
+GPU, Megatron-LM's JIT warm-up draws tensors shaped by the parallel layout from the CUDA
+generator, and ``--use-cpu-initialization`` then draws the same weights from the CPU generator
+whatever the layout. A random call draws on the emulated GPU when it names a CUDA device
+(``"cuda"``, ``torch.cuda.current_device()``) or works on a tensor that no CPU factory call
+allocated: the tensors a call with no tensor argument creates on the default or the CPU device
+(master weights, modules' parameters before ``.cuda()``, host data) are the CPU's until
+``.cuda()`` or ``.to("cuda")``, and everything else lives on the emulated GPU. A device taken
+from an emulated tensor (``device=x.device``) reads as the CPU. CUDA graphs' graph-safe RNG
+states are not emulated.
 """
 
 import contextlib
-import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _mode: TorchFunctionMode | None = None
+
+# The emulated GPU's default generator.
+_cuda_generator = torch.Generator()
+
+# Set on the storage of tensors that a CPU factory call allocated (see the module docstring).
+_CPU_STORAGE = "_megatron_fsam_cpu"
 
 
 class _NullStream:
@@ -73,48 +92,191 @@ class _NullEvent:
         return 0.0
 
 
+class _CudaDeviceName(str):
+    """``torch.cuda.current_device()``: reads as "cpu" everywhere, but the mode knows it names
+    the emulated GPU (what is allocated on it draws from the emulated CUDA generator)."""
+
+
+_CURRENT_DEVICE = _CudaDeviceName("cpu")
+
+
 def _is_cuda(device: Any) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
-    return isinstance(device, str) and device.startswith("cuda")
+    return isinstance(device, _CudaDeviceName) or (
+        isinstance(device, str) and device.startswith("cuda")
+    )
 
 
 def _to_cpu(device: Any) -> Any:
     return "cpu" if _is_cuda(device) else device
 
 
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    """The first tensor among the arguments (also inside a list of tensors, as for ``cat``)."""
+    for arg in args:
+        if isinstance(arg, (list, tuple)) and arg:
+            arg = arg[0]
+        if isinstance(arg, torch.Tensor):
+            return arg
+    return None
+
+
+def _set_on_cpu(tensor: Any, on_cpu: bool) -> None:
+    if isinstance(tensor, torch.Tensor):
+        with contextlib.suppress(RuntimeError, NotImplementedError):  # tensors without storage
+            setattr(tensor.untyped_storage(), _CPU_STORAGE, on_cpu)
+
+
+def _on_cpu(tensor: torch.Tensor) -> bool:
+    try:
+        return getattr(tensor.untyped_storage(), _CPU_STORAGE, False)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _names_cuda(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether the call moves its tensor to, or allocates on, the emulated GPU."""
+    if func is torch.Tensor.cuda:
+        return True
+    if func is torch.Tensor.to and any(_is_cuda(a) for a in args[1:]):
+        return True
+    return _is_cuda(kwargs.get("device"))
+
+
+# The random calls the mode can see first: torch functions, tensor methods, and the composite
+# functions that dispatch to the mode themselves (the draws inside them reach it no more).
+_RANDOM = frozenset(
+    {
+        *(getattr(torch, name) for name in (
+            "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+            "normal", "bernoulli", "poisson", "multinomial", "binomial", "native_dropout",
+            "dropout", "dropout_", "alpha_dropout", "alpha_dropout_", "feature_dropout",
+            "feature_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_", "rrelu",
+            "rrelu_", "_standard_gamma", "_sample_dirichlet",
+        )),
+        *(getattr(torch.Tensor, name) for name in (
+            "normal_", "uniform_", "bernoulli", "bernoulli_", "random_", "exponential_",
+            "geometric_", "cauchy_", "log_normal_", "multinomial",
+        )),
+        *(getattr(torch.nn.functional, name) for name in (
+            "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+            "feature_alpha_dropout", "rrelu", "rrelu_", "gumbel_softmax",
+            "scaled_dot_product_attention", "multi_head_attention_forward",
+        )),
+        torch.nn.init.uniform_,
+        torch.nn.init.normal_,
+        torch.nn.init.kaiming_uniform_,
+    }
+)  # fmt: skip
+
+
+def _draws_on_cuda(func: Any, kwargs: dict, tensor: torch.Tensor | None) -> bool:
+    """Whether a call (whose first tensor argument is ``tensor``) draws from the emulated CUDA
+    generator (see the module docstring)."""
+    if func not in _RANDOM or kwargs.get("generator") is not None:
+        return False
+    if kwargs.get("device") is not None:
+        return _is_cuda(kwargs["device"])
+    return tensor is not None and not _on_cpu(tensor)
+
+
+@contextlib.contextmanager
+def _cuda_draws() -> Iterator[None]:
+    """Let the CPU's default generator draw from the emulated CUDA generator's state."""
+    cpu_state = torch.default_generator.get_state()
+    torch.default_generator.set_state(_cuda_generator.get_state())
+    try:
+        yield
+    finally:
+        _cuda_generator.set_state(torch.default_generator.get_state())
+        torch.default_generator.set_state(cpu_state)
+
+
 class _CudaAsCpuMode(TorchFunctionMode):
-    """Rewrites CUDA devices to CPU and reports CPU tensors under their CUDA type names."""
+    """Rewrites CUDA devices to CPU, reports CPU tensors under their CUDA type names, and
+    lets the emulated GPU's random draws come from its own generator."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             if args[0].device.type == "cpu":
                 return name.replace("torch.", "torch.cuda.", 1)
             return name
-        if "device" in kwargs:
-            kwargs["device"] = _to_cpu(kwargs["device"])
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
-        if func is torch.Tensor.to:
-            args = tuple(_to_cpu(a) for a in args)
-        return func(*args, **kwargs)
+        tensor = _first_tensor((*args, *kwargs.values()))
+        on_cuda = _names_cuda(func, args, kwargs)
+        draws_on_cuda = _draws_on_cuda(func, kwargs, tensor)
+        if func is torch.Tensor.cuda:
+            result = args[0]
+        else:
+            if "device" in kwargs:
+                kwargs["device"] = _to_cpu(kwargs["device"])
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            if func is torch.Tensor.to:
+                args = tuple(_to_cpu(a) for a in args)
+            with _cuda_draws() if draws_on_cuda else contextlib.nullcontext():
+                result = func(*args, **kwargs)
+        if on_cuda:
+            _set_on_cpu(result, False)  # .cuda() and .to("cuda") return the very tensor
+        elif tensor is None:
+            _set_on_cpu(result, True)  # a factory call on the CPU
+        return result
 
 
-def _cpu_get_rng_state(device: Any = "cuda", **kwargs: Any) -> torch.Tensor:
-    return torch.get_rng_state()
+def _cuda_get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    return _cuda_generator.get_state()
 
 
-def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, **kwargs: Any) -> None:
-    torch.set_rng_state(new_state)
+def _cuda_set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    _cuda_generator.set_state(new_state)
 
 
-def _cpu_manual_seed(seed: int) -> None:
-    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, which is left alone.
-    torch.default_generator.manual_seed(int(seed))
+def _cuda_manual_seed(seed: int) -> None:
+    _cuda_generator.manual_seed(int(seed))
+
+
+def _cuda_seed() -> None:
+    _cuda_generator.seed()
+
+
+def _tracker_get_state(
+    device: Any = "cuda", clone: bool = False, graph_safe: bool = False
+) -> torch.Tensor:
+    """megatron-core's ``_get_cuda_rng_state`` (its own one reaches CUDA's lazy init)."""
+    if graph_safe:
+        raise NotImplementedError("graph-safe CUDA RNG states are not emulated (CUDA graphs)")
+    return _cuda_get_rng_state()
+
+
+def _tracker_set_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """megatron-core's ``_set_cuda_rng_state`` (its own one queues a call that never runs
+    without CUDA)."""
+    if graph_safe:
+        raise NotImplementedError("graph-safe CUDA RNG states are not emulated (CUDA graphs)")
+    _cuda_set_rng_state(new_state)
+
+
+def _emulate_cuda_rng() -> None:
+    """``torch.cuda``'s RNG functions on the emulated generator (``torch.manual_seed`` and
+    ``torch.seed`` seed it too, through ``manual_seed_all``)."""
+    for module in (torch.cuda, torch.cuda.random):
+        module.get_rng_state = _cuda_get_rng_state
+        module.set_rng_state = _cuda_set_rng_state
+        module.get_rng_state_all = lambda: [_cuda_get_rng_state()]
+        module.set_rng_state_all = lambda new_states: _cuda_set_rng_state(new_states[0])
+        module.manual_seed = module.manual_seed_all = _cuda_manual_seed
+        module.seed = module.seed_all = _cuda_seed
+        module.initial_seed = _cuda_generator.initial_seed
+    torch.cuda.default_generators = (_cuda_generator,)
+    # A CUDA build of torch marks a process forked after it counted the devices as a "bad
+    # fork", where torch.manual_seed skips CUDA's generators; forks do not harm the emulated one.
+    torch.cuda._is_in_bad_fork = lambda: False
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = _tracker_get_state
+    mp_random._set_cuda_rng_state = _tracker_set_state
 
 
 def _split_sizes_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
@@ -177,35 +339,22 @@ def _emulate_moe() -> None:
 
 
 def enable_cpu_emulation() -> None:
-    """Redirect megatron-core's CUDA-only calls to the CPU in this process (idempotent).
-
-    The emulated CUDA generator IS the CPU generator, so Megatron's RNG tracker
-    (dropout masks, activation recomputation) forks and restores the CPU state.
-    """
+    """Redirect megatron-core's CUDA-only calls to the CPU in this process (idempotent)."""
     global _mode
     if torch.cuda.is_available():
         raise RuntimeError("enable_cpu_emulation() is for CPU-only machines; a GPU is available")
     if _mode is not None:
         return
 
-    from megatron.core.tensor_parallel import random as mp_random
-
     cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
+    cuda.current_device = lambda: _CURRENT_DEVICE
     cuda.synchronize = lambda device=None: None
     cuda.Stream = _NullStream
     cuda.Event = _NullEvent
     cuda.stream = lambda stream=None: contextlib.nullcontext()
     cuda.current_stream = lambda device=None: _NullStream()
     cuda.default_stream = lambda device=None: _NullStream()
-    cuda.get_rng_state = _cpu_get_rng_state
-    cuda.set_rng_state = _cpu_set_rng_state
-    cuda.manual_seed = _cpu_manual_seed
-    mp_random._get_cuda_rng_state = _cpu_get_rng_state
-    mp_random._set_cuda_rng_state = _cpu_set_rng_state
-    # The tracker warns when the CPU state changes inside a CUDA-RNG fork; here both
-    # generators are one, so every dropout call would trigger it.
-    logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
+    _emulate_cuda_rng()
     _emulate_moe()
 
     _mode = _CudaAsCpuMode()
