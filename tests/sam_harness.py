@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
-from megatron.core.utils import unwrap_model
+from megatron.core.utils import get_model_config, unwrap_model
 
 from megatron_fsam import FuncSAM, SAMConfig
 from megatron_fsam.backends.megatron import reset_loss_trackers
@@ -46,6 +46,17 @@ MICRO_BATCH = 2
 GLOBAL_MICROBATCHES = 8
 ADAM = dict(name="adam", lr=1e-3, adam_beta1=0.0, adam_beta2=0.98, adam_eps=1e-3)
 SGD = dict(name="sgd", lr=1.0)
+
+
+def refusal_without_finalize(model: list, optimizer) -> str | None:
+    """FuncSAM's error for `model` once its config has no finalize_model_grads_func (None where
+    it is accepted)."""
+    get_model_config(model[0]).finalize_model_grads_func = None
+    try:
+        FuncSAM(SAMConfig(), model, optimizer)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def make_batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -16,10 +16,6 @@ tests/test_gpu_te.py, through launch/gpu_check.sh).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -37,7 +33,7 @@ from tests.sam_harness import (
     sam_step,
 )
 from tests.spawn import SPAWN_TIMEOUT, run_ranks
-from tests.test_megatron_lm import CPU, DRIVER, MODEL, TAG, TREE
+from tests.test_megatron_lm import TAG, TREE, parse_in_one_process
 
 FP8_MAX = 448.0  # E4M3's largest value, as TE's scale = FP8_MAX / amax
 HISTORY = 4 * GLOBAL_MICROBATCHES  # room for every update of the steps below
@@ -244,16 +240,8 @@ PARSED = {
 def test_megatron_lm_stops_at_parsing_with_one_line(tmp_path):
     """Megatron-LM's own parser with --sam-mode fsam and each refused fp8 setting (one process:
     tests/megatron_lm_driver.py --parse-cases, the no-diff route's main)."""
-    cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps([["--sam-mode", "fsam", *flags] for flags in PARSED]))
-    result = subprocess.run(
-        [sys.executable, str(DRIVER), "--parse-cases", str(cases),
-         str(TREE / "pretrain_gpt.py"), *MODEL, *CPU, "--train-iters", "1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "WORLD_SIZE": "1", "RANK": "0"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = json.loads((tmp_path / "cases.json.out.json").read_text())["results"]
+    cases = [("--sam-mode", "fsam", *flags) for flags in PARSED]
+    results = parse_in_one_process(tmp_path, cases)["results"]
     for result, message in zip(results, PARSED.values(), strict=True):
         errors = [line for line in result["stderr"].splitlines() if "error:" in line]
         assert result["status"] == 2, (result["args"], result["stderr"][-2000:])

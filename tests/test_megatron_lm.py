@@ -502,11 +502,17 @@ def parsed_in_one_process(tmp_path_factory) -> dict:
     """Every flag case through the no-diff route's main (`python -m
     megatron_fsam.integrations.megatron_lm` as a user runs it), all in one process, which also
     reports the Megatron-LM layout that `install` detected."""
-    work = tmp_path_factory.mktemp("flags")
-    cases = work / "cases.json"
-    cases.write_text(json.dumps([list(flags) for flags in _flag_cases()]))
+    return parse_in_one_process(tmp_path_factory.mktemp("flags"), list(_flag_cases()))
+
+
+def parse_in_one_process(work: Path, cases: list[tuple[str, ...]]) -> dict:
+    """Megatron-LM's own parser (the no-diff route's main) on each case of flags added to the
+    tests' model, in one process (tests/megatron_lm_driver.py --parse-cases): its report, with
+    each case's exit status and stderr under "results"."""
+    path = work / "cases.json"
+    path.write_text(json.dumps([list(flags) for flags in cases]))
     result = subprocess.run(
-        [sys.executable, str(DRIVER), "--parse-cases", str(cases),
+        [sys.executable, str(DRIVER), "--parse-cases", str(path),
          str(TREE / "pretrain_gpt.py"), *MODEL, *CPU, "--train-iters", "1"],
         cwd=work, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONWARNINGS": "ignore", "WORLD_SIZE": "1", "RANK": "0"},

@@ -31,6 +31,7 @@ from tests.sam_harness import (
     plain_step,
     poisoned,
     received_gradients,
+    refusal_without_finalize,
     relative_error,
     sam_config,
     sam_step,
@@ -406,12 +407,7 @@ def _layouts(rank: int, world: int, path: str, layouts: dict) -> dict:
         report["nan_check/pass2_one_rank"] = _check_nan_check_skip(distopt, full, batches)
         report["skip/distopt/fp32"] = _check_skips(distopt, full, batches, bf16=False)
         report["skip/distopt/bf16"] = _check_skips(distopt, full, batches, bf16=True)
-        model, opt = build(distopt, full, ADAM)
-        get_model_config(model[0]).finalize_model_grads_func = None
-        try:
-            FuncSAM(SAMConfig(), model, opt)
-        except ValueError as e:
-            report["error/no_finalize"] = str(e)
+        report["error/no_finalize"] = refusal_without_finalize(*build(distopt, full, ADAM))
     return report
 
 
