@@ -237,6 +237,11 @@ def _cuda_rng_facts() -> dict[str, bool]:
     facts["cpu_draw_stays_on_cpu"] = torch.equal(
         cuda_state, torch.cuda.get_rng_state()
     ) and not torch.equal(cpu_state, torch.get_rng_state())
+    cpu_state = torch.get_rng_state()
+    torch.empty(4, 4, dtype=torch.bfloat16).float()[:2].normal_()  # computed from a CPU tensor
+    facts["derived_cpu_draw_stays_on_cpu"] = torch.equal(
+        cuda_state, torch.cuda.get_rng_state()
+    ) and not torch.equal(cpu_state, torch.get_rng_state())
     (generator,) = torch.cuda.default_generators
     facts["one_default_generator"] = torch.equal(generator.get_state(), cuda_state)
     return facts
@@ -331,7 +336,7 @@ def test_cpu_emulation(reference: dict):
 
 def test_cpu_emulation_draws_cuda_random_numbers_from_their_own_generator(reference: dict):
     facts = reference["emulation"]["rng"]
-    assert facts == dict.fromkeys(facts, True) and len(facts) == 8, facts
+    assert facts == dict.fromkeys(facts, True) and len(facts) == 9, facts
 
 
 def test_no_weight_decay_on_norms(reference: dict):

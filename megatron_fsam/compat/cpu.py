@@ -23,12 +23,13 @@ megatron-core's RNG tracker as a GPU's is, so that no CUDA draw moves the CPU ge
 GPU, Megatron-LM's JIT warm-up draws tensors shaped by the parallel layout from the CUDA
 generator, and ``--use-cpu-initialization`` then draws the same weights from the CPU generator
 whatever the layout. A random call draws on the emulated GPU when it names a CUDA device
-(``"cuda"``, ``torch.cuda.current_device()``) or works on a tensor that no CPU factory call
-allocated: the tensors a call with no tensor argument creates on the default or the CPU device
-(master weights, modules' parameters before ``.cuda()``, host data) are the CPU's until
-``.cuda()`` or ``.to("cuda")``, and everything else lives on the emulated GPU. A device taken
-from an emulated tensor (``device=x.device``) reads as the CPU. CUDA graphs' graph-safe RNG
-states are not emulated.
+(``"cuda"``, ``torch.cuda.current_device()``) or works on a tensor of the emulated GPU. A
+tensor is the CPU's when a call with no tensor argument created it on the default or the CPU
+device (master weights, modules' parameters before ``.cuda()``, host data) or a call computed
+it from CPU tensors only (casts, copies, views of one, as on a GPU machine), until ``.cuda()``
+or ``.to("cuda")``; everything else (what is allocated on ``torch.cuda.current_device()`` and
+what is computed from it) lives on the emulated GPU. A device taken from an emulated tensor
+(``device=x.device``) reads as the CPU. CUDA graphs' graph-safe RNG states are not emulated.
 """
 
 import contextlib
@@ -44,7 +45,7 @@ _mode: TorchFunctionMode | None = None
 # The emulated GPU's default generator.
 _cuda_generator = torch.Generator()
 
-# Set on the storage of tensors that a CPU factory call allocated (see the module docstring).
+# Set on the storage of the CPU's tensors (see the module docstring).
 _CPU_STORAGE = "_megatron_fsam_cpu"
 
 
@@ -112,20 +113,22 @@ def _to_cpu(device: Any) -> Any:
     return "cpu" if _is_cuda(device) else device
 
 
-def _first_tensor(args: tuple) -> torch.Tensor | None:
-    """The first tensor among the arguments (also inside a list of tensors, as for ``cat``)."""
+def _tensor_arguments(args: tuple) -> list[torch.Tensor]:
+    """The tensors among the arguments (also inside lists of tensors, as for ``cat``)."""
+    found = []
     for arg in args:
-        if isinstance(arg, (list, tuple)) and arg:
-            arg = arg[0]
-        if isinstance(arg, torch.Tensor):
-            return arg
-    return None
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+    return found
 
 
-def _set_on_cpu(tensor: Any, on_cpu: bool) -> None:
-    if isinstance(tensor, torch.Tensor):
-        with contextlib.suppress(RuntimeError, NotImplementedError):  # tensors without storage
-            setattr(tensor.untyped_storage(), _CPU_STORAGE, on_cpu)
+def _set_on_cpu(result: Any, on_cpu: bool) -> None:
+    """Mark the tensors of a call's result (a tensor, or a tuple / list of them)."""
+    for tensor in result if isinstance(result, (list, tuple)) else (result,):
+        if isinstance(tensor, torch.Tensor):
+            with contextlib.suppress(RuntimeError, NotImplementedError):  # without storage
+                setattr(tensor.untyped_storage(), _CPU_STORAGE, on_cpu)
 
 
 def _on_cpu(tensor: torch.Tensor) -> bool:
@@ -204,9 +207,9 @@ class _CudaAsCpuMode(TorchFunctionMode):
             if args[0].device.type == "cpu":
                 return name.replace("torch.", "torch.cuda.", 1)
             return name
-        tensor = _first_tensor((*args, *kwargs.values()))
+        tensors = _tensor_arguments((*args, *kwargs.values()))
         on_cuda = _names_cuda(func, args, kwargs)
-        draws_on_cuda = _draws_on_cuda(func, kwargs, tensor)
+        draws_on_cuda = _draws_on_cuda(func, kwargs, tensors[0] if tensors else None)
         if func is torch.Tensor.cuda:
             result = args[0]
         else:
@@ -220,8 +223,8 @@ class _CudaAsCpuMode(TorchFunctionMode):
                 result = func(*args, **kwargs)
         if on_cuda:
             _set_on_cpu(result, False)  # .cuda() and .to("cuda") return the very tensor
-        elif tensor is None:
-            _set_on_cpu(result, True)  # a factory call on the CPU
+        elif all(map(_on_cpu, tensors)):
+            _set_on_cpu(result, True)  # a factory call on the CPU, or computed from CPU tensors
         return result
 
 
