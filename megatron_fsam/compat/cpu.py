@@ -223,8 +223,10 @@ class _CudaAsCpuMode(TorchFunctionMode):
                 result = func(*args, **kwargs)
         if on_cuda:
             _set_on_cpu(result, False)  # .cuda() and .to("cuda") return the very tensor
-        elif all(map(_on_cpu, tensors)):
-            _set_on_cpu(result, True)  # a factory call on the CPU, or computed from CPU tensors
+        elif not tensors or (not torch.compiler.is_compiling() and all(map(_on_cpu, tensors))):
+            # A factory call on the CPU, or computed from CPU tensors (not read while dynamo
+            # traces: its fake tensors' storages are not the real ones).
+            _set_on_cpu(result, True)
         return result
 
 
