@@ -197,10 +197,11 @@ class MegatronBackend(ShardBackend):
 
     def replayed_state(self) -> list[Callable[[], Restorable]]:
         """The routers' expert bias (every pass of a step routes with the bias it started
-        with, and the step keeps pass 1's one update: `ExpertBiasState`), Transformer Engine's
-        fp8 delayed-scaling state (every pass starts from the scales the step started with,
-        and the step keeps pass 1's amax history: `DelayedScalingState`) and the router and MTP
-        losses megatron-core accumulates for logging (the step logs pass 1's)."""
+        with, and the step keeps the one update of its first forward-backward:
+        `ExpertBiasState`), Transformer Engine's fp8 delayed-scaling state (every pass starts
+        from the scales the step started with, and the step keeps the amax history of its first
+        forward-backward: `DelayedScalingState`) and the router and MTP losses megatron-core
+        accumulates for logging (the step logs pass 1's)."""
         captures: list[Callable[[], Restorable]] = [LoggedLosses.capture]
         if self.routers:
             captures.append(functools.partial(ExpertBiasState.capture, self.routers))
